@@ -1,0 +1,26 @@
+# `make run` runs the main job, `make test` the whole suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/python -m chaos.sim --seeds 1..20 --nodes 5 --verbose
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.raft_core
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
