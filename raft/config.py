@@ -33,6 +33,9 @@ class RaftConfig:
     """Proposals beyond this many unapplied bytes are refused (backpressure)."""
     entry_bytes_max: int = 4 * 1024 * 1024
     snapshot_chunk_bytes_max: int = 64 * 1024
+    snapshot_chunks_in_flight_max: int = 4
+    snapshot_bytes_max: int = 8 * 1024 * 1024 * 1024
+    """A follower refuses to buffer an incoming snapshot larger than this."""
     committed_entries_bytes_max: int = 4 * 1024 * 1024
     """At most this much committed data handed out by one Ready."""
     read_index_pending_max: int = 4096
@@ -50,6 +53,8 @@ class RaftConfig:
             "uncommitted_entries_bytes_max",
             "entry_bytes_max",
             "snapshot_chunk_bytes_max",
+            "snapshot_chunks_in_flight_max",
+            "snapshot_bytes_max",
             "committed_entries_bytes_max",
             "read_index_pending_max",
         ):
