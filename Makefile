@@ -15,7 +15,7 @@ run: $(BIN)/.installed
 	$(BIN)/python -m chaos.sim --seeds 1..20 --nodes 5 --verbose
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 

@@ -1,0 +1,1 @@
+"""Speed figures, each printed beside a baseline measured in the same run."""

@@ -8,6 +8,8 @@ by one server, so their majorities overlap and two leaders of one term cannot be
 
 from __future__ import annotations
 
+import msgspec
+
 from raft.types import ConfChange, ConfChangeKind, ConfState, InvalidConfChange
 
 
@@ -25,6 +27,17 @@ def validate_conf_change(conf: ConfState, change: ConfChange) -> None:
     remaining_voters = set(apply_conf_change(conf, change).voters)
     if not remaining_voters:
         raise InvalidConfChange("the last voter cannot be removed or demoted")
+
+
+def is_conf_change_data(data: bytes) -> bool:
+    """Whether `data` could be the payload of a CONF_CHANGE entry a correct leader wrote:
+    it decodes, and names a real node. Checked on receipt, because a payload that failed to
+    decode at commit time would leave the node no way forward."""
+    try:
+        change = ConfChange.decode(data)
+    except msgspec.DecodeError:  # ValidationError (e.g. an unknown kind) is a DecodeError
+        return False
+    return change.node > 0
 
 
 def apply_conf_change(conf: ConfState, change: ConfChange) -> ConfState:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from raft.config import RaftConfig
 from raft.log import RaftLog
-from raft.membership import apply_conf_change, validate_conf_change
+from raft.membership import apply_conf_change, is_conf_change_data, validate_conf_change
 from raft.progress import Progress, ProgressState
 from raft.read_only import ReadOnlyQueue
 from raft.storage import entry_size
@@ -63,10 +63,15 @@ _M = MessageType
 
 
 class _PartialSnapshot:
-    """Chunks of an incoming snapshot received so far (follower side)."""
+    """Chunks of an incoming snapshot received so far (follower side).
 
-    def __init__(self, index: int, term: int, size: int) -> None:
-        self.key = (index, term)
+    Keyed by the sending leader's term and the image size as well as the snapshot's
+    (index, term): two leaders' images of one index need not be byte-identical, so chunks
+    from different transfers must never be joined (and a size mismatch must restart the
+    transfer rather than be rejected forever)."""
+
+    def __init__(self, index: int, term: int, leader_term: int, size: int) -> None:
+        self.key = (index, term, leader_term, size)
         self.size = size
         self.buffer = bytearray()
 
@@ -109,6 +114,7 @@ class RaftNode:
         self._transfer_target = NO_NODE
         self._pending_conf_index = 0
         self._uncommitted_bytes = 0
+        self._broadcast_pending = False
         self._step: Callable[[Message], None] = self._step_follower
 
         # Membership is a function of the committed log: replay committed changes.
@@ -221,7 +227,8 @@ class RaftNode:
 
     def has_ready(self) -> bool:
         return bool(
-            self._messages
+            self._broadcast_pending
+            or self._messages
             or self._read_states
             or self.log.unstable.entries
             or self.log.has_pending_snapshot()
@@ -232,6 +239,10 @@ class RaftNode:
 
     def ready(self) -> Ready:
         """Collect the work to do. Messages and read states move into the Ready."""
+        if self._broadcast_pending:
+            self._broadcast_pending = False
+            if self.role == Role.LEADER:
+                self._broadcast_append()
         hard_state = self.hard_state()
         soft_state = self.soft_state()
         ready = Ready(
@@ -302,6 +313,8 @@ class RaftNode:
                 return "entries_not_contiguous"
             if entry.term < previous_term or entry.term > m.term:
                 return "entry_term_out_of_order"
+            if entry.kind == EntryKind.CONF_CHANGE and not is_conf_change_data(entry.data):
+                return "bad_conf_change"
             previous_term = entry.term
         if m.commit > m.index + len(m.entries):
             return "commit_beyond_sender_log"
@@ -404,9 +417,9 @@ class RaftNode:
         self.role = Role.LEADER
         own = self.progress[self.id]
         own.become_replicate()
-        # No membership change until everything from earlier terms is committed.
-        self._pending_conf_index = self.log.last_index()
-        self._append_entries([Entry(term=self.term, index=0)])
+        # No membership change until an entry of our own term (this no-op) commits, and
+        # with it everything from earlier terms (membership.py; Ongaro, raft-dev 2015).
+        self._pending_conf_index = self._append_entries([Entry(term=self.term, index=0)])
 
     def _hup(self, transfer: bool) -> None:
         if not self._promotable():
@@ -578,11 +591,11 @@ class RaftNode:
             self._send(_M.APPEND_RESPONSE, m.source, index=self.log.committed)
             return
         partial = self._partial_snapshot
-        if partial is None or partial.key != (meta.index, meta.term):
+        if partial is None or partial.key != (meta.index, meta.term, m.term, m.snapshot_size):
             if m.chunk_offset != 0:
                 self._send_snapshot_response(m, received=0, reject=True)
                 return
-            partial = _PartialSnapshot(meta.index, meta.term, m.snapshot_size)
+            partial = _PartialSnapshot(meta.index, meta.term, m.term, m.snapshot_size)
             self._partial_snapshot = partial
         if m.snapshot_size != partial.size or m.chunk_offset > len(partial.buffer):
             self._send_snapshot_response(m, received=len(partial.buffer), reject=True)
@@ -653,6 +666,10 @@ class RaftNode:
         elif progress.state == ProgressState.REPLICATE:
             progress.inflights.free_le(m.index)
         if self._maybe_commit():
+            # Committing may have applied a membership change that removed the sender, or
+            # us: then there is nobody (or no leader) left to send to.
+            if self.role != Role.LEADER or m.source not in self.progress:
+                return
             self._broadcast_append()
         elif was_paused:
             self._send_append(m.source, send_if_empty=True)
@@ -794,7 +811,8 @@ class RaftNode:
             )
         entry = Entry(term=self.term, index=0, kind=kind, data=data)
         index = self._append_entries([entry])
-        self._broadcast_append()
+        # Batching: proposals made before the caller next asks for a Ready share appends.
+        self._broadcast_pending = True
         return index, self.term
 
     def _append_entries(self, entries: list[Entry]) -> int:
