@@ -763,7 +763,13 @@ class RaftNode:
         if self.role != Role.LEADER:
             return
         if self.id not in self.conf.voters:
-            self._become_follower(self.term, NO_NODE)  # removed or demoted: stop leading
+            # Removed or demoted: stop leading. The others switch to the new membership
+            # only once they learn this change committed, and until then may be unable to
+            # elect anyone (with two voters, the one left needs our vote, which our longer
+            # log refuses). So tell them first: a heartbeat carries the commit to every
+            # follower however far behind it is (capped at what it is known to hold).
+            self._broadcast_heartbeat(b"")
+            self._become_follower(self.term, NO_NODE)
             return
         if self._transfer_target not in self.conf.voters:
             self._transfer_target = NO_NODE

@@ -44,6 +44,16 @@ class LogStorage(Protocol):
     def snapshot(self) -> Snapshot: ...
 
 
+BOOTSTRAP_INDEX = 1
+"""The founders' log begins after a snapshot at index 1, term 1."""
+
+
+def bootstrap_snapshot(conf: ConfState) -> Snapshot:
+    """The snapshot every founding member starts from: membership, no data."""
+    assert conf.voters, "a new cluster needs at least one voter"
+    return Snapshot(meta=SnapshotMeta(index=BOOTSTRAP_INDEX, term=BOOTSTRAP_INDEX, conf=conf))
+
+
 class MemoryStorage:
     """A `LogStorage` held in memory, plus the write side the caller's loop uses.
 
@@ -51,11 +61,22 @@ class MemoryStorage:
     """
 
     def __init__(self, conf: ConfState | None = None) -> None:
-        """A fresh log. `conf` bootstraps a new cluster's membership (index 0 carries it);
-        a node joining an existing cluster starts with none and learns it from the leader."""
-        self._hard_state = HardState()
-        self._snapshot = Snapshot(meta=SnapshotMeta(conf=conf or ConfState()))
-        self._entries: list[Entry] = [Entry(term=0, index=0)]
+        """A fresh log.
+
+        With `conf`, a founding member of a new cluster: it starts from the bootstrap
+        snapshot (index 1, term 1, that membership, empty state machine data), identical on
+        every founder. Without, a node joining an existing cluster: an empty log and no
+        membership. Because the founders' log starts after a snapshot, a joiner is always
+        sent that snapshot first and so learns the founding membership from it (entries
+        alone would teach it only the later changes)."""
+        if conf is None:
+            self._hard_state = HardState()
+            self._snapshot = Snapshot()
+        else:
+            self._hard_state = HardState(term=BOOTSTRAP_INDEX, commit=BOOTSTRAP_INDEX)
+            self._snapshot = bootstrap_snapshot(conf)
+        meta = self._snapshot.meta
+        self._entries: list[Entry] = [Entry(term=meta.term, index=meta.index)]
 
     # ---- read side (LogStorage) ----
 

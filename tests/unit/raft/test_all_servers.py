@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from raft import NO_NODE, Entry, HardState, Message, RaftNode, Role, SnapshotMeta
@@ -16,13 +18,13 @@ from tests.unit.raft.single import M, log_of, make_leader, msg, new_node, persis
 HIGHER_TERM = 7
 
 
-def _higher_term_messages() -> list[tuple[str, Message, int]]:
+def _higher_term_messages() -> list[Any]:
     """(name, message from node 2 at a higher term, leader the receiver should then know)."""
     snapshot_chunk = msg(
         M.SNAPSHOT, 2, term=HIGHER_TERM, snapshot_meta=SnapshotMeta(index=50, term=6),
         snapshot_size=10, chunk=b"01234", chunk_offset=0,
     )
-    return [
+    cases = [
         ("append", msg(M.APPEND, 2, term=HIGHER_TERM), 2),
         ("heartbeat", msg(M.HEARTBEAT, 2, term=HIGHER_TERM), 2),
         ("snapshot", snapshot_chunk, 2),
@@ -37,6 +39,7 @@ def _higher_term_messages() -> list[tuple[str, Message, int]]:
         ("snapshot_response", msg(M.SNAPSHOT_RESPONSE, 2, term=HIGHER_TERM), NO_NODE),
         ("read_index_response", msg(M.READ_INDEX_RESPONSE, 2, term=HIGHER_TERM), NO_NODE),
     ]
+    return [pytest.param(message, leader, id=name) for name, message, leader in cases]
 
 
 def _node_in_role(role: Role) -> RaftNode:
@@ -50,17 +53,15 @@ def _node_in_role(role: Role) -> RaftNode:
     return node
 
 
-@pytest.mark.parametrize("role", [Role.FOLLOWER, Role.CANDIDATE, Role.LEADER])
-@pytest.mark.parametrize(
-    ("name", "message", "leader"), _higher_term_messages(), ids=lambda v: v if isinstance(v, str) else ""
-)
+@pytest.mark.parametrize("role", [Role.FOLLOWER, Role.CANDIDATE, Role.LEADER], ids=lambda r: r.name)
+@pytest.mark.parametrize(("message", "leader"), _higher_term_messages())
 def test_higher_term_in_any_rpc_makes_a_follower_of_that_term(
-    role: Role, name: str, message: Message, leader: int
+    role: Role, message: Message, leader: int
 ) -> None:
     node = _node_in_role(role)
     assert node.term < HIGHER_TERM
     node.step(message)
-    assert node.role == Role.FOLLOWER, name
+    assert node.role == Role.FOLLOWER
     assert node.term == HIGHER_TERM
     assert node.vote == NO_NODE
     assert node.leader == leader

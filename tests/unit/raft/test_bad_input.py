@@ -20,6 +20,7 @@ from raft import (
     Role,
     SnapshotMeta,
 )
+from tests.unit.raft.harness import Cluster
 from tests.unit.raft.single import (
     M,
     ack,
@@ -190,8 +191,6 @@ def test_dropped_counts_accumulate_per_reason() -> None:
 
 
 def test_ack_beyond_the_snapshot_is_dropped() -> None:
-    from tests.unit.raft.harness import Cluster
-
     cluster = Cluster(snapshot_chunk_bytes_max=4)
     leader = cluster.elect(1)
     cluster.isolate(3)

@@ -37,7 +37,8 @@ from tests.unit.raft.single import observable_state
 
 FUZZ_SETTINGS = settings(
     derandomize=True,
-    max_examples=80,
+    max_examples=150,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -328,3 +328,42 @@ def test_uncommitted_bytes_limit_applies_backpressure_until_commit() -> None:
     persist(node)
     ack(node, 2, node.last_index)  # they commit: the budget is free again
     node.propose(bytes(20))
+
+
+def test_stale_ack_cannot_commit() -> None:
+    """A follower acknowledges an entry, then — before its Ready is persisted — a newer
+    leader truncates that entry. The old acknowledgement still leaves with the Ready, so it
+    describes a log that was never stored. Only the deposed leader can receive it, and it
+    can never complete a quorum: every node that voted for the new leader refused the old
+    leader's entry (or it would have refused the vote)."""
+    cluster = Cluster(voters=(1, 2, 3, 4, 5), pre_vote=False, check_quorum=False)
+    old = cluster.elect(1)
+    old.propose(b"e")
+    cluster.drop = lambda m: m.source == 1 and m.target != 2
+    cluster.process_ready(1)
+    (append,) = cluster.in_flight
+    cluster.in_flight = []
+    cluster.nodes[2].step(append)  # 2 holds e and queues its acknowledgement...
+    cluster.drop = lambda m: 1 in (m.source, m.target) or (m.source == 2 and m.target != 1)
+    new = cluster.nodes[3]
+    new.campaign()  # ...while 3 wins term 2 with 3, 4, 5 and overwrites index 2 on 2
+    for node_id in (3, 4, 5):
+        cluster.process_ready(node_id)
+    while cluster.in_flight:
+        batch, cluster.in_flight = cluster.in_flight, []
+        for message in batch:
+            cluster.nodes[message.target].step(message)
+        for node_id in (3, 4, 5):
+            cluster.process_ready(node_id)
+    assert new.role == Role.LEADER
+    assert cluster.nodes[2].log.term(2) == 2, "2 stepped the new leader's append (unpersisted)"
+    cluster.drop = lambda m: False
+    cluster.process_ready(2)
+    stale = [m for m in cluster.in_flight if m.target == 1 and m.type == M.APPEND_RESPONSE]
+    assert [(m.term, m.index) for m in stale] == [(1, 2)], "the stale acknowledgement leaves"
+    assert cluster.storages[2].term(2) == 2, "but what 2 stored at index 2 is term 2's entry"
+    cluster.in_flight = stale
+    cluster.deliver_all()
+    assert old.commit_index == 1, "the old leader cannot commit e with it"
+    cluster.tick_all(5)
+    assert all(b"e" not in cluster.applied_data(n) for n in cluster.nodes)

@@ -16,7 +16,8 @@ from tests.unit.raft.schedule import Schedule, steps
 
 PROPERTY_SETTINGS = settings(
     derandomize=True,
-    max_examples=60,
+    max_examples=150,
+    database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -61,7 +61,7 @@ def test_timeout_now_makes_the_target_campaign_at_once_past_leases() -> None:
 
 
 def test_stale_timeout_now_is_ignored() -> None:
-    node = new_node(node_id=2, hard_state=None)
+    node = new_node(node_id=2)
     node.step(msg(M.HEARTBEAT, 1, target=2, term=3))
     node.step(msg(M.TIMEOUT_NOW, 1, target=2, term=2))
     assert node.role == Role.FOLLOWER
