@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 
 from chaos.statemachine import CHAIN_EMPTY, Op, chain_hash
-from raft import Entry, HardState, MemoryStorage, Role
+from raft import BOOTSTRAP_INDEX, Entry, HardState, MemoryStorage, Role
 
 INVARIANTS = (
     "election_safety",
@@ -69,9 +69,13 @@ class InvariantChecker:
     def __init__(self) -> None:
         self.checks_run = 0
         self._leader_of_term: dict[int, int] = {}
-        self._log_chain: dict[tuple[int, int], bytes] = {(0, 0): CHAIN_EMPTY}
-        self._applied_chain: dict[int, bytes] = {0: CHAIN_EMPTY}
-        self.applied_max_index = 0
+        # Both the empty log (a joiner) and the founders' bootstrap snapshot hold no entries.
+        self._log_chain: dict[tuple[int, int], bytes] = {
+            (0, 0): CHAIN_EMPTY,
+            (BOOTSTRAP_INDEX, BOOTSTRAP_INDEX): CHAIN_EMPTY,
+        }
+        self._applied_chain: dict[int, bytes] = {0: CHAIN_EMPTY, BOOTSTRAP_INDEX: CHAIN_EMPTY}
+        self.applied_max_index = BOOTSTRAP_INDEX  # every founder starts there
         self._op_index: dict[int, int] = {}
         self._acked_op_at_index: dict[int, int] = {}
         self.acked_index_max = 0
@@ -79,7 +83,7 @@ class InvariantChecker:
         self._commit: dict[int, int] = {}
         self._commit_in_term: dict[int, int] = {}
         self._role: dict[int, tuple[Role, int]] = {}
-        self._applied_term: dict[int, int] = {0: 0}
+        self._applied_term: dict[int, int] = {0: 0, BOOTSTRAP_INDEX: BOOTSTRAP_INDEX}
         self._write_indexes: dict[int, list[int]] = {}
         self._write_values: dict[int, list[int]] = {}
 

@@ -178,8 +178,9 @@ class NodeDriver:
         self._tick_queued = False
         self._pumping = False
         self._armed_crash: Callable[[], None] | None = None
-        self._synced_hard_state = HardState()
-        """The last hard state Raft handed out that this loop fsynced: survives crashes."""
+        self._synced_hard_state = MemoryStorage(conf=disk.initial_conf).hard_state()
+        """The last hard state Raft handed out that this loop fsynced: survives crashes.
+        A founder starts with the bootstrap hard state already durable."""
         self._handed_out_hard_state = HardState()
         """The last hard state this incarnation's Raft handed out in a Ready."""
 

@@ -131,15 +131,9 @@ class Simulator:
         driver_factory: DriverFactory = NodeDriver,
         keep_trace: bool = False,
         heal_ns_max: int = HEAL_NS_MAX_DEFAULT,
-        spare_knows_bootstrap: bool = True,
     ) -> None:
-        """`spare_knows_bootstrap`: a workaround for a raft/ bug. A node joining with an
-        empty ConfState that receives the log by AppendEntries from index 1 (no snapshot)
-        rebuilds its membership from those entries alone, which lack the bootstrap voters
-        (they live only in the founders' index-0 snapshot meta); it then believes
-        conf = (voters=(), learners=(itself,)) and drops every leader message as
-        `unknown_node`, forever. With True (default) the spare boots knowing the bootstrap
-        membership, as etcd's --initial-cluster does; False exercises the raw path."""
+        """A spare node (when the seed has one) joins later with an empty log and no
+        membership, and learns both from the leader's bootstrap or later snapshot."""
         if not NODES_MIN <= nodes <= NODES_MAX:
             raise ValueError(f"nodes must be in {NODES_MIN}..{NODES_MAX}, got {nodes}")
         if steps < 0:
@@ -183,7 +177,7 @@ class Simulator:
             timing=_timing_for(seed),
             stats=self.driver_stats,
         )
-        self._make_drivers(env, driver_factory, spare_knows_bootstrap)
+        self._make_drivers(env, driver_factory)
         self.nemesis = Nemesis(
             derive_rng(seed, "nemesis"),
             self.queue,
@@ -195,13 +189,12 @@ class Simulator:
         )
 
     def _make_drivers(
-        self, env: DriverEnv, driver_factory: DriverFactory, spare_knows_bootstrap: bool
+        self, env: DriverEnv, driver_factory: DriverFactory
     ) -> None:
         spare = _has_spare_node(self.seed, self.nodes, self.faults)
         voters = self.node_ids[:-1] if spare else self.node_ids
         for node in self.node_ids:
-            known = node in voters or spare_knows_bootstrap
-            initial_conf = ConfState(voters=voters) if known else None
+            initial_conf = ConfState(voters=voters) if node in voters else None
             drift_ppm = derive_rng(self.seed, "drift", node).randint(-100, 100)
             clock = SimClock(self.sim_time, drift_ppm=drift_ppm if self.faults.drift else 0)
             self.drivers[node] = driver_factory(node, env, SimDisk(initial_conf), clock)

@@ -7,8 +7,8 @@ Besides the registers the machine keeps a chained hash of every entry it has app
 carried inside its snapshots, so two machines at the same applied index can be compared in
 O(1) even when one of them was rebuilt from a snapshot.
 
-Invariant: the machine's state at applied index i is a pure function of log entries
-1..i; entries are applied in strictly consecutive order; snapshot bytes are canonical
+Invariant: the machine's state at applied index i is a pure function of the log entries
+up to i (a founder's log starts after the empty bootstrap snapshot at index 1); entries are applied in strictly consecutive order; snapshot bytes are canonical
 (sorted keys), so equal states encode to equal bytes.
 """
 
@@ -21,7 +21,7 @@ import msgspec
 from raft import ConfChange, ConfState, Entry, EntryKind, Snapshot, apply_conf_change
 
 CHAIN_EMPTY = b""
-"""The chain hash before any entry (index 0)."""
+"""The chain hash before any entry: at index 0 (a joiner) and at the bootstrap index."""
 
 CHAIN_DIGEST_BYTES = 16
 

@@ -8,7 +8,7 @@ from raft.config import ConfigError, RaftConfig
 from raft.membership import apply_conf_change, validate_conf_change
 from raft.node import TRANSFER_CONTEXT, RaftNode
 from raft.progress import ProgressState
-from raft.storage import LogStorage, MemoryStorage
+from raft.storage import BOOTSTRAP_INDEX, LogStorage, MemoryStorage, bootstrap_snapshot
 from raft.types import (
     NO_NODE,
     CompactedError,
@@ -38,7 +38,7 @@ from raft.types import (
 )
 
 __all__ = [
-    "NO_NODE", "TRANSFER_CONTEXT", "CompactedError", "ConfChange", "ConfChangeInProgress",
+    "BOOTSTRAP_INDEX", "bootstrap_snapshot", "NO_NODE", "TRANSFER_CONTEXT", "CompactedError", "ConfChange", "ConfChangeInProgress",
     "ConfChangeKind", "ConfState", "ConfigError", "Entry", "EntryKind", "HardState",
     "InvalidConfChange", "LeadershipTransferInProgress", "LogStorage", "MemoryStorage",
     "Message", "MessageType", "NotLeader", "ProgressState", "ProposalRefused",

@@ -11,9 +11,25 @@ from chaos.driver import NodeDriver
 from chaos.nemesis import FaultConfig
 from chaos.simulator import Simulator
 from chaos.statemachine import CHAIN_EMPTY, Op, RegisterMachine, chain_hash, encode_op
-from raft import ConfState, Entry, HardState, MemoryStorage, Message, RaftNode, Ready, Role
+from raft import (
+    BOOTSTRAP_INDEX,
+    ConfState,
+    Entry,
+    HardState,
+    MemoryStorage,
+    Message,
+    RaftNode,
+    Ready,
+    Role,
+    bootstrap_snapshot,
+)
 
 CONF = ConfState(voters=(1, 2, 3))
+BOOTSTRAP_TERM = bootstrap_snapshot(CONF).meta.term
+FIRST = BOOTSTRAP_INDEX + 1
+"""A founder's first real log index: its log starts after the bootstrap snapshot."""
+TERM = BOOTSTRAP_TERM + 1
+"""The first term a founder can be elected in."""
 
 
 def write(index: int, term: int, op_id: int, key: int = 0) -> tuple[Entry, Op]:
@@ -37,7 +53,7 @@ class Applier:
     def __init__(self, checker: InvariantChecker, node: int) -> None:
         self.checker = checker
         self.node = node
-        self.machine = RegisterMachine(CONF)
+        self.machine = RegisterMachine.from_snapshot(bootstrap_snapshot(CONF))
 
     def apply(self, entry: Entry) -> None:
         op = self.machine.apply(entry)
@@ -53,30 +69,37 @@ def test_every_invariant_has_a_name() -> None:
 def test_a_lawful_history_passes() -> None:
     checker = InvariantChecker()
     storage = storage_with()
-    checker.observe_node(1, Role.LEADER, 1, 0, 0, storage)
-    entry1, op1 = write(1, 1, op_id=1, key=3)
-    entry2, op2 = write(2, 1, op_id=2, key=3)
-    checker.observe_append(1, 0, 0, (entry1, entry2))
-    checker.observe_append(2, 0, 0, (entry1,))
-    checker.observe_append(2, 1, 1, (entry2,))
+    checker.observe_restore(1, BOOTSTRAP_INDEX, CHAIN_EMPTY)  # every founder starts here
+    checker.observe_node(1, Role.LEADER, TERM, BOOTSTRAP_INDEX, BOOTSTRAP_INDEX, storage)
+    second = FIRST + 1
+    entry1, op1 = write(FIRST, TERM, op_id=1, key=3)
+    entry2, op2 = write(second, TERM, op_id=2, key=3)
+    checker.observe_append(1, BOOTSTRAP_INDEX, BOOTSTRAP_TERM, (entry1, entry2))
+    checker.observe_append(2, BOOTSTRAP_INDEX, BOOTSTRAP_TERM, (entry1,))
+    checker.observe_append(2, FIRST, TERM, (entry2,))
     storage.append([entry1, entry2])
-    checker.observe_node(1, Role.LEADER, 1, 2, 2, storage)
+    checker.observe_node(1, Role.LEADER, TERM, second, second, storage)
     for node in (1, 2):
         applier = Applier(checker, node)
         applier.apply(entry1)
         applier.apply(entry2)
-    checker.record_ack(op1.op_id, 1)
-    checker.record_ack(op2.op_id, 2)
-    checker.check_read(2, 3, 20, read_index=2, applied_index=2, acked_index_at_issue=2)
-    checker.check_read(2, 3, 10, read_index=1, applied_index=1, acked_index_at_issue=1)
-    checker.check_read(2, 5, None, read_index=2, applied_index=2, acked_index_at_issue=2)
-    checker.check_acked_present(2, 2)
-    checker.check_leader_log(1, 1, storage)
-    checker.observe_node(3, Role.LEADER, 2, 0, 2, storage)
+    checker.record_ack(op1.op_id, FIRST)
+    checker.record_ack(op2.op_id, second)
+    checker.check_read(
+        2, 3, 20, read_index=second, applied_index=second, acked_index_at_issue=second
+    )
+    checker.check_read(2, 3, 10, read_index=FIRST, applied_index=FIRST, acked_index_at_issue=FIRST)
+    checker.check_read(
+        2, 5, None, read_index=second, applied_index=second, acked_index_at_issue=second
+    )
+    checker.check_acked_present(2, second)
+    checker.check_leader_log(1, TERM, storage)
+    checker.observe_node(3, Role.LEADER, TERM + 1, BOOTSTRAP_INDEX, second, storage)
+    checker.check_leader_log(3, TERM + 1, storage)
     checker.check_send(1, 0)
-    synced = HardState(term=2, vote=3, commit=2)
-    checker.start_incarnation(1, synced, synced, 2)
-    checker.check_hard_state_handed_out(1, 2, 3, synced)
+    synced = HardState(term=TERM + 1, vote=3, commit=second)
+    checker.start_incarnation(1, synced, synced, second)
+    checker.check_hard_state_handed_out(1, TERM + 1, 3, synced)
     assert checker.elections == 2
     assert checker.checks_run > 10
 
@@ -92,9 +115,12 @@ def test_election_safety() -> None:
 
 def test_log_matching_same_index_and_term_different_prefix() -> None:
     checker = InvariantChecker()
-    checker.observe_append(1, 0, 0, (write(1, 1, 1)[0], write(2, 2, 2)[0]))
+    after = (BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+    checker.observe_append(1, *after, (write(FIRST, TERM, 1)[0], write(FIRST + 1, TERM + 1, 2)[0]))
     with flagged("log_matching"):
-        checker.observe_append(2, 0, 0, (write(1, 1, 9)[0], write(2, 2, 2)[0]))
+        checker.observe_append(
+            2, *after, (write(FIRST, TERM, 9)[0], write(FIRST + 1, TERM + 1, 2)[0])
+        )
 
 
 def test_log_matching_append_after_an_entry_no_leader_wrote() -> None:
@@ -113,27 +139,27 @@ def test_leader_completeness_on_election() -> None:
 
 def test_leader_completeness_in_the_persisted_log() -> None:
     checker = InvariantChecker()
-    entry, _ = write(1, 1, 1)
+    entry, _ = write(FIRST, TERM, 1)
     Applier(checker, 1).apply(entry)
-    checker.observe_node(1, Role.FOLLOWER, 1, 1, 1, storage_with(entry))
+    checker.observe_node(1, Role.FOLLOWER, TERM, FIRST, FIRST, storage_with(entry))
     with flagged("leader_completeness"):
-        checker.check_leader_log(2, 2, storage_with(write(1, 2, 5)[0]))
+        checker.check_leader_log(2, TERM + 1, storage_with(write(FIRST, TERM + 1, 5)[0]))
     with flagged("leader_completeness"):
-        checker.check_leader_log(2, 2, storage_with())
+        checker.check_leader_log(2, TERM + 1, storage_with())
 
 
 def test_state_machine_safety_different_entry_at_an_index() -> None:
     checker = InvariantChecker()
-    Applier(checker, 1).apply(write(1, 1, 1)[0])
+    Applier(checker, 1).apply(write(FIRST, TERM, 1)[0])
     with flagged("state_machine_safety"):
-        Applier(checker, 2).apply(write(1, 1, 2)[0])
+        Applier(checker, 2).apply(write(FIRST, TERM, 2)[0])
 
 
 def test_state_machine_safety_restore_of_a_state_never_applied() -> None:
     checker = InvariantChecker()
-    Applier(checker, 1).apply(write(1, 1, 1)[0])
+    Applier(checker, 1).apply(write(FIRST, TERM, 1)[0])
     with flagged("state_machine_safety"):
-        checker.observe_restore(2, 1, chain_hash(CHAIN_EMPTY, write(1, 1, 2)[0]))
+        checker.observe_restore(2, FIRST, chain_hash(CHAIN_EMPTY, write(FIRST, TERM, 2)[0]))
     with flagged("state_machine_safety"):
         checker.observe_restore(2, 9, CHAIN_EMPTY)
 
@@ -155,50 +181,55 @@ def test_commit_monotonic_across_a_restart() -> None:
 
 def test_acked_write_lost_when_overwritten() -> None:
     checker = InvariantChecker()
-    entry, op = write(1, 1, 1)
+    entry, op = write(FIRST, TERM, 1)
     Applier(checker, 1).apply(entry)
-    checker.record_ack(op.op_id, 1)
+    checker.record_ack(op.op_id, FIRST)
     with flagged("acked_write_lost"):
-        Applier(checker, 2).apply(write(1, 2, 2)[0])
+        Applier(checker, 2).apply(write(FIRST, TERM + 1, 2)[0])
 
 
 def test_acked_write_lost_when_missing_after_healing() -> None:
     checker = InvariantChecker()
     applier = Applier(checker, 1)
-    for index in (1, 2):
-        entry, op = write(index, 1, index)
+    for op_id, index in enumerate((FIRST, FIRST + 1), start=1):
+        entry, op = write(index, TERM, op_id)
         applier.apply(entry)
         checker.record_ack(op.op_id, index)
     with flagged("acked_write_lost"):
-        checker.check_acked_present(2, 1)
+        checker.check_acked_present(2, FIRST)
 
 
 def test_duplicate_apply() -> None:
     checker = InvariantChecker()
     applier = Applier(checker, 1)
-    applier.apply(write(1, 1, 7)[0])
+    applier.apply(write(FIRST, TERM, 7)[0])
     with flagged("duplicate_apply"):
-        applier.apply(write(2, 1, 7)[0])
+        applier.apply(write(FIRST + 1, TERM, 7)[0])
 
 
 def test_read_linearizability_stale_read_index() -> None:
     checker = InvariantChecker()
     applier = Applier(checker, 1)
-    for index in (1, 2):
-        entry, op = write(index, 1, index)
+    for op_id, index in enumerate((FIRST, FIRST + 1), start=1):
+        entry, op = write(index, TERM, op_id)
         applier.apply(entry)
         checker.record_ack(op.op_id, index)
+    # The value is right for index FIRST; only the read index is stale.
     with flagged("read_linearizability"):
-        checker.check_read(3, 0, 10, read_index=1, applied_index=1, acked_index_at_issue=2)
+        checker.check_read(
+            3, 0, 10, read_index=FIRST, applied_index=FIRST, acked_index_at_issue=FIRST + 1
+        )
 
 
 def test_read_linearizability_wrong_value() -> None:
     checker = InvariantChecker()
-    Applier(checker, 1).apply(write(1, 1, 1, key=4)[0])
+    Applier(checker, 1).apply(write(FIRST, TERM, 1, key=4)[0])
     with flagged("read_linearizability"):
-        checker.check_read(1, 4, 99, read_index=1, applied_index=1, acked_index_at_issue=0)
+        checker.check_read(1, 4, 99, read_index=FIRST, applied_index=FIRST, acked_index_at_issue=0)
     with flagged("read_linearizability"):
-        checker.check_read(1, 4, None, read_index=1, applied_index=1, acked_index_at_issue=0)
+        checker.check_read(
+            1, 4, None, read_index=FIRST, applied_index=FIRST, acked_index_at_issue=0
+        )
 
 
 def test_durability_send_before_fsync() -> None:
@@ -221,10 +252,14 @@ def test_durability_vote_never_handed_out() -> None:
 
 def test_current_term_commit() -> None:
     checker = InvariantChecker()
-    storage = storage_with(write(1, 1, 1)[0], write(2, 1, 2)[0], Entry(term=2, index=3))
-    checker.observe_node(1, Role.LEADER, 2, 1, 3, storage)
-    with flagged("current_term_commit"):
-        checker.observe_node(1, Role.LEADER, 2, 2, 3, storage)
+    storage = storage_with(
+        write(FIRST, TERM, 1)[0],
+        write(FIRST + 1, TERM, 2)[0],
+        Entry(term=TERM + 1, index=FIRST + 2),
+    )
+    checker.observe_node(1, Role.LEADER, TERM + 1, FIRST, FIRST + 2, storage)
+    with flagged("current_term_commit"):  # FIRST + 1 is of term TERM, not the leader's
+        checker.observe_node(1, Role.LEADER, TERM + 1, FIRST + 1, FIRST + 2, storage)
 
 
 class NeverCampaigns(RaftNode):

@@ -12,9 +12,24 @@ from chaos.disk import (
     HardStateRecord,
     SimDisk,
 )
-from raft import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+from raft import (
+    BOOTSTRAP_INDEX,
+    ConfState,
+    Entry,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+    bootstrap_snapshot,
+)
 
 CONF = ConfState(voters=(1, 2, 3))
+BOOTSTRAP = bootstrap_snapshot(CONF)
+BOOTSTRAP_HARD_STATE = HardState(term=BOOTSTRAP.meta.term, vote=0, commit=BOOTSTRAP_INDEX)
+"""A founder's hard state before it has persisted any of its own."""
+FIRST = BOOTSTRAP_INDEX + 1
+"""A founder's first real log index: its log starts after the bootstrap snapshot."""
+TERM = BOOTSTRAP.meta.term + 1
+"""The first term a founder can be elected in."""
 
 
 class ScriptedRandom(random.Random):
@@ -40,49 +55,61 @@ def test_fresh_disk_recovers_bootstrap_membership() -> None:
     recovery = SimDisk(CONF).recover()
     assert recovery.records == 0
     assert recovery.torn_tail_bytes == 0
-    assert recovery.storage.initial_state() == (HardState(), CONF)
-    assert SimDisk().recover().storage.initial_state()[1] == ConfState()
+    storage = recovery.storage
+    assert storage.initial_state() == (BOOTSTRAP_HARD_STATE, CONF)
+    assert storage.snapshot() == BOOTSTRAP
+    assert storage.snapshot().meta == SnapshotMeta(
+        index=BOOTSTRAP_INDEX, term=BOOTSTRAP_INDEX, conf=CONF
+    )
+    assert storage.snapshot().data == b""
+    assert storage.first_index() == FIRST
+    assert storage.last_index() == BOOTSTRAP_INDEX
+    assert storage.term(BOOTSTRAP_INDEX) == BOOTSTRAP.meta.term
+    joiner = SimDisk().recover().storage
+    assert joiner.initial_state() == (HardState(), ConfState())
+    assert joiner.snapshot() == Snapshot()
+    assert joiner.last_index() == 0
 
 
 def test_synced_records_survive_a_crash() -> None:
     disk = SimDisk(CONF)
-    disk.write(EntriesRecord(entries(1, 3, 1)))
-    disk.write(HardStateRecord(HardState(term=1, vote=2, commit=2)))
+    disk.write(EntriesRecord(entries(FIRST, FIRST + 2, TERM)))
+    disk.write(HardStateRecord(HardState(term=TERM, vote=2, commit=FIRST + 1)))
     disk.fsync()
     outcome = disk.crash(random.Random(1))
     assert outcome.unsynced_bytes == 0
     recovery = disk.recover()
     assert recovery.records == 2
     storage = recovery.storage
-    assert storage.last_index() == 3
-    assert storage.hard_state() == HardState(term=1, vote=2, commit=2)
-    assert storage.entries(1, 4, 1 << 20) == list(entries(1, 3, 1))
+    assert storage.last_index() == FIRST + 2
+    assert storage.hard_state() == HardState(term=TERM, vote=2, commit=FIRST + 1)
+    assert storage.entries(FIRST, FIRST + 3, 1 << 20) == list(entries(FIRST, FIRST + 2, TERM))
 
 
 def test_unsynced_records_are_lost_when_the_crash_keeps_nothing() -> None:
     disk = SimDisk(CONF)
-    disk.write(EntriesRecord(entries(1, 2, 1)))
+    disk.write(EntriesRecord(entries(FIRST, FIRST + 1, TERM)))
     disk.fsync()
-    disk.write(EntriesRecord(entries(3, 5, 1)))
-    disk.write(HardStateRecord(HardState(term=2, vote=1, commit=0)))
+    disk.write(EntriesRecord(entries(FIRST + 2, FIRST + 4, TERM)))
+    disk.write(HardStateRecord(HardState(term=TERM + 1, vote=1, commit=BOOTSTRAP_INDEX)))
     assert disk.unsynced_raft_records == 2
     outcome = disk.crash(ScriptedRandom([0.1], []))
     assert outcome.kept_bytes == 0
     assert not outcome.torn
     assert disk.unsynced_raft_records == 0
     storage = disk.recover().storage
-    assert storage.last_index() == 2
-    assert storage.hard_state() == HardState()
+    assert storage.last_index() == FIRST + 1
+    assert storage.hard_state() == BOOTSTRAP_HARD_STATE
 
 
 def test_a_torn_last_record_is_truncated_on_recovery() -> None:
     disk = SimDisk(CONF)
-    disk.write(EntriesRecord(entries(1, 2, 1)))
+    disk.write(EntriesRecord(entries(FIRST, FIRST + 1, TERM)))
     disk.fsync()
     synced_bytes = disk.durable_bytes
-    disk.write(EntriesRecord(entries(3, 3, 1)))
+    disk.write(EntriesRecord(entries(FIRST + 2, FIRST + 2, TERM)))
     first_unsynced_end = disk.unsynced_bytes
-    disk.write(EntriesRecord(entries(4, 6, 1)))
+    disk.write(EntriesRecord(entries(FIRST + 3, FIRST + 5, TERM)))
     cut = first_unsynced_end + 5  # five bytes into the second unsynced record
     outcome = disk.crash(ScriptedRandom([0.9], [cut]))
     assert outcome.torn
@@ -90,7 +117,7 @@ def test_a_torn_last_record_is_truncated_on_recovery() -> None:
     recovery = disk.recover()
     assert recovery.torn_tail_bytes == 5
     assert recovery.records == 2  # the synced one and the whole unsynced one
-    assert recovery.storage.last_index() == 3
+    assert recovery.storage.last_index() == FIRST + 2
     assert disk.durable_bytes == synced_bytes + first_unsynced_end
     again = disk.recover()  # the log was truncated: nothing torn any more
     assert again.torn_tail_bytes == 0
@@ -100,8 +127,8 @@ def test_a_torn_last_record_is_truncated_on_recovery() -> None:
 def test_a_crash_without_torn_writes_keeps_whole_records() -> None:
     for seed in range(50):
         disk = SimDisk(CONF)
-        for first in range(1, 20, 3):
-            disk.write(EntriesRecord(entries(first, first + 2, 1)))
+        for first in range(FIRST, FIRST + 19, 3):
+            disk.write(EntriesRecord(entries(first, first + 2, TERM)))
         outcome = disk.crash(random.Random(seed), torn_writes=False)
         assert not outcome.torn
         assert disk.recover().torn_tail_bytes == 0
@@ -109,41 +136,45 @@ def test_a_crash_without_torn_writes_keeps_whole_records() -> None:
 
 def test_a_corrupt_record_ends_the_log() -> None:
     disk = SimDisk(CONF)
-    disk.write(EntriesRecord(entries(1, 2, 1)))
+    disk.write(EntriesRecord(entries(FIRST, FIRST + 1, TERM)))
     disk.fsync()
     good_bytes = disk.durable_bytes
-    disk.write(EntriesRecord(entries(3, 4, 1)))
-    disk.write(EntriesRecord(entries(5, 6, 1)))
+    disk.write(EntriesRecord(entries(FIRST + 2, FIRST + 3, TERM)))
+    disk.write(EntriesRecord(entries(FIRST + 4, FIRST + 5, TERM)))
     disk.fsync()
     disk.corrupt_byte(good_bytes + 10)  # inside the second record's body
     recovery = disk.recover()
     assert recovery.records == 1
-    assert recovery.storage.last_index() == 2
+    assert recovery.storage.last_index() == FIRST + 1
     assert recovery.torn_tail_bytes > 0
     assert disk.durable_bytes == good_bytes
 
 
 def test_replay_reproduces_snapshots_compaction_and_truncation() -> None:
     disk = SimDisk(CONF)
-    disk.write(EntriesRecord(entries(1, 10, 1)))
-    disk.write(EntriesRecord(entries(8, 9, 2)))  # a new leader overwrites 8..10
-    disk.write(HardStateRecord(HardState(term=2, vote=3, commit=7)))
-    disk.write(CreateSnapshotRecord(7, CONF, b"image-at-7"))
-    disk.write(CompactRecord(5))
+    last, overwritten, snapshot_at, compact_to = FIRST + 9, FIRST + 7, FIRST + 6, FIRST + 4
+    disk.write(EntriesRecord(entries(FIRST, last, TERM)))
+    # A new leader overwrites overwritten..last with a shorter suffix.
+    disk.write(EntriesRecord(entries(overwritten, last - 1, TERM + 1)))
+    disk.write(HardStateRecord(HardState(term=TERM + 1, vote=3, commit=snapshot_at)))
+    disk.write(CreateSnapshotRecord(snapshot_at, CONF, b"image"))
+    disk.write(CompactRecord(compact_to))
     disk.fsync()
     storage = disk.recover().storage
-    assert storage.last_index() == 9
-    assert storage.term(9) == 2
-    assert storage.term(7) == 1
-    assert storage.first_index() == 6
-    assert storage.snapshot().meta == SnapshotMeta(index=7, term=1, conf=CONF)
-    assert storage.snapshot().data == b"image-at-7"
+    assert storage.last_index() == last - 1
+    assert storage.term(last - 1) == TERM + 1
+    assert storage.term(snapshot_at) == TERM
+    assert storage.first_index() == compact_to + 1
+    assert storage.snapshot().meta == SnapshotMeta(index=snapshot_at, term=TERM, conf=CONF)
+    assert storage.snapshot().data == b"image"
 
 
 def test_replay_of_an_installed_snapshot_replaces_the_log() -> None:
-    disk = SimDisk()
-    disk.write(EntriesRecord(entries(1, 3, 1)))
-    snapshot = Snapshot(meta=SnapshotMeta(index=20, term=4, conf=CONF), data=b"image")
+    disk = SimDisk()  # a joiner: it is sent the bootstrap snapshot before any entry
+    disk.write(ApplySnapshotRecord(BOOTSTRAP))
+    disk.write(EntriesRecord(entries(FIRST, FIRST + 2, TERM)))
+    later_conf = ConfState(voters=(1, 2, 3, 4))
+    snapshot = Snapshot(meta=SnapshotMeta(index=20, term=4, conf=later_conf), data=b"image")
     disk.write(ApplySnapshotRecord(snapshot))
     disk.write(EntriesRecord(entries(21, 22, 4)))
     disk.fsync()
@@ -151,4 +182,4 @@ def test_replay_of_an_installed_snapshot_replaces_the_log() -> None:
     assert storage.snapshot() == snapshot
     assert storage.first_index() == 21
     assert storage.last_index() == 22
-    assert storage.initial_state()[1] == CONF
+    assert storage.initial_state()[1] == later_conf

@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 import pytest
 
 from chaos.nemesis import FaultConfig, min_voters
-from chaos.simulator import Simulator
+from chaos.simulator import Simulator, _has_spare_node
 
 FAULTS = [f.name for f in fields(FaultConfig) if f.name != "torn_writes"]
 
@@ -47,12 +47,14 @@ def test_minimum_voters() -> None:
     assert [min_voters(nodes) for nodes in range(3, 8)] == [2, 3, 3, 4, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="raft/ bug: a node joining with an empty ConfState that gets the log from index 1 "
-    "never learns the bootstrap voters and drops all leader messages as unknown_node. "
-    "When this passes, drop Simulator(spare_knows_bootstrap=...) and this mark.",
-)
-def test_a_spare_joining_with_an_empty_conf_catches_up() -> None:
-    result = Simulator(3, steps=30_000, spare_knows_bootstrap=False).run()
+@pytest.mark.parametrize("seed", [3, 6, 12, 19])
+def test_a_spare_joining_with_an_empty_log_learns_the_membership_and_catches_up(seed: int) -> None:
+    """These seeds add a spare node that starts with no log and no membership. It must be
+    sent the leader's (bootstrap or later) snapshot, learn the membership from it, and be
+    fully caught up once the faults heal (the liveness check requires every member's
+    applied index to converge)."""
+    simulator = Simulator(seed, steps=30_000)
+    assert _has_spare_node(seed, simulator.nodes, simulator.faults)
+    result = simulator.run()
     assert result.ok, f"{result.summary_line()}\n{result.detail}"
+    assert result.stats.driver.snapshots_installed >= 1

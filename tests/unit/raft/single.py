@@ -11,6 +11,7 @@ import random
 from typing import Any, cast
 
 from raft import (
+    BOOTSTRAP_INDEX,
     ConfState,
     Entry,
     HardState,
@@ -26,9 +27,27 @@ from raft import (
 M = MessageType
 
 
+BOOTSTRAP_TERM = BOOTSTRAP_INDEX
+"""A founder's storage starts from the bootstrap snapshot at (BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+with hard state (term=BOOTSTRAP_TERM, commit=BOOTSTRAP_INDEX)."""
+
+FIRST_INDEX = BOOTSTRAP_INDEX + 1
+"""Where a founder's first real entry goes."""
+
+FIRST_ELECTION_TERM = BOOTSTRAP_TERM + 1
+"""The term a fresh founder's first election goes to."""
+
+
 def log_of(*terms: int) -> list[Entry]:
-    """Entries at indexes 1.. with the given terms (data names the index, for readability)."""
-    return [Entry(term=term, index=i + 1, data=f"e{i + 1}".encode()) for i, term in enumerate(terms)]
+    """Entries at indexes FIRST_INDEX.. (right after the bootstrap snapshot, which holds
+    index 1 at term 1) with the given terms (data names the index, for readability). So
+    `log_of(1, 2)` is the log whose terms by index 1, 2, 3 are 1 (bootstrap), 1, 2."""
+    assert all(term >= BOOTSTRAP_TERM for term in terms), terms
+    assert list(terms) == sorted(terms), f"log terms never decrease: {terms}"
+    return [
+        Entry(term=term, index=index, data=f"e{index}".encode())
+        for index, term in enumerate(terms, start=FIRST_INDEX)
+    ]
 
 
 def new_node(
@@ -42,12 +61,18 @@ def new_node(
     seed: int = 0,
     **config: Any,
 ) -> RaftNode:
-    """A node over a MemoryStorage pre-filled with `entries` and `hard_state` (as if the
-    node had persisted them before a restart)."""
+    """A founding member over a MemoryStorage pre-filled with `entries` (after the bootstrap
+    snapshot: see `log_of`) and `hard_state` (as if the node had persisted them before a
+    restart). A founder's commit is never below the bootstrap, so a `hard_state` commit
+    below BOOTSTRAP_INDEX (such as the default 0) stands for "nothing committed since"."""
     if storage is None:
         storage = MemoryStorage(conf=ConfState(voters=voters, learners=learners))
+        assert not entries or entries[0].index == FIRST_INDEX, "entries start after the bootstrap"
         storage.append(entries or [])
         if hard_state is not None:
+            assert hard_state.term >= BOOTSTRAP_TERM, hard_state
+            if hard_state.commit < BOOTSTRAP_INDEX:
+                hard_state = HardState(hard_state.term, hard_state.vote, BOOTSTRAP_INDEX)
             storage.set_hard_state(hard_state)
     return RaftNode(
         RaftConfig(node_id=node_id, storage=storage, rng=random.Random(seed), **config)
@@ -79,6 +104,10 @@ def sent(ready: Ready, kind: MessageType | None = None, target: int | None = Non
 
 
 def msg(kind: MessageType, source: int, target: int = 1, term: int = 1, **fields: Any) -> Message:
+    """A message; a vote request without (index, log_term) comes from a candidate whose log
+    is a fresh founder's: just the bootstrap snapshot."""
+    if kind in (MessageType.VOTE, MessageType.PRE_VOTE) and "index" not in fields:
+        fields = {"index": BOOTSTRAP_INDEX, "log_term": BOOTSTRAP_TERM, **fields}
     return Message(type=kind, source=source, target=target, term=term, **fields)
 
 

@@ -13,7 +13,18 @@ from typing import Any
 import pytest
 
 from raft import NO_NODE, Entry, HardState, Message, RaftNode, Role, SnapshotMeta
-from tests.unit.raft.single import M, log_of, make_leader, msg, new_node, persist, sent
+from tests.unit.raft.single import (
+    BOOTSTRAP_INDEX,
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
+    M,
+    log_of,
+    make_leader,
+    msg,
+    new_node,
+    persist,
+    sent,
+)
 
 HIGHER_TERM = 7
 
@@ -43,7 +54,7 @@ def _higher_term_messages() -> list[Any]:
 
 
 def _node_in_role(role: Role) -> RaftNode:
-    node = new_node(pre_vote=False, entries=log_of(1, 1), hard_state=HardState(term=1, commit=2))
+    node = new_node(pre_vote=False, entries=log_of(1), hard_state=HardState(term=1, commit=2))
     if role == Role.LEADER:
         make_leader(node)
     elif role == Role.CANDIDATE:
@@ -74,33 +85,35 @@ def test_higher_term_in_any_rpc_makes_a_follower_of_that_term(
 def test_higher_term_vote_request_converts_a_leader_when_check_quorum_is_off() -> None:
     node = new_node(pre_vote=False, check_quorum=False)
     make_leader(node)
-    node.step(msg(M.VOTE, 3, term=HIGHER_TERM, index=1, log_term=1))
+    node.step(msg(M.VOTE, 3, term=HIGHER_TERM, index=FIRST_INDEX, log_term=FIRST_ELECTION_TERM))
     assert node.role == Role.FOLLOWER
     assert node.term == HIGHER_TERM
-    # Its log (no-op at index 1, term 1) is as up-to-date as the candidate's: it votes.
+    # Its log (no-op at FIRST_INDEX, FIRST_ELECTION_TERM) is as up-to-date as the
+    # candidate's: it votes.
     assert node.vote == 3
 
 
 def test_new_term_forgets_the_vote_of_the_old_term() -> None:
     node = new_node(pre_vote=False)
-    node.step(msg(M.VOTE, 2, term=1))
-    assert persist(node).hard_state == HardState(term=1, vote=2, commit=0)
-    node.step(msg(M.HEARTBEAT, 3, term=2))
+    first, second = FIRST_ELECTION_TERM, FIRST_ELECTION_TERM + 1
+    node.step(msg(M.VOTE, 2, term=first))
+    assert persist(node).hard_state == HardState(term=first, vote=2, commit=BOOTSTRAP_INDEX)
+    node.step(msg(M.HEARTBEAT, 3, term=second))
     assert node.vote == NO_NODE
-    assert persist(node).hard_state == HardState(term=2, vote=NO_NODE, commit=0)
+    assert persist(node).hard_state == HardState(term=second, vote=NO_NODE, commit=BOOTSTRAP_INDEX)
 
 
 def test_committed_entries_are_handed_out_in_order_exactly_once() -> None:
     node = new_node(entries=log_of(1, 1, 1, 1, 1), hard_state=HardState(term=1))
     persist(node)
     handed_out: list[Entry] = []
-    node.step(msg(M.APPEND, 2, index=5, log_term=1, commit=2))
+    node.step(msg(M.APPEND, 2, index=6, log_term=1, commit=3))
     handed_out += persist(node).committed_entries
-    node.step(msg(M.HEARTBEAT, 2, commit=5))
+    node.step(msg(M.HEARTBEAT, 2, commit=6))
     handed_out += persist(node).committed_entries
-    assert [e.index for e in handed_out] == [1, 2, 3, 4, 5]
-    assert node.applied_index == 5
-    node.step(msg(M.HEARTBEAT, 2, commit=5))
+    assert [e.index for e in handed_out] == [2, 3, 4, 5, 6], "all but the bootstrap"
+    assert node.applied_index == 6
+    node.step(msg(M.HEARTBEAT, 2, commit=6))
     assert persist(node).committed_entries == ()
 
 
@@ -109,20 +122,20 @@ def test_committed_entries_are_split_by_the_byte_limit_but_stay_in_order() -> No
         entries=log_of(*[1] * 10), hard_state=HardState(term=1), committed_entries_bytes_max=40
     )
     persist(node)
-    node.step(msg(M.HEARTBEAT, 2, commit=10))
+    node.step(msg(M.HEARTBEAT, 2, commit=11))
     batches = []
     while node.has_ready():
         ready = persist(node)
         if ready.committed_entries:
             batches.append([e.index for e in ready.committed_entries])
-    assert [i for batch in batches for i in batch] == list(range(1, 11))
+    assert [i for batch in batches for i in batch] == list(range(FIRST_INDEX, 12))
     assert len(batches) > 1, "the byte limit should have split the hand-out"
     assert all(len(batch) <= 2 for batch in batches)  # 18-byte entries, 40-byte limit
 
 
 def test_committed_entries_are_not_handed_out_before_a_restart_point() -> None:
     """A node restarted with `applied` set skips what its state machine already holds."""
-    node = new_node(entries=log_of(1, 1, 1), hard_state=HardState(term=1, commit=3), applied=2)
+    node = new_node(entries=log_of(1, 1), hard_state=HardState(term=1, commit=3), applied=2)
     assert [e.index for e in persist(node).committed_entries] == [3]
 
 
@@ -132,7 +145,7 @@ def test_hard_state_and_the_messages_it_guards_leave_in_the_same_ready() -> None
     node = new_node(pre_vote=False)
     node.step(msg(M.VOTE, 2, term=3))
     ready = node.ready()
-    assert ready.hard_state == HardState(term=3, vote=2, commit=0)
+    assert ready.hard_state == HardState(term=3, vote=2, commit=BOOTSTRAP_INDEX)
     (response,) = sent(ready, M.VOTE_RESPONSE)
     assert not response.reject
     assert ready.must_sync

@@ -22,6 +22,8 @@ from raft import (
 )
 from tests.unit.raft.harness import Cluster
 from tests.unit.raft.single import (
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
     M,
     ack,
     log_of,
@@ -39,7 +41,7 @@ META = SnapshotMeta(index=10, term=2, conf=CONF)
 def _follower() -> RaftNode:
     """Follower of leader 2 in term 2 with log terms [1, 1, 2], commit 1."""
     node = new_node(
-        entries=log_of(1, 1, 2), hard_state=HardState(term=2, commit=1),
+        entries=log_of(1, 2), hard_state=HardState(term=2, commit=1),
         snapshot_bytes_max=1000,
     )
     node.step(msg(M.HEARTBEAT, 2, term=2, commit=1))
@@ -51,7 +53,7 @@ def _follower() -> RaftNode:
 def _leader() -> RaftNode:
     node = new_node(snapshot_bytes_max=1000)
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)
     assert not node.has_ready()
     return node
 
@@ -162,12 +164,19 @@ def test_follower_drops_and_counts_impossible_messages(message: Message, reason:
     assert not node.has_ready(), "nothing to persist, send or apply"
 
 
+LEADER_TERM = FIRST_ELECTION_TERM
+"""The term `_leader()` leads in: a fresh founder's first election."""
+
 LEADER_CASES = [
-    ("ack-beyond-log", msg(M.APPEND_RESPONSE, 2, term=1, index=99), "ack_beyond_log"),
-    ("unknown-node-ack", msg(M.APPEND_RESPONSE, 7, term=1, index=1), "unknown_node"),
-    ("unknown-node-read", msg(M.READ_INDEX, 7, term=1, context=b"r"), "unknown_node"),
-    ("second-leader", msg(M.APPEND, 2, term=1, index=1, log_term=1), "second_leader_in_term"),
-    ("second-leader-heartbeat", msg(M.HEARTBEAT, 3, term=1), "second_leader_in_term"),
+    ("ack-beyond-log", msg(M.APPEND_RESPONSE, 2, term=LEADER_TERM, index=99), "ack_beyond_log"),
+    ("unknown-node-ack", msg(M.APPEND_RESPONSE, 7, term=LEADER_TERM, index=FIRST_INDEX), "unknown_node"),
+    ("unknown-node-read", msg(M.READ_INDEX, 7, term=LEADER_TERM, context=b"r"), "unknown_node"),
+    (
+        "second-leader",
+        msg(M.APPEND, 2, term=LEADER_TERM, index=FIRST_INDEX, log_term=LEADER_TERM),
+        "second_leader_in_term",
+    ),
+    ("second-leader-heartbeat", msg(M.HEARTBEAT, 3, term=LEADER_TERM), "second_leader_in_term"),
     ("negative-term-response", msg(M.HEARTBEAT_RESPONSE, 2, term=-1), "negative_field"),
 ]
 

@@ -8,6 +8,10 @@ import pytest
 from raft import NO_NODE, TRANSFER_CONTEXT, HardState, RaftNode, Role
 from tests.unit.raft.harness import Cluster
 from tests.unit.raft.single import (
+    BOOTSTRAP_INDEX,
+    BOOTSTRAP_TERM,
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
     M,
     log_of,
     make_leader,
@@ -52,14 +56,14 @@ def test_hearing_from_the_leader_resets_the_election_timer() -> None:
     node = new_node(seed=3, election_ticks=ELECTION_TICKS)
     for _ in range(5 * ELECTION_TICKS):
         node.tick()
-        node.step(msg(M.HEARTBEAT, 2, term=1))
+        node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
         persist(node)
     assert node.role == Role.FOLLOWER
     assert node.leader == 2
 
 
 def test_timeout_with_pre_vote_keeps_term_and_vote_and_asks_for_pre_votes() -> None:
-    node = new_node(entries=log_of(1, 2), hard_state=HardState(term=2, vote=3), pre_vote=True)
+    node = new_node(entries=log_of(2), hard_state=HardState(term=2, vote=3), pre_vote=True)
     persist(node)
     _ticks_until_campaign(node)
     assert node.role == Role.PRE_CANDIDATE
@@ -75,12 +79,12 @@ def test_timeout_with_pre_vote_keeps_term_and_vote_and_asks_for_pre_votes() -> N
 
 
 def test_timeout_without_pre_vote_increments_term_and_votes_for_itself() -> None:
-    node = new_node(entries=log_of(1, 2), hard_state=HardState(term=2, vote=3), pre_vote=False)
+    node = new_node(entries=log_of(2), hard_state=HardState(term=2, vote=3), pre_vote=False)
     persist(node)
     _ticks_until_campaign(node)
     assert node.role == Role.CANDIDATE
     ready = persist(node)
-    assert ready.hard_state == HardState(term=3, vote=1, commit=0)
+    assert ready.hard_state == HardState(term=3, vote=1, commit=BOOTSTRAP_INDEX)
     requests = sent(ready, M.VOTE)
     assert sorted(m.target for m in requests) == [2, 3]
     assert all((m.term, m.index, m.log_term) == (3, 2, 2) for m in requests)
@@ -90,11 +94,11 @@ def test_successful_pre_vote_starts_the_real_election() -> None:
     node = new_node(pre_vote=True)
     node.campaign()
     persist(node)
-    node.step(msg(M.PRE_VOTE_RESPONSE, 2, term=1))  # granted, in the future term
+    node.step(msg(M.PRE_VOTE_RESPONSE, 2, term=FIRST_ELECTION_TERM))  # granted, in the future term
     assert node.role == Role.CANDIDATE
-    assert node.term == 1
+    assert node.term == FIRST_ELECTION_TERM
     ready = persist(node)
-    assert ready.hard_state == HardState(term=1, vote=1, commit=0)
+    assert ready.hard_state == HardState(term=FIRST_ELECTION_TERM, vote=1, commit=BOOTSTRAP_INDEX)
     assert sorted(m.target for m in sent(ready, M.VOTE)) == [2, 3]
 
 
@@ -102,11 +106,11 @@ def test_rejected_pre_vote_returns_to_follower_without_changing_term() -> None:
     node = new_node(voters=(1, 2, 3), pre_vote=True)
     node.campaign()
     persist(node)
-    node.step(msg(M.PRE_VOTE_RESPONSE, 2, term=0, reject=True))
+    node.step(msg(M.PRE_VOTE_RESPONSE, 2, term=BOOTSTRAP_TERM, reject=True))
     assert node.role == Role.PRE_CANDIDATE
-    node.step(msg(M.PRE_VOTE_RESPONSE, 3, term=0, reject=True))
+    node.step(msg(M.PRE_VOTE_RESPONSE, 3, term=BOOTSTRAP_TERM, reject=True))
     assert node.role == Role.FOLLOWER
-    assert node.term == 0
+    assert node.term == BOOTSTRAP_TERM
 
 
 def test_a_partitioned_node_with_pre_vote_does_not_inflate_its_term() -> None:
@@ -155,7 +159,7 @@ UP_TO_DATE_CASES = [
 def test_vote_granted_only_to_an_up_to_date_log(
     kind: M, last_term: int, last_index: int, granted: bool
 ) -> None:
-    node = new_node(entries=log_of(1, 1, 2), hard_state=HardState(term=2))
+    node = new_node(entries=log_of(1, 2), hard_state=HardState(term=2))
     persist(node)
     node.step(msg(kind, 2, term=3, index=last_index, log_term=last_term))
     ready = persist(node)
@@ -173,13 +177,13 @@ def test_vote_granted_only_to_an_up_to_date_log(
 
 def test_at_most_one_vote_per_term() -> None:
     node = new_node(voters=(1, 2, 3, 4), pre_vote=False)
-    node.step(msg(M.VOTE, 2, term=1))
+    node.step(msg(M.VOTE, 2, term=FIRST_ELECTION_TERM))
     first = persist(node)
     assert not sent(first, M.VOTE_RESPONSE)[0].reject
-    node.step(msg(M.VOTE, 3, term=1))
+    node.step(msg(M.VOTE, 3, term=FIRST_ELECTION_TERM))
     assert sent(persist(node), M.VOTE_RESPONSE)[0].reject
     # The same candidate asking again (its request was duplicated) is granted again.
-    node.step(msg(M.VOTE, 2, term=1))
+    node.step(msg(M.VOTE, 2, term=FIRST_ELECTION_TERM))
     assert not sent(persist(node), M.VOTE_RESPONSE)[0].reject
     assert node.vote == 2
 
@@ -196,8 +200,8 @@ def test_vote_survives_a_restart_so_no_second_vote_in_that_term() -> None:
 
 def test_follower_knowing_a_leader_does_not_vote_for_another_in_the_same_term() -> None:
     node = new_node(pre_vote=False, check_quorum=False)
-    node.step(msg(M.HEARTBEAT, 2, term=1))
-    node.step(msg(M.VOTE, 3, term=1))
+    node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
+    node.step(msg(M.VOTE, 3, term=FIRST_ELECTION_TERM))
     assert sent(persist(node), M.VOTE_RESPONSE)[0].reject
 
 
@@ -205,7 +209,7 @@ def test_granting_a_vote_resets_the_election_timer() -> None:
     node = new_node(seed=5, pre_vote=False, election_ticks=ELECTION_TICKS)
     for _ in range(ELECTION_TICKS - 1):
         node.tick()
-    node.step(msg(M.VOTE, 2, term=1))
+    node.step(msg(M.VOTE, 2, term=FIRST_ELECTION_TERM))
     persist(node)
     for _ in range(ELECTION_TICKS - 1):
         node.tick()
@@ -219,12 +223,12 @@ def test_candidate_becomes_leader_on_a_majority() -> None:
     node = new_node(voters=(1, 2, 3, 4, 5), pre_vote=False)
     node.campaign()
     persist(node)
-    node.step(msg(M.VOTE_RESPONSE, 2, term=1))
+    node.step(msg(M.VOTE_RESPONSE, 2, term=FIRST_ELECTION_TERM))
     assert node.role == Role.CANDIDATE, "2 of 5 is not a majority"
-    node.step(msg(M.VOTE_RESPONSE, 4, term=1, reject=True))
-    node.step(msg(M.VOTE_RESPONSE, 2, term=1))  # a duplicate grant counts once
+    node.step(msg(M.VOTE_RESPONSE, 4, term=FIRST_ELECTION_TERM, reject=True))
+    node.step(msg(M.VOTE_RESPONSE, 2, term=FIRST_ELECTION_TERM))  # a duplicate grant counts once
     assert node.role == Role.CANDIDATE
-    node.step(msg(M.VOTE_RESPONSE, 5, term=1))
+    node.step(msg(M.VOTE_RESPONSE, 5, term=FIRST_ELECTION_TERM))
     assert node.role == Role.LEADER
     assert node.leader == 1
 
@@ -234,11 +238,11 @@ def test_candidate_steps_down_when_a_majority_rejects() -> None:
     node.campaign()
     persist(node)
     for voter in (2, 3):
-        node.step(msg(M.VOTE_RESPONSE, voter, term=1, reject=True))
+        node.step(msg(M.VOTE_RESPONSE, voter, term=FIRST_ELECTION_TERM, reject=True))
     assert node.role == Role.CANDIDATE
-    node.step(msg(M.VOTE_RESPONSE, 4, term=1, reject=True))
+    node.step(msg(M.VOTE_RESPONSE, 4, term=FIRST_ELECTION_TERM, reject=True))
     assert node.role == Role.FOLLOWER
-    assert node.term == 1
+    assert node.term == FIRST_ELECTION_TERM
 
 
 @pytest.mark.parametrize("kind", [M.APPEND, M.HEARTBEAT])
@@ -246,10 +250,10 @@ def test_candidate_becomes_follower_on_leader_message_of_its_term(kind: M) -> No
     node = new_node(pre_vote=False)
     node.campaign()
     persist(node)
-    node.step(msg(kind, 3, term=1))
+    node.step(msg(kind, 3, term=FIRST_ELECTION_TERM))
     assert node.role == Role.FOLLOWER
     assert node.leader == 3
-    assert node.term == 1
+    assert node.term == FIRST_ELECTION_TERM
     assert node.vote == 1, "stepping down keeps the vote already cast in this term"
     assert sent(persist(node), target=3), "the leader's message is answered"
 
@@ -267,14 +271,14 @@ def test_candidate_starts_a_new_election_on_timeout() -> None:
     node = new_node(pre_vote=False, election_ticks=ELECTION_TICKS)
     node.campaign()
     persist(node)
-    assert node.term == 1
+    assert node.term == FIRST_ELECTION_TERM
     for _ in range(2 * ELECTION_TICKS):
         node.tick()
     assert node.role == Role.CANDIDATE
-    assert node.term == 2
+    assert node.term == FIRST_ELECTION_TERM + 1
     ready = persist(node)
-    assert ready.hard_state == HardState(term=2, vote=1, commit=0)
-    assert {m.term for m in sent(ready, M.VOTE)} == {2}
+    assert ready.hard_state == HardState(term=FIRST_ELECTION_TERM + 1, vote=1, commit=BOOTSTRAP_INDEX)
+    assert {m.term for m in sent(ready, M.VOTE)} == {FIRST_ELECTION_TERM + 1}
 
 
 def test_split_vote_is_resolved_by_a_later_election() -> None:
@@ -287,7 +291,7 @@ def test_split_vote_is_resolved_by_a_later_election() -> None:
     cluster.deliver_all()
     assert cluster.leader() is None
     assert {cluster.nodes[n].role for n in (1, 2)} == {Role.CANDIDATE}
-    assert cluster.nodes[1].term == cluster.nodes[2].term == 1
+    assert cluster.nodes[1].term == cluster.nodes[2].term == FIRST_ELECTION_TERM
     cluster.heal()
     for _ in range(100):
         cluster.tick_all()
@@ -295,15 +299,15 @@ def test_split_vote_is_resolved_by_a_later_election() -> None:
             break
     leader = cluster.leader()
     assert leader is not None
-    assert cluster.nodes[leader].term >= 2
+    assert cluster.nodes[leader].term >= FIRST_ELECTION_TERM + 1
 
 
 def test_single_voter_elects_itself_at_once() -> None:
     node = new_node(voters=(1,), pre_vote=True)
     node.campaign()
     assert node.role == Role.LEADER
-    assert node.term == 1
-    assert node.commit_index == 1, "its no-op commits with a quorum of one"
+    assert node.term == FIRST_ELECTION_TERM
+    assert node.commit_index == FIRST_INDEX, "its no-op commits with a quorum of one"
 
 
 # ---- check-quorum and leases ----------------------------------------------------------
@@ -344,19 +348,19 @@ def test_leader_without_check_quorum_keeps_leading_alone() -> None:
 @pytest.mark.parametrize("kind", [M.VOTE, M.PRE_VOTE])
 def test_follower_in_lease_ignores_vote_requests(kind: M) -> None:
     node = new_node(check_quorum=True, pre_vote=True)
-    node.step(msg(M.HEARTBEAT, 2, term=1))
+    node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
     persist(node)
     node.step(msg(kind, 3, term=5, index=9, log_term=1))
     ready = persist(node)
     assert ready.messages == ()
     assert ready.hard_state is None
-    assert (node.term, node.vote, node.leader) == (1, NO_NODE, 2)
+    assert (node.term, node.vote, node.leader) == (FIRST_ELECTION_TERM, NO_NODE, 2)
 
 
 @pytest.mark.parametrize("kind", [M.VOTE, M.PRE_VOTE])
 def test_follower_in_lease_heeds_a_transfer_election(kind: M) -> None:
     node = new_node(check_quorum=True, pre_vote=True)
-    node.step(msg(M.HEARTBEAT, 2, term=1))
+    node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
     persist(node)
     node.step(msg(kind, 3, term=5, index=9, log_term=1, context=TRANSFER_CONTEXT))
     response_kind = M.VOTE_RESPONSE if kind == M.VOTE else M.PRE_VOTE_RESPONSE
@@ -366,7 +370,7 @@ def test_follower_in_lease_heeds_a_transfer_election(kind: M) -> None:
 
 def test_follower_whose_lease_expired_votes_again() -> None:
     node = new_node(check_quorum=True, pre_vote=True, election_ticks=ELECTION_TICKS)
-    node.step(msg(M.HEARTBEAT, 2, term=1))
+    node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
     persist(node)
     for _ in range(ELECTION_TICKS):
         node.tick()
@@ -381,4 +385,4 @@ def test_leader_in_lease_ignores_a_disruptive_candidate() -> None:
     make_leader(node)
     node.step(msg(M.VOTE, 3, term=9, index=5, log_term=1))
     assert node.role == Role.LEADER
-    assert node.term == 1
+    assert node.term == FIRST_ELECTION_TERM

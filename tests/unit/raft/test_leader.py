@@ -20,11 +20,24 @@ from raft import (
 )
 from raft.storage import entry_size
 from tests.unit.raft.harness import Cluster
-from tests.unit.raft.single import M, ack, log_of, make_leader, msg, new_node, persist, sent
+from tests.unit.raft.single import (
+    BOOTSTRAP_INDEX,
+    BOOTSTRAP_TERM,
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
+    M,
+    ack,
+    log_of,
+    make_leader,
+    msg,
+    new_node,
+    persist,
+    sent,
+)
 
 
 def test_new_leader_appends_a_no_op_of_its_term_and_sends_it() -> None:
-    node = new_node(entries=log_of(1, 1), hard_state=HardState(term=1), pre_vote=False)
+    node = new_node(entries=log_of(1), hard_state=HardState(term=1), pre_vote=False)
     ready = make_leader(node)
     assert node.term == 2
     (no_op,) = ready.entries
@@ -48,16 +61,16 @@ def test_heartbeats_go_out_every_heartbeat_ticks() -> None:
 def test_heartbeat_carries_commit_no_further_than_the_follower_matches() -> None:
     node = new_node(heartbeat_ticks=1)
     make_leader(node)
-    ack(node, 2, 1)
-    assert node.commit_index == 1
+    ack(node, 2, FIRST_INDEX)
+    assert node.commit_index == FIRST_INDEX
     node.tick()
     ready = persist(node)
-    assert sent(ready, M.HEARTBEAT, target=2)[0].commit == 1
-    assert sent(ready, M.HEARTBEAT, target=3)[0].commit == 0, "3 may not hold index 1 yet"
+    assert sent(ready, M.HEARTBEAT, target=2)[0].commit == FIRST_INDEX
+    assert sent(ready, M.HEARTBEAT, target=3)[0].commit == 0, "3 may not hold the no-op yet"
 
 
 def test_next_and_match_follow_acknowledgements() -> None:
-    node = new_node(entries=log_of(1, 1, 1), hard_state=HardState(term=1), pre_vote=False)
+    node = new_node(entries=log_of(1, 1), hard_state=HardState(term=1), pre_vote=False)
     make_leader(node)  # no-op at 4
     progress = node.progress[2]
     assert (progress.match, progress.next, progress.state) == (0, 4, ProgressState.PROBE)
@@ -73,9 +86,9 @@ def test_next_and_match_follow_acknowledgements() -> None:
 def test_follower_behind_is_caught_up_after_a_heartbeat_response() -> None:
     node = new_node(heartbeat_ticks=1)
     make_leader(node)
-    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=1))
+    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM))
     (append,) = sent(persist(node), M.APPEND, target=2)
-    assert [e.index for e in append.entries] == [1]
+    assert [e.index for e in append.entries] == [FIRST_INDEX]
 
 
 def test_only_the_leader_takes_proposals() -> None:
@@ -91,23 +104,25 @@ def test_only_the_leader_takes_proposals() -> None:
 
 
 def test_leader_does_not_commit_an_old_term_entry_by_counting_replicas() -> None:
-    node = new_node(entries=log_of(1, 2), hard_state=HardState(term=2), pre_vote=False)
+    node = new_node(entries=log_of(2), hard_state=HardState(term=2), pre_vote=False)
     make_leader(node)  # term 3, no-op at index 3
     ack(node, 2, 2)
     ack(node, 3, 2)
-    assert node.commit_index == 0, "index 2 (term 2) is on every node but is not committable"
+    assert node.commit_index == BOOTSTRAP_INDEX, (
+        "index 2 (term 2) is on every node but is not committable"
+    )
     ready = ack(node, 2, 3)
-    assert node.commit_index == 3, "the current-term no-op commits, and with it 1..2"
-    assert [e.index for e in ready.committed_entries] == [1, 2, 3]
+    assert node.commit_index == 3, "the current-term no-op commits, and with it 2"
+    assert [e.index for e in ready.committed_entries] == [2, 3]
 
 
 def test_commit_needs_a_majority_of_voters() -> None:
     node = new_node(voters=(1, 2, 3, 4, 5))
     make_leader(node)
-    ack(node, 2, 1)
-    assert node.commit_index == 0
-    ack(node, 4, 1)
-    assert node.commit_index == 1
+    ack(node, 2, FIRST_INDEX)
+    assert node.commit_index == BOOTSTRAP_INDEX
+    ack(node, 4, FIRST_INDEX)
+    assert node.commit_index == FIRST_INDEX
 
 
 def _campaign_until_leader(cluster: Cluster, node_id: int, attempts: int = 3) -> None:
@@ -122,12 +137,15 @@ def _campaign_until_leader(cluster: Cluster, node_id: int, attempts: int = 3) ->
 
 @pytest.mark.parametrize("current_term_entry_replicated", [False, True])
 def test_figure_8(current_term_entry_replicated: bool) -> None:
-    """Paper Figure 8 on five servers. (a) S1 leads and replicates x (index 2) to S2 only.
-    (b) S5 is elected by S3, S4 and writes its own index 2 (a later term). (c) S1 is elected
-    again and copies x to S3: x is now on a majority, but from an old term. (d) If S1 now
-    fails, S5 can be elected and overwrite x everywhere — so S1 must not have committed x.
-    (e) If S1 first gets an entry of its own term onto a majority, x is committed and S5
-    can no longer win."""
+    """Paper Figure 8 on five servers, with the paper's terms: everyone starts from the
+    bootstrap (index 1, term 1). (a) S1 leads in term 2 and replicates x to S2 only. (b) S5
+    is elected in term 3 by S3, S4 and writes its own entry at x's index. (c) S1 is elected
+    in term 4 and copies x to S3: x is now on a majority, but from an old term. (d) If S1
+    now fails, S5 can be elected (term 5) and overwrite x everywhere — so S1 must not have
+    committed x. (e) If S1 first gets an entry of its own term onto a majority, x is
+    committed and S5 can no longer win. x's index is one past the paper's (index 2) because
+    S1's term-2 no-op, which reaches everyone, comes first."""
+    x_index = FIRST_INDEX + 1
     cluster = Cluster(
         voters=(1, 2, 3, 4, 5), pre_vote=False, check_quorum=False,
         entries_per_message_bytes_max=1,  # one entry per append, so they can be cut apart
@@ -138,23 +156,24 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
     cluster.partition((1, 2), (3,), (4,), (5,))
     s1.propose(b"x")
     cluster.deliver_all()
-    # (b) S5 wins term 2 with S3 and S4; its no-op stays on S5 alone.
+    assert (s1.term, s1.log.term(x_index)) == (2, 2)
+    # (b) S5 wins term 3 with S3 and S4; its no-op stays on S5 alone.
     cluster.drop = lambda m: not (
         {m.source, m.target} <= {3, 4, 5} and m.type in (M.VOTE, M.VOTE_RESPONSE)
     )
     cluster.elect(5)
-    assert (s5.term, s5.log.term(2)) == (2, 2)
-    # (c) S1 is elected in term 3 (S3 voted in term 2, so S1 needs two tries).
+    assert (s5.term, s5.log.term(x_index)) == (3, 3)
+    # (c) S1 is elected in term 4 (S3 voted in term 3, so S1 needs two tries).
     s3_has_x = False
 
     def drop_c(m: Message) -> bool:
         nonlocal s3_has_x
         if not {m.source, m.target} <= {1, 2, 3}:
             return True
-        if m.type == M.APPEND_RESPONSE and m.source == 3 and m.index == 2 and not m.reject:
+        if m.type == M.APPEND_RESPONSE and m.source == 3 and m.index == x_index and not m.reject:
             s3_has_x = True
             return False
-        carries_no_op = any(e.index == 3 for e in m.entries)
+        carries_no_op = any(e.index == x_index + 1 for e in m.entries)
         return (
             m.type == M.APPEND and m.target == 3 and carries_no_op and s3_has_x
             and not current_term_entry_replicated
@@ -164,22 +183,22 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
     s5 = cluster.restart(5)  # S5 crashes (and later comes back as a follower)
     s1 = cluster.restart(1)
     _campaign_until_leader(cluster, 1)
-    assert s1.term == 3
+    assert s1.term == 4
     assert s3_has_x
-    assert [cluster.nodes[n].log.term_or_zero(2) for n in (1, 2, 3)] == [1, 1, 1]
+    assert [cluster.nodes[n].log.term_or_zero(x_index) for n in (1, 2, 3)] == [2, 2, 2]
     if not current_term_entry_replicated:
-        assert s1.commit_index == 1, "x is on a majority but from term 1: not committed"
+        assert s1.commit_index == x_index - 1, "x is on a majority but from term 2: not committed"
         assert b"x" not in cluster.applied_data(1)
         # (d) S1 fails; S5 is elected by S3 and S4 and overwrites x.
         cluster.partition((1,), (2,), (3, 4, 5))
         _campaign_until_leader(cluster, 5)
-        assert s5.term == 4
-        assert cluster.nodes[3].log.term(2) == 2, "x was overwritten on S3"
-        assert s5.commit_index >= 2
+        assert s5.term == 5
+        assert cluster.nodes[3].log.term(x_index) == 3, "x was overwritten on S3"
+        assert s5.commit_index >= x_index
     else:
-        assert s1.commit_index == 3
+        assert s1.commit_index == x_index + 1
         assert b"x" in cluster.applied_data(1)
-        # (e) S5 cannot win any more: S3 holds a term-3 entry.
+        # (e) S5 cannot win any more: S3 holds a term-4 entry.
         cluster.partition((1,), (2,), (3, 4, 5))
         for _ in range(3):
             s5.campaign()
@@ -211,18 +230,18 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
 def test_replicate_state_pipelines_up_to_the_in_flight_limit() -> None:
     node = new_node(inflight_messages_max=3)
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)  # the no-op
     assert node.progress[2].state == ProgressState.REPLICATE
     appends = []
     for value in (b"a", b"b", b"c", b"d", b"e"):
         node.propose(value)
         appends += sent(persist(node), M.APPEND, target=2)
-    assert [[e.index for e in m.entries] for m in appends] == [[2], [3], [4]]
+    assert [[e.index for e in m.entries] for m in appends] == [[3], [4], [5]]
     assert node.progress[2].inflights.full()
     # One acknowledgement frees a slot; the rest go out in one batch.
-    ready = ack(node, 2, 2)
+    ready = ack(node, 2, 3)
     appends = sent(ready, M.APPEND, target=2)
-    assert [[e.index for e in m.entries] for m in appends] == [[5, 6]]
+    assert [[e.index for e in m.entries] for m in appends] == [[6, 7]]
 
 
 def test_probe_state_sends_one_append_at_a_time() -> None:
@@ -233,14 +252,14 @@ def test_probe_state_sends_one_append_at_a_time() -> None:
     for value in (b"a", b"b", b"c"):
         node.propose(value)
     assert sent(persist(node), M.APPEND, target=3) == [], "waits for the probe's answer"
-    ready = ack(node, 3, 1)
+    ready = ack(node, 3, FIRST_INDEX)  # the no-op
     assert node.progress[3].state == ProgressState.REPLICATE
     (append,) = sent(ready, M.APPEND, target=3)
-    assert [e.index for e in append.entries] == [2, 3, 4]
+    assert [e.index for e in append.entries] == [3, 4, 5]
 
 
 def test_rejected_probe_backs_off_and_probes_again() -> None:
-    node = new_node(entries=log_of(1, 1, 1, 1), hard_state=HardState(term=1), pre_vote=False)
+    node = new_node(entries=log_of(1, 1, 1), hard_state=HardState(term=1), pre_vote=False)
     make_leader(node)  # no-op at 5; probe to 2 at index 4
     node.step(msg(M.APPEND_RESPONSE, 2, term=2, index=4, reject=True, reject_hint=2, hint_term=1))
     (probe,) = sent(persist(node), M.APPEND, target=2)
@@ -254,33 +273,40 @@ def test_rejected_probe_backs_off_and_probes_again() -> None:
 def test_rejection_in_replicate_state_falls_back_to_probe() -> None:
     node = new_node()
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)  # the no-op
     node.propose(b"a")
     node.propose(b"b")
     persist(node)
-    node.step(msg(M.APPEND_RESPONSE, 2, term=1, index=2, reject=True, reject_hint=1, hint_term=1))
+    node.step(
+        msg(M.APPEND_RESPONSE, 2, term=FIRST_ELECTION_TERM, index=3, reject=True,
+            reject_hint=FIRST_INDEX, hint_term=FIRST_ELECTION_TERM)
+    )
     ready = persist(node)
     assert node.progress[2].state == ProgressState.PROBE
     (probe,) = sent(ready, M.APPEND, target=2)
-    assert probe.index == 1
-    assert [e.index for e in probe.entries] == [2, 3]
+    assert probe.index == FIRST_INDEX
+    assert [e.index for e in probe.entries] == [3, 4]
 
 
 def test_batches_are_bounded_by_entries_per_message_bytes_max() -> None:
-    big = [Entry(term=1, index=i, data=bytes(50)) for i in range(1, 11)]
+    big = [Entry(term=1, index=i, data=bytes(50)) for i in range(FIRST_INDEX, FIRST_INDEX + 10)]
     limit = 2 * entry_size(big[0]) + 10  # room for two entries, not three
     node = new_node(
         entries=big, hard_state=HardState(term=1), pre_vote=False,
         entries_per_message_bytes_max=limit,
     )
-    make_leader(node)  # no-op at 11
-    node.step(msg(M.APPEND_RESPONSE, 2, term=2, index=10, reject=True))  # empty follower
+    make_leader(node)  # no-op at 12
+    # A follower holding only the bootstrap.
+    node.step(
+        msg(M.APPEND_RESPONSE, 2, term=2, index=11, reject=True,
+            reject_hint=BOOTSTRAP_INDEX, hint_term=BOOTSTRAP_TERM)
+    )
     ready = persist(node)
     (probe,) = sent(ready, M.APPEND, target=2)
-    assert [e.index for e in probe.entries] == [1, 2]
-    ready = ack(node, 2, 2)
+    assert [e.index for e in probe.entries] == [2, 3]
+    ready = ack(node, 2, 3)
     batches = [[e.index for e in m.entries] for m in sent(ready, M.APPEND, target=2)]
-    assert batches == [[3, 4], [5, 6], [7, 8], [9, 10], [11]]
+    assert batches == [[4, 5], [6, 7], [8, 9], [10, 11], [12]]
     for m in sent(ready, M.APPEND, target=2):
         assert sum(entry_size(e) for e in m.entries) <= limit
 
@@ -288,7 +314,7 @@ def test_batches_are_bounded_by_entries_per_message_bytes_max() -> None:
 def test_an_entry_larger_than_the_batch_limit_still_goes_alone() -> None:
     node = new_node(entries_per_message_bytes_max=20, entry_bytes_max=1000)
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)
     node.propose(bytes(500))
     (append,) = sent(persist(node), M.APPEND, target=2)
     assert [len(e.data) for e in append.entries] == [500]
@@ -318,7 +344,7 @@ def test_oversized_proposal_is_refused() -> None:
 def test_uncommitted_bytes_limit_applies_backpressure_until_commit() -> None:
     node = new_node(uncommitted_entries_bytes_max=100)
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)  # its no-op
     accepted = 0
     with pytest.raises(ProposalRefused):
         for _ in range(10):
@@ -346,7 +372,9 @@ def test_stale_ack_cannot_commit() -> None:
     cluster.nodes[2].step(append)  # 2 holds e and queues its acknowledgement...
     cluster.drop = lambda m: 1 in (m.source, m.target) or (m.source == 2 and m.target != 1)
     new = cluster.nodes[3]
-    new.campaign()  # ...while 3 wins term 2 with 3, 4, 5 and overwrites index 2 on 2
+    e_index, old_term, new_term = FIRST_INDEX + 1, FIRST_ELECTION_TERM, FIRST_ELECTION_TERM + 1
+    assert (old.term, old.log.term(e_index)) == (old_term, old_term)
+    new.campaign()  # ...while 3 wins new_term with 3, 4, 5 and overwrites e_index on 2
     for node_id in (3, 4, 5):
         cluster.process_ready(node_id)
     while cluster.in_flight:
@@ -356,14 +384,21 @@ def test_stale_ack_cannot_commit() -> None:
         for node_id in (3, 4, 5):
             cluster.process_ready(node_id)
     assert new.role == Role.LEADER
-    assert cluster.nodes[2].log.term(2) == 2, "2 stepped the new leader's append (unpersisted)"
+    assert new.term == new_term
+    assert cluster.nodes[2].log.term(e_index) == new_term, (
+        "2 stepped the new leader's append (unpersisted)"
+    )
     cluster.drop = lambda m: False
     cluster.process_ready(2)
     stale = [m for m in cluster.in_flight if m.target == 1 and m.type == M.APPEND_RESPONSE]
-    assert [(m.term, m.index) for m in stale] == [(1, 2)], "the stale acknowledgement leaves"
-    assert cluster.storages[2].term(2) == 2, "but what 2 stored at index 2 is term 2's entry"
+    assert [(m.term, m.index) for m in stale] == [(old_term, e_index)], (
+        "the stale acknowledgement leaves"
+    )
+    assert cluster.storages[2].term(e_index) == new_term, (
+        "but what 2 stored at e_index is new_term's entry"
+    )
     cluster.in_flight = stale
     cluster.deliver_all()
-    assert old.commit_index == 1, "the old leader cannot commit e with it"
+    assert old.commit_index == e_index - 1, "the old leader cannot commit e with it"
     cluster.tick_all(5)
     assert all(b"e" not in cluster.applied_data(n) for n in cluster.nodes)

@@ -23,6 +23,10 @@ from raft import (
 )
 from tests.unit.raft.harness import Cluster
 from tests.unit.raft.single import (
+    BOOTSTRAP_INDEX,
+    BOOTSTRAP_TERM,
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
     M,
     ack,
     make_leader,
@@ -94,9 +98,9 @@ def test_learner_votes_are_not_counted() -> None:
     node.campaign()
     ready = persist(node)
     assert sorted(m.target for m in sent(ready, M.VOTE)) == [2, 3], "learners are not asked"
-    node.step(msg(M.VOTE_RESPONSE, 4, term=1))
+    node.step(msg(M.VOTE_RESPONSE, 4, term=FIRST_ELECTION_TERM))
     assert node.role == Role.CANDIDATE
-    node.step(msg(M.VOTE_RESPONSE, 2, term=1))
+    node.step(msg(M.VOTE_RESPONSE, 2, term=FIRST_ELECTION_TERM))
     assert node.role == Role.LEADER
 
 
@@ -129,8 +133,7 @@ def test_add_a_new_learner_then_promote_it() -> None:
     leader = cluster.elect(1)
     leader.propose(b"before")
     cluster.deliver_all()
-    # A new node starts from the cluster's bootstrap state (see the xfail below for why).
-    cluster.add_node(4, MemoryStorage(conf=cluster.initial_conf))
+    cluster.add_node(4, MemoryStorage())  # a joiner: it learns the membership from 1
     _change(cluster, ADD_LEARNER, 4)
     leader.propose(b"after")
     _settle(cluster)
@@ -140,21 +143,36 @@ def test_add_a_new_learner_then_promote_it() -> None:
     assert all(n.conf.voters == (1, 2, 3, 4) for n in cluster.nodes.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node joining with an empty MemoryStorage never learns the bootstrap ConfState "
-    "(it lives in the index-0 snapshot, never sent): it replays only later changes, ends up "
-    "with a partial membership and drops the leader as 'unknown_node'",
-)
 def test_node_joining_with_empty_storage_learns_the_membership_from_the_leader() -> None:
+    """A joiner's empty log holds no membership; the founders' lives in the bootstrap
+    snapshot, which the leader must send first. Entries alone would teach the joiner only
+    the later change (learners=(4,)) and leave it without voters."""
     cluster = Cluster(voters=(1, 2, 3))
     leader = cluster.elect(1)
-    cluster.add_node(4, MemoryStorage())  # the documented way to join an existing cluster
+    leader.propose(b"before")
+    cluster.deliver_all()
+    joiner = cluster.add_node(4, MemoryStorage())  # the documented way to join
+    assert joiner.conf == ConfState() and joiner.last_index == 0
     _change(cluster, ADD_LEARNER, 4)
     leader.propose(b"after")
     _settle(cluster)
-    assert cluster.nodes[4].conf == ConfState(voters=(1, 2, 3), learners=(4,))
-    assert cluster.applied_data(4) == [b"after"]
+    full = ConfState(voters=(1, 2, 3), learners=(4,))
+    assert joiner.conf == full
+    [first_snapshot, *_] = cluster.snapshots[4]
+    assert (first_snapshot.meta.index, first_snapshot.meta.term) == (BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+    assert first_snapshot.meta.conf == cluster.initial_conf, "the founding membership"
+    # Caught up: the whole log, everything applied, the leader sees it as matching.
+    assert cluster.applied_data(4) == [b"before", b"after"]
+    assert (joiner.last_index, joiner.commit_index) == (leader.last_index, leader.commit_index)
+    assert joiner.applied_index == leader.applied_index
+    assert leader.progress[4].match == leader.last_index
+    assert joiner.leader == leader.id
+    assert "unknown_node" not in joiner.dropped and "unknown_node" not in leader.dropped
+    # And it keeps the full membership across a restart, from its own storage.
+    assert cluster.restart(4).conf == full
+    leader.propose(b"later")
+    _settle(cluster)
+    assert cluster.applied_data(4)[-1:] == [b"later"]
 
 
 def test_remove_a_follower() -> None:
@@ -203,12 +221,12 @@ def test_demote_a_voter_to_learner() -> None:
 def test_only_one_membership_change_at_a_time() -> None:
     node = new_node()
     make_leader(node)
-    ack(node, 2, 1)  # the no-op of the new term commits
+    ack(node, 2, FIRST_INDEX)  # the no-op of the new term commits
     node.propose_conf_change(ConfChange(ADD_LEARNER, 4))
     with pytest.raises(ConfChangeInProgress) as refused:
         node.propose_conf_change(ConfChange(ADD_LEARNER, 5))
-    assert refused.value.pending_index == 2
-    ack(node, 2, 2)  # the first change commits
+    assert refused.value.pending_index == FIRST_INDEX + 1
+    ack(node, 2, FIRST_INDEX + 1)  # the first change commits
     assert node.conf.learners == (4,)
     node.propose_conf_change(ConfChange(ADD_LEARNER, 5))
 
@@ -216,7 +234,7 @@ def test_only_one_membership_change_at_a_time() -> None:
 def test_new_leader_accepts_no_change_until_an_entry_of_its_term_commits() -> None:
     # Everything in the log is already committed when the node wins.
     node = new_node(
-        entries=[], hard_state=HardState(term=1, commit=0), pre_vote=False,
+        entries=[], hard_state=HardState(term=1, commit=BOOTSTRAP_INDEX), pre_vote=False,
     )
     make_leader(node)
     with pytest.raises(ConfChangeInProgress):
@@ -226,13 +244,15 @@ def test_new_leader_accepts_no_change_until_an_entry_of_its_term_commits() -> No
 
 
 def test_new_leader_waits_for_earlier_uncommitted_changes() -> None:
-    change = Entry(term=1, index=1, kind=EntryKind.CONF_CHANGE, data=ConfChange(REMOVE, 3).encode())
+    change = Entry(
+        term=1, index=FIRST_INDEX, kind=EntryKind.CONF_CHANGE, data=ConfChange(REMOVE, 3).encode()
+    )
     node = new_node(entries=[change], hard_state=HardState(term=1), pre_vote=False)
-    make_leader(node)  # no-op at 2
+    make_leader(node)  # no-op at FIRST_INDEX + 1
     assert node.conf.voters == (1, 2, 3), "the change is not in effect until it commits"
     with pytest.raises(ConfChangeInProgress):
         node.propose_conf_change(ConfChange(ADD_LEARNER, 4))
-    ack(node, 2, 2)
+    ack(node, 2, FIRST_INDEX + 1)
     assert node.conf.voters == (1, 2)
     node.propose_conf_change(ConfChange(ADD_LEARNER, 4))
 
@@ -253,7 +273,7 @@ def test_invalid_changes_are_refused_and_write_nothing(change: ConfChange, conf:
     node = new_node(voters=conf.voters, learners=conf.learners)
     make_leader(node)
     if len(conf.voters) > 1:
-        ack(node, 2, 1)
+        ack(node, 2, FIRST_INDEX)
     last = node.last_index
     with pytest.raises(InvalidConfChange):
         node.propose_conf_change(change)
@@ -265,7 +285,7 @@ def test_membership_is_replayed_from_storage_on_restart() -> None:
     cluster = Cluster(voters=(1, 2, 3), learners=(4,))
     cluster.elect(1)
     _change(cluster, ADD_VOTER, 4)
-    cluster.add_node(5, MemoryStorage(conf=cluster.initial_conf))
+    cluster.add_node(5, MemoryStorage())  # a joiner
     _change(cluster, ADD_LEARNER, 5)
     _change(cluster, REMOVE, 2)
     expected = ConfState(voters=(1, 3, 4), learners=(5,))
@@ -283,7 +303,7 @@ def test_membership_is_replayed_from_storage_on_restart() -> None:
 def test_uncommitted_change_is_not_in_effect_after_restart() -> None:
     node = new_node()
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)
     node.propose_conf_change(ConfChange(REMOVE, 3))
     persist(node)
     restarted = new_node(storage=storage_of(node))

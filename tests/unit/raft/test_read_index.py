@@ -10,14 +10,24 @@ import pytest
 
 from raft import NotLeader, ProposalRefused, RaftNode, ReadState, Ready, Role
 from tests.unit.raft.harness import Cluster
-from tests.unit.raft.single import M, ack, make_leader, msg, new_node, persist, sent
+from tests.unit.raft.single import (
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
+    M,
+    ack,
+    make_leader,
+    msg,
+    new_node,
+    persist,
+    sent,
+)
 
 
 def _leader_with_commit(**config: Any) -> RaftNode:
     node = new_node(**config)
     make_leader(node)
-    ack(node, 2, 1)
-    assert node.commit_index == 1
+    ack(node, 2, FIRST_INDEX)  # its no-op
+    assert node.commit_index == FIRST_INDEX
     return node
 
 
@@ -36,16 +46,16 @@ def test_leader_answers_only_after_a_heartbeat_quorum() -> None:
     assert sorted(m.target for m in sent(ready, M.HEARTBEAT)) == [2, 3]
     context = _heartbeat_context(ready)
     assert context
-    node.step(msg(M.HEARTBEAT_RESPONSE, 3, term=1, context=context))
-    assert persist(node).read_states == (ReadState(index=1, request_id=b"r1"),)
+    node.step(msg(M.HEARTBEAT_RESPONSE, 3, term=FIRST_ELECTION_TERM, context=context))
+    assert persist(node).read_states == (ReadState(index=FIRST_INDEX, request_id=b"r1"),)
 
 
 def test_heartbeat_answers_without_the_round_context_do_not_confirm_a_read() -> None:
     node = _leader_with_commit()
     node.read_index(b"r1")
     persist(node)
-    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=1))  # answer to an earlier plain heartbeat
-    node.step(msg(M.HEARTBEAT_RESPONSE, 3, term=1, context=b"\x00" * 8))  # unknown round
+    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM))  # answer to an earlier plain heartbeat
+    node.step(msg(M.HEARTBEAT_RESPONSE, 3, term=FIRST_ELECTION_TERM, context=b"\x00" * 8))  # unknown round
     assert persist(node).read_states == ()
 
 
@@ -55,13 +65,13 @@ def test_a_later_round_confirms_earlier_rounds_in_order() -> None:
     persist(node)
     node.propose(b"x")
     persist(node)
-    ack(node, 2, 2)
+    ack(node, 2, FIRST_INDEX + 1)
     node.read_index(b"r2")
     context2 = _heartbeat_context(persist(node))
-    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=1, context=context2))
+    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM, context=context2))
     assert persist(node).read_states == (
-        ReadState(index=1, request_id=b"r1"),
-        ReadState(index=2, request_id=b"r2"),
+        ReadState(index=FIRST_INDEX, request_id=b"r1"),
+        ReadState(index=FIRST_INDEX + 1, request_id=b"r2"),
     )
 
 
@@ -72,11 +82,11 @@ def test_leader_answers_no_read_before_committing_an_entry_of_its_term() -> None
     ready = persist(node)
     assert ready.read_states == ()
     assert sent(ready, M.HEARTBEAT) == [], "its commit index may still be stale"
-    ready = ack(node, 2, 1)  # the no-op commits: the waiting read starts its round
+    ready = ack(node, 2, FIRST_INDEX)  # the no-op commits: the waiting read starts its round
     context = _heartbeat_context(ready)
     assert ready.read_states == ()
-    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=1, context=context))
-    assert persist(node).read_states == (ReadState(index=1, request_id=b"early"),)
+    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM, context=context))
+    assert persist(node).read_states == (ReadState(index=FIRST_INDEX, request_id=b"early"),)
 
 
 def test_single_voter_answers_at_once() -> None:
@@ -84,7 +94,7 @@ def test_single_voter_answers_at_once() -> None:
     node.campaign()
     persist(node)
     node.read_index(b"solo")
-    assert persist(node).read_states == (ReadState(index=1, request_id=b"solo"),)
+    assert persist(node).read_states == (ReadState(index=FIRST_INDEX, request_id=b"solo"),)
 
 
 def test_follower_forwards_and_gets_a_read_state() -> None:
@@ -106,9 +116,9 @@ def test_follower_without_a_leader_refuses() -> None:
 
 def test_read_index_to_a_follower_is_dropped() -> None:
     node = new_node()
-    node.step(msg(M.HEARTBEAT, 2, term=1))
+    node.step(msg(M.HEARTBEAT, 2, term=FIRST_ELECTION_TERM))
     persist(node)
-    node.step(msg(M.READ_INDEX, 3, term=1, context=b"misrouted"))
+    node.step(msg(M.READ_INDEX, 3, term=FIRST_ELECTION_TERM, context=b"misrouted"))
     assert persist(node).messages == ()
     assert node.dropped == {"read_index_not_leader": 1}
 

@@ -57,7 +57,7 @@ def test_restart_does_not_apply_twice() -> None:
 
 def test_restart_from_snapshot_plus_entries() -> None:
     storage = MemoryStorage(conf=ConfState(voters=(1, 2, 3)))
-    storage.append(log_of(1, 1, 2, 2, 2, 3, 3, 3))
+    storage.append(log_of(1, 2, 2, 2, 3, 3, 3))
     storage.create_snapshot(5, ConfState(voters=(1, 2, 3), learners=(4,)), b"image")
     storage.compact(5)
     storage.set_hard_state(HardState(term=3, vote=2, commit=7))
@@ -90,7 +90,7 @@ def test_snapshot_installed_then_restarted() -> None:
 
 
 def test_restarted_node_keeps_its_uncommitted_tail() -> None:
-    node = new_node(entries=log_of(1, 1, 1), hard_state=HardState(term=1, commit=1))
+    node = new_node(entries=log_of(1, 1), hard_state=HardState(term=1, commit=1))
     assert (node.last_index, node.commit_index) == (3, 1)
     # A vote request is judged against the whole persisted log, committed or not.
     node.step(msg(M.VOTE, 2, term=2, index=2, log_term=1))

@@ -45,7 +45,7 @@ def _follower(*terms: int, commit: int = 0, **config: Any) -> RaftNode:
 
 
 def test_follower_assembles_chunks_and_restores() -> None:
-    node = _follower(1, 1)
+    node = _follower(1)
     meta = SnapshotMeta(index=20, term=4, conf=ConfState(voters=(1, 2, 3), learners=(7,)))
     chunks = _chunks(meta, DATA, 10)
     assert len(chunks) == 5
@@ -134,7 +134,7 @@ def test_a_newer_snapshot_replaces_a_partial_one() -> None:
 
 
 def test_stale_snapshot_is_ignored() -> None:
-    node = _follower(1, 1, 2, 3, 4, commit=4)
+    node = _follower(1, 2, 3, 4, commit=4)
     for chunk in _chunks(SnapshotMeta(index=3, term=2, conf=CONF), DATA, 10)[:1]:
         node.step(chunk)
     ready = persist(node)
@@ -145,7 +145,7 @@ def test_stale_snapshot_is_ignored() -> None:
 
 
 def test_snapshot_of_entries_already_held_only_advances_commit() -> None:
-    node = _follower(1, 1, 2, 3, 4, commit=1)
+    node = _follower(1, 2, 3, 4, commit=1)
     meta = SnapshotMeta(index=4, term=3, conf=CONF)
     for chunk in _chunks(meta, DATA, 100):
         node.step(chunk)
@@ -274,7 +274,7 @@ def test_a_new_leader_sending_the_same_snapshot_index_does_not_mix_images() -> N
     """Two leaders' images of one (index, term) need not be byte-identical (a state machine
     dump is rarely deterministic). Chunks from the old leader's transfer must not be
     completed with the new leader's bytes."""
-    node = _follower(1, 1)
+    node = _follower(1)
     meta = SnapshotMeta(index=20, term=4, conf=CONF)
     old_image, new_image = b"A" * 30, b"B" * 30
     for chunk in _chunks(meta, old_image, 10, term=5)[:2]:  # old leader 2, term 5: 20 bytes
@@ -286,7 +286,7 @@ def test_a_new_leader_sending_the_same_snapshot_index_does_not_mix_images() -> N
 
 
 def test_a_new_leader_with_a_different_snapshot_size_is_not_stuck() -> None:
-    node = _follower(1, 1)
+    node = _follower(1)
     meta = SnapshotMeta(index=20, term=4, conf=CONF)
     for chunk in _chunks(meta, b"A" * 30, 10, term=5)[:2]:
         node.step(chunk)

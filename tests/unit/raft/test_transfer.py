@@ -15,7 +15,17 @@ from raft import (
     Role,
 )
 from tests.unit.raft.harness import Cluster
-from tests.unit.raft.single import M, ack, make_leader, msg, new_node, persist, sent
+from tests.unit.raft.single import (
+    FIRST_ELECTION_TERM,
+    FIRST_INDEX,
+    M,
+    ack,
+    make_leader,
+    msg,
+    new_node,
+    persist,
+    sent,
+)
 
 ELECTION_TICKS = 10
 
@@ -23,38 +33,38 @@ ELECTION_TICKS = 10
 def test_caught_up_target_gets_timeout_now_at_once() -> None:
     node = new_node()
     make_leader(node)
-    ack(node, 2, 1)
+    ack(node, 2, FIRST_INDEX)  # its no-op
     node.transfer_leadership(2)
     ready = persist(node)
     (timeout_now,) = sent(ready, M.TIMEOUT_NOW)
-    assert (timeout_now.target, timeout_now.term) == (2, 1)
+    assert (timeout_now.target, timeout_now.term) == (2, FIRST_ELECTION_TERM)
 
 
 def test_lagging_target_is_caught_up_before_timeout_now() -> None:
     node = new_node()
     make_leader(node)
-    ack(node, 2, 1)
-    ack(node, 3, 1)
+    ack(node, 2, FIRST_INDEX)  # its no-op
+    ack(node, 3, FIRST_INDEX)
     node.propose(b"a")
     node.propose(b"b")
     persist(node)
-    ack(node, 2, 3)
+    ack(node, 2, FIRST_INDEX + 2)
     node.transfer_leadership(3)
     assert sent(persist(node), M.TIMEOUT_NOW) == []
-    ready = ack(node, 3, 2)
+    ready = ack(node, 3, FIRST_INDEX + 1)
     assert sent(ready, M.TIMEOUT_NOW) == [], "still one entry behind"
-    ready = ack(node, 3, 3)
+    ready = ack(node, 3, FIRST_INDEX + 2)
     (timeout_now,) = sent(ready, M.TIMEOUT_NOW)
     assert timeout_now.target == 3
 
 
 def test_timeout_now_makes_the_target_campaign_at_once_past_leases() -> None:
     node = new_node(node_id=2, pre_vote=True, check_quorum=True)
-    node.step(msg(M.HEARTBEAT, 1, target=2, term=1))
+    node.step(msg(M.HEARTBEAT, 1, target=2, term=FIRST_ELECTION_TERM))
     persist(node)
-    node.step(msg(M.TIMEOUT_NOW, 1, target=2, term=1))
+    node.step(msg(M.TIMEOUT_NOW, 1, target=2, term=FIRST_ELECTION_TERM))
     assert node.role == Role.CANDIDATE, "no pre-vote round: the leader asked for this"
-    assert node.term == 2
+    assert node.term == FIRST_ELECTION_TERM + 1
     requests = sent(persist(node), M.VOTE)
     assert sorted(m.target for m in requests) == [1, 3]
     assert {m.context for m in requests} == {TRANSFER_CONTEXT}
