@@ -112,6 +112,7 @@ class RaftNode:
         self._heartbeat_elapsed = 0
         self._randomized_election_timeout = config.election_ticks
         self._transfer_target = NO_NODE
+        self._handing_off = False
         self._pending_conf_index = 0
         self._uncommitted_bytes = 0
         self._broadcast_pending = False
@@ -207,7 +208,7 @@ class RaftNode:
         self._transfer_target = target
         self._election_elapsed = 0  # the transfer must finish within one election timeout
         if self.progress[target].match == self.log.last_index():
-            self._send(_M.TIMEOUT_NOW, target)
+            self._send_timeout_now(target)
         else:
             self._send_append(target, send_if_empty=True)
 
@@ -383,6 +384,7 @@ class RaftNode:
             self.config.election_ticks
         )
         self._transfer_target = NO_NODE
+        self._handing_off = False
         self._votes = {}
         self._pending_conf_index = 0
         self._uncommitted_bytes = 0
@@ -487,7 +489,10 @@ class RaftNode:
                 for peer, progress in self.progress.items():
                     if peer != self.id:
                         progress.recent_active = False
-            self._transfer_target = NO_NODE  # a transfer not done in one timeout is abandoned
+            if self._handing_off:
+                self._hand_off_leadership()  # try again, perhaps with another voter
+            else:
+                self._transfer_target = NO_NODE  # a transfer not done in time is abandoned
         if self.role != Role.LEADER:
             return
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
@@ -676,7 +681,7 @@ class RaftNode:
         while self._send_append(m.source, send_if_empty=False):
             pass
         if m.source == self._transfer_target and progress.match == self.log.last_index():
-            self._send(_M.TIMEOUT_NOW, m.source)
+            self._send_timeout_now(m.source)
 
     def _handle_heartbeat_response(self, m: Message, progress: Progress) -> None:
         progress.probe_sent = False
@@ -763,16 +768,33 @@ class RaftNode:
         if self.role != Role.LEADER:
             return
         if self.id not in self.conf.voters:
-            # Removed or demoted: stop leading. The others switch to the new membership
-            # only once they learn this change committed, and until then may be unable to
-            # elect anyone (with two voters, the one left needs our vote, which our longer
-            # log refuses). So tell them first: a heartbeat carries the commit to every
-            # follower however far behind it is (capped at what it is known to hold).
-            self._broadcast_heartbeat(b"")
-            self._become_follower(self.term, NO_NODE)
+            self._hand_off_leadership()
             return
         if self._transfer_target not in self.conf.voters:
             self._transfer_target = NO_NODE
+
+    def _hand_off_leadership(self) -> None:
+        """We were removed or demoted: hand leadership to the most caught-up voter left,
+        then step down. Stepping down at once could strand the group: the voters left
+        learn that the change committed only from us, and until they do they may need our
+        vote, which our longer log would refuse (two voters down to one). So we keep
+        leading (our own match no longer counts) until the target holds our whole log,
+        send it TIMEOUT_NOW, tell everyone the commit, and step down. Proposals are
+        refused meanwhile; a stalled hand-off is retried each election timeout, and
+        check-quorum still deposes us if we are cut off."""
+        self._handing_off = True
+        target = max(self.conf.voters, key=lambda v: (self.progress[v].match, -v))
+        self._transfer_target = target
+        if self.progress[target].match == self.log.last_index():
+            self._send_timeout_now(target)
+        else:
+            self._send_append(target, send_if_empty=True)
+
+    def _send_timeout_now(self, target: int) -> None:
+        self._send(_M.TIMEOUT_NOW, target)
+        if self._handing_off:
+            self._broadcast_heartbeat(b"")  # carries the commit, capped at each one's match
+            self._become_follower(self.term, NO_NODE)
 
     def _rebuild_progress(self) -> None:
         """Keep one Progress per member (and for ourselves), preserving known ones."""

@@ -62,10 +62,6 @@ class Schedule:
         self.history: list[Message] = []
         self.partitioned: frozenset[int] = frozenset()
         self.step_counts: dict[str, int] = {}
-        self.leader_demoted_itself = False
-        """Set when a leader proposed its own demotion: if its final heartbeat is lost,
-        the cluster may never elect again (a known liveness gap, see test_membership's
-        xfail), so liveness is not required after such a schedule; safety still is."""
 
     # ---- plumbing ----
 
@@ -202,8 +198,6 @@ class Schedule:
             self.cluster.nodes[leader].propose_conf_change(ConfChange(kind, node_id))
         except ProposalRefused:
             return
-        if node_id == leader and kind == ConfChangeKind.ADD_LEARNER:
-            self.leader_demoted_itself = True
 
     def _transfer(self, node_id: int) -> None:
         leader = self.leader()
@@ -247,8 +241,6 @@ class Schedule:
                 for n in cluster.nodes
             ):
                 return
-        if self.leader_demoted_itself:
-            return
         raise AssertionError(
             "no progress after healing: "
             + ", ".join(

@@ -17,6 +17,7 @@ from raft import (
     EntryKind,
     HardState,
     InvalidConfChange,
+    LeadershipTransferInProgress,
     MemoryStorage,
     Message,
     Role,
@@ -314,9 +315,9 @@ def _two_voters_whose_leader_demotes_itself_ahead_of_its_follower(
     lose_the_final_heartbeat: bool,
 ) -> Cluster:
     """Leader 1 of voters {1, 2} demotes itself; the entries it appended after the change
-    never reach 2 (they were in flight when it stepped down). 2 must learn that the change
-    committed, or it waits for a vote 1 never gives: 1's log is longer, and a learner
-    never campaigns."""
+    do not reach 2 while the faults last. 2 must learn that the change committed, or it
+    waits for a vote 1 never gives: 1's log is longer, and a learner never campaigns. So 1
+    keeps leading (handing off) until 2 holds its whole log, then hands over."""
     cluster = Cluster(voters=(1, 2), election_ticks=5)
     leader = cluster.elect(1)
     index, _ = leader.propose_conf_change(ConfChange(ADD_LEARNER, 1))
@@ -331,8 +332,11 @@ def _two_voters_whose_leader_demotes_itself_ahead_of_its_follower(
 
     cluster.drop = lose
     cluster.deliver_all()
-    assert leader.role == Role.FOLLOWER
     assert leader.conf.voters == (2,)
+    assert leader.role == Role.LEADER, "stepped down before its successor held its log"
+    assert leader.transfer_target == 2
+    with pytest.raises(LeadershipTransferInProgress):
+        leader.propose(b"refused while handing off")
     cluster.heal()
     for _ in range(100):
         cluster.tick_all()
@@ -345,12 +349,9 @@ def test_departing_leader_tells_the_remaining_voter_the_change_committed() -> No
     assert cluster.leader() == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="membership takes effect at commit: if the departing leader's final heartbeat is "
-    "lost, the voter left keeps the old membership and needs a vote the departed node (longer "
-    "log, never campaigns) refuses: no leader ever again (a liveness gap, not a safety one)",
-)
 def test_departing_leader_whose_final_heartbeat_is_lost_does_not_stall_the_cluster() -> None:
     cluster = _two_voters_whose_leader_demotes_itself_ahead_of_its_follower(True)
     assert cluster.leader() == 2
+    assert cluster.nodes[2].conf == ConfState(voters=(2,), learners=(1,))
+    assert cluster.nodes[1].role == Role.FOLLOWER
+    assert cluster.applied_data(2) == cluster.applied_data(1) == [b"x", b"y"]
