@@ -377,6 +377,10 @@ class RaftNode:
         if term != self.term:
             self.term = term
             self.vote = NO_NODE
+            # Messages queued in an older term may describe entries the coming Ready will
+            # overwrite (an ack for what a newer leader replaced): they must not leave.
+            # Losing them is always safe; sending them would break "persist, then send".
+            self._messages = [m for m in self._messages if m.term >= term]
         self.leader = NO_NODE
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -782,6 +786,9 @@ class RaftNode:
         send it TIMEOUT_NOW, tell everyone the commit, and step down. Proposals are
         refused meanwhile; a stalled hand-off is retried each election timeout, and
         check-quorum still deposes us if we are cut off."""
+        if not self.conf.voters:  # validation forbids it; never lead a group of nobody
+            self._become_follower(self.term, NO_NODE)
+            return
         self._handing_off = True
         target = max(self.conf.voters, key=lambda v: (self.progress[v].match, -v))
         self._transfer_target = target

@@ -153,12 +153,11 @@ def check_durable_before_send(
     grant its vote, an append acknowledgement the entries it acknowledges."""
     persisted_term = storage.hard_state().term
     for message in messages:
+        assert message.term >= persisted_term, (
+            f"node {node.id} sent a message of term {message.term} after persisting term "
+            f"{persisted_term}: it may speak of entries that term overwrote: {message}"
+        )
         if message.reject:
-            continue
-        if message.term < persisted_term:
-            # Queued before a newer term arrived in the same Ready (whose leader may have
-            # truncated what this acknowledges). Only a deposed leader can receive it, and
-            # it can never use it to commit: see test_stale_ack_cannot_commit.
             continue
         if message.type == MessageType.VOTE_RESPONSE:
             # A later term in the same Ready supersedes the grant, and forbids a second
