@@ -3,7 +3,10 @@
 A frame is a fixed binary header followed by a msgpack body:
 
     magic "DC" | version u8 | flags u8 | cluster_id u64 | source u32 | target u32
-    | body_bytes u32 | crc32(body) u32                       (little-endian, 28 bytes)
+    | body_bytes u32 | crc32 u32                              (little-endian, 28 bytes)
+
+The checksum covers the 24 header bytes before it and the body, so a flipped bit in the
+source, target or length is caught as surely as one in the message.
 
 The body is the msgpack array `[tag, message]`: `tag` names the message type in the
 codec's registry, so messages form a tagged union that the registry can grow without the
@@ -45,11 +48,16 @@ PROTOCOL_VERSION_MIN = 1
 MAGIC = b"DC"
 HEADER = struct.Struct("<2sBBQIIII")
 HEADER_BYTES = HEADER.size
+_CHECKED = struct.Struct("<2sBBQIII")
+"""The header fields the checksum covers: all but the checksum itself."""
 FRAME_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 """Largest control frame. Bulk data never travels as a control frame."""
 FRAME_BYTES_MAX_LIMIT = 1 << 31
 NODE_ID_MAX = (1 << 32) - 1
 TAG_BYTES_MAX = 64
+_BODY_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+"""What msgspec raises on hostile msgpack: DecodeError (ValidationError is one), a str
+that is not UTF-8, nesting deeper than the interpreter's recursion limit."""
 
 
 def cluster_id_for(name: str) -> int:
@@ -98,15 +106,17 @@ class Codec:
         self._envelope = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
         self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
         self._tags: dict[type, str] = {}
+        self._types: dict[str, type] = {}
         for tag, message_type in (messages or {}).items():
             self.register(tag, message_type)
 
     def register(self, tag: str, message_type: type[msgspec.Struct]) -> None:
         assert 0 < len(tag) <= TAG_BYTES_MAX, tag
-        assert tag not in self._decoders or self._tags[message_type] == tag, tag
-        assert message_type not in self._tags or self._tags[message_type] == tag, message_type
-        self._decoders[tag] = msgspec.msgpack.Decoder(message_type)
+        assert self._types.get(tag, message_type) is message_type, tag
+        assert self._tags.get(message_type, tag) == tag, message_type
+        self._types[tag] = message_type
         self._tags[message_type] = tag
+        self._decoders[tag] = msgspec.msgpack.Decoder(message_type)
 
     def knows(self, message_type: type) -> bool:
         return message_type in self._tags
@@ -124,17 +134,11 @@ class Codec:
                 f"{tag} message of {len(body)} bytes exceeds the frame maximum "
                 f"of {self.frame_bytes_max} bytes"
             )
-        header = HEADER.pack(
-            MAGIC,
-            PROTOCOL_VERSION,
-            0,
-            self.cluster_id,
-            source,
-            target,
-            len(body),
-            zlib.crc32(body),
+        checked = _CHECKED.pack(
+            MAGIC, PROTOCOL_VERSION, 0, self.cluster_id, source, target, len(body)
         )
-        return header + body
+        crc = zlib.crc32(body, zlib.crc32(checked))
+        return b"".join((checked, crc.to_bytes(4, "little"), body))
 
     # ---- decode ----
 
@@ -153,6 +157,8 @@ class Codec:
             raise NewerVersion(f"frame version {version} is newer than ours ({PROTOCOL_VERSION})")
         if version < PROTOCOL_VERSION_MIN:
             raise CorruptFrame(f"frame version {version} is no longer understood")
+        if flags != 0:
+            raise CorruptFrame(f"frame sets unknown flags {flags:#x}")
         if cluster_id != self.cluster_id:
             raise WrongCluster(
                 f"frame for cluster {cluster_id:#x}, this is cluster {self.cluster_id:#x}"
@@ -175,20 +181,21 @@ class Codec:
             raise CorruptFrame(
                 f"frame declares {header.frame_bytes} bytes but {len(buffer)} arrived"
             )
-        body = memoryview(buffer)[HEADER_BYTES:]
-        if zlib.crc32(body) != header.crc:
-            raise CorruptFrame("body checksum mismatch")
+        view = memoryview(buffer)
+        body = view[HEADER_BYTES:]
+        if zlib.crc32(body, zlib.crc32(view[: _CHECKED.size])) != header.crc:
+            raise CorruptFrame("frame checksum mismatch")
         return Frame(header.source, header.target, self._decode_body(body))
 
     def _decode_body(self, body: memoryview) -> Any:
         try:
             tag, raw = self._envelope.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except _BODY_ERRORS as error:
             raise MalformedBody(f"body is not a [tag, message] pair: {error}") from None
         decoder = self._decoders.get(tag)
         if decoder is None:
             raise UnknownTag(f"unknown message tag {tag[:TAG_BYTES_MAX]!r}")
         try:
             return decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except _BODY_ERRORS as error:
             raise MalformedBody(f"{tag} body does not decode: {error}") from None
