@@ -113,7 +113,7 @@ def big_table(mib: int) -> pa.Table:
     return pa.table(
         {
             "id": ints,
-            "value": pc.divide(pc.cast(ints, pa.float64()), 3.0),
+            "value": pc.divide(pc.cast(ints, pa.float64(), safe=False), 3.0),
             "label": pc.cast(pc.bit_wise_and(ints, 0xFFFF), pa.string()),
         }
     )
@@ -125,7 +125,7 @@ def mixed_table() -> pa.Table:
         {
             "i8": pa.array([1, None, -128], pa.int8()),
             "u64": pa.array([0, 2**64 - 1, None], pa.uint64()),
-            "f32": pa.array([1.5, float("nan"), None], pa.float32()),
+            "f32": pa.array([1.5, float("inf"), None], pa.float32()),
             "dec": pa.array(
                 [decimal.Decimal("1.10"), None, decimal.Decimal("-9.99")], pa.decimal128(5, 2)
             ),
