@@ -25,8 +25,7 @@ import hashlib
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -50,6 +49,10 @@ HEADER = struct.Struct("<2sBBQIIII")
 HEADER_BYTES = HEADER.size
 _CHECKED = struct.Struct("<2sBBQIII")
 """The header fields the checksum covers: all but the checksum itself."""
+_PREFIX = struct.Struct("<2sBBQ")
+"""Magic, version, flags and cluster id: the bytes every frame we accept starts with."""
+_ROUTE = struct.Struct("<IIII")
+"""Source, target, body bytes and checksum: the rest of the header."""
 FRAME_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 """Largest control frame. Bulk data never travels as a control frame."""
 FRAME_BYTES_MAX_LIMIT = 1 << 31
@@ -66,8 +69,9 @@ def cluster_id_for(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """A checked frame header. (Tuples: decoding is on every message's path.)"""
+
     version: int
     flags: int
     cluster_id: int
@@ -81,8 +85,7 @@ class Header:
         return HEADER_BYTES + self.body_bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     source: int
     target: int
     message: Any
@@ -102,6 +105,7 @@ class Codec:
         assert HEADER_BYTES < frame_bytes_max <= FRAME_BYTES_MAX_LIMIT, frame_bytes_max
         self.cluster_id = cluster_id
         self.frame_bytes_max = frame_bytes_max
+        self._prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, cluster_id)
         self._encoder = msgspec.msgpack.Encoder()
         self._envelope = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
         self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
@@ -144,8 +148,37 @@ class Codec:
 
     def decode_header(self, buffer: bytes | bytearray | memoryview) -> Header:
         """Checks everything the header alone can tell: enough bytes, magic, version,
-        cluster and the declared length. Stream readers call this to learn how many more
-        bytes the frame needs."""
+        flags, cluster and the declared length. Stream readers call this to learn how
+        many more bytes the frame needs."""
+        source, target, body_bytes, crc = self._checked_header(buffer)
+        version, flags = buffer[2], buffer[3]
+        return Header(version, flags, self.cluster_id, source, target, body_bytes, crc)
+
+    def decode(self, buffer: bytes | bytearray | memoryview) -> Frame:
+        """Exactly one whole frame. Raises only `RemoteProtocolError` subclasses."""
+        source, target, body_bytes, crc = self._checked_header(buffer)
+        frame_bytes = HEADER_BYTES + body_bytes
+        if len(buffer) < frame_bytes:
+            raise TruncatedFrame(f"frame declares {frame_bytes} bytes, only {len(buffer)} arrived")
+        if len(buffer) > frame_bytes:
+            raise CorruptFrame(f"frame declares {frame_bytes} bytes but {len(buffer)} arrived")
+        view = memoryview(buffer)
+        body = view[HEADER_BYTES:]
+        if zlib.crc32(body, zlib.crc32(view[: _CHECKED.size])) != crc:
+            raise CorruptFrame("frame checksum mismatch")
+        return Frame(source, target, self._decode_body(body))
+
+    def _checked_header(self, buffer: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+        """(source, target, body_bytes, crc) of a header that passes every check. The
+        common case (our magic, version, flags and cluster) is one comparison."""
+        if len(buffer) >= HEADER_BYTES and buffer[: _PREFIX.size] == self._prefix:
+            fields: tuple[int, int, int, int] = _ROUTE.unpack_from(buffer, _PREFIX.size)
+            if HEADER_BYTES + fields[2] <= self.frame_bytes_max:
+                return fields
+        return self._refuse_header(buffer)
+
+    def _refuse_header(self, buffer: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+        """The slow path: find what is wrong with the header and say so."""
         if len(buffer) < HEADER_BYTES:
             raise TruncatedFrame(f"frame of {len(buffer)} bytes is shorter than its header")
         magic, version, flags, cluster_id, source, target, body_bytes, crc = HEADER.unpack_from(
@@ -168,24 +201,7 @@ class Codec:
                 f"frame declares {body_bytes} body bytes; the maximum frame is "
                 f"{self.frame_bytes_max} bytes"
             )
-        return Header(version, flags, cluster_id, source, target, body_bytes, crc)
-
-    def decode(self, buffer: bytes | bytearray | memoryview) -> Frame:
-        """Exactly one whole frame. Raises only `RemoteProtocolError` subclasses."""
-        header = self.decode_header(buffer)
-        if len(buffer) < header.frame_bytes:
-            raise TruncatedFrame(
-                f"frame declares {header.frame_bytes} bytes, only {len(buffer)} arrived"
-            )
-        if len(buffer) > header.frame_bytes:
-            raise CorruptFrame(
-                f"frame declares {header.frame_bytes} bytes but {len(buffer)} arrived"
-            )
-        view = memoryview(buffer)
-        body = view[HEADER_BYTES:]
-        if zlib.crc32(body, zlib.crc32(view[: _CHECKED.size])) != header.crc:
-            raise CorruptFrame("frame checksum mismatch")
-        return Frame(header.source, header.target, self._decode_body(body))
+        return source, target, body_bytes, crc
 
     def _decode_body(self, body: memoryview) -> Any:
         try:

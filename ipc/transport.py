@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 import pyarrow as pa
@@ -52,9 +52,8 @@ BulkData: TypeAlias = pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]
 non-empty (an empty table is fine: send `schema.empty_table()`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A control message from `source`."""
+class Received(NamedTuple):
+    """A control message from `source`. (A tuple: one is built per message received.)"""
 
     source: int
     message: Any
