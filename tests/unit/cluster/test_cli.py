@@ -31,3 +31,19 @@ def test_sim_rejects_a_bad_group_size_with_exit_2() -> None:
 def test_no_arguments_shows_help() -> None:
     result = CliRunner().invoke(app, [])
     assert "sim" in result.output
+
+
+def test_host_reports_the_limits_the_transport_adapts_to() -> None:
+    import json
+
+    from ipc.mq import detect_host_limits
+
+    result = CliRunner().invoke(app, ["host", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    limits = detect_host_limits(raise_soft=False)
+    assert facts["mq_msg_max"] == limits.msg_max
+    assert 1 <= facts["queue_messages"] <= limits.msg_max
+    assert 1 <= facts["queue_message_bytes"] <= limits.msgsize_max
+    assert facts["shm_total_bytes"] > 0
+    assert facts["cores_logical"] >= 1
