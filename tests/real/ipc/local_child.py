@@ -67,7 +67,9 @@ def _partial_batches(stdin_selector: selectors.BaseSelector) -> Iterator[pa.Reco
         yield pa.record_batch({"x": values})
 
 
-def _serve(transport: LocalTransport, release: bool, stdin_selector: selectors.BaseSelector) -> None:
+def _serve(
+    transport: LocalTransport, release: bool, stdin_selector: selectors.BaseSelector
+) -> None:
     clock = SystemClock()
     deadline = clock.monotonic_ns() + int(LIFETIME_S_MAX * 1e9)
     selector = selectors.DefaultSelector()

@@ -107,7 +107,9 @@ def read_line(process: subprocess.Popen[str], timeout_s: float = WAIT_S) -> str:
 
 
 @contextlib.contextmanager
-def child(mode: str, harness: LocalHarness, node: int, peer: int) -> Iterator[subprocess.Popen[str]]:
+def child(
+    mode: str, harness: LocalHarness, node: int, peer: int
+) -> Iterator[subprocess.Popen[str]]:
     command = [sys.executable, "-m", "tests.real.ipc.local_child", mode, CLUSTER_NAME]
     command += [str(harness.run_dir), str(node), str(peer)]
     process = subprocess.Popen(

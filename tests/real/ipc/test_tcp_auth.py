@@ -18,12 +18,13 @@ from ipc import auth
 from ipc.codec import HEADER_BYTES, Codec, Frame, cluster_id_for
 from ipc.tcp import INTERNAL_MESSAGES, TcpOptions, TcpTransport
 from tests.conformance.harness import TEST_MESSAGES, Ping
-from tests.real.ipc.test_tcp_transport import SECRET, Nodes, link, running_nodes
+from tests.real.ipc.tcp_nodes import SECRET, Nodes, link, running_nodes
 
 
 @pytest.fixture
 def nodes() -> Iterator[Nodes]:
     yield from running_nodes()
+
 
 RAW_NODE_ID = 50
 
@@ -150,9 +151,7 @@ def test_a_peer_of_another_cluster_is_refused(nodes: Nodes) -> None:
     assert nodes.inbox[2] == []
 
 
-def test_frames_before_the_proof_are_refused(
-    nodes: Nodes, raw_clients: list[RawClient]
-) -> None:
+def test_frames_before_the_proof_are_refused(nodes: Nodes, raw_clients: list[RawClient]) -> None:
     receiver = nodes.start(2)
     client = raw(nodes, raw_clients, receiver)
     client.send(Ping(1))

@@ -25,12 +25,13 @@ from clock import SystemClock
 from ipc.tcp import RECV_CHUNK_BYTES, TcpOptions, TcpTransport
 from ipc.transport import BulkReceived
 from tests.conformance.harness import TEST_MESSAGES, Header, Ping
-from tests.real.ipc.test_tcp_transport import SECRET, Nodes, link, running_nodes
+from tests.real.ipc.tcp_nodes import SECRET, Nodes, link, running_nodes
 
 
 @pytest.fixture
 def nodes() -> Iterator[Nodes]:
     yield from running_nodes()
+
 
 ROOT = Path(__file__).resolve().parents[3]
 CHILD_NODE_ID = 7
@@ -87,7 +88,10 @@ def test_a_sender_killed_mid_bulk_yields_nothing_partial(
     host, port = receiver.address
     child = subprocess.Popen(
         [sys.executable, __file__, nodes.cluster, SECRET.hex(), host, str(port)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     child_processes.append(child)
     assert child.stdout is not None and child.stdout.readline() == "queued\n"
@@ -112,8 +116,13 @@ def _child(cluster: str, secret_hex: str, host: str, port: str) -> None:
     """Send a Ping and a big bulk to the receiver, then keep the IO going until killed."""
     clock = SystemClock()
     transport = TcpTransport(
-        cluster, CHILD_NODE_ID, bytes.fromhex(secret_hex), clock, random.Random(0),
-        peers={1: (host, int(port))}, messages=TEST_MESSAGES,
+        cluster,
+        CHILD_NODE_ID,
+        bytes.fromhex(secret_hex),
+        clock,
+        random.Random(0),
+        peers={1: (host, int(port))},
+        messages=TEST_MESSAGES,
     )
     transport.send(1, Ping(1))
     transport.send_bulk(1, Header("doomed"), repeated_table(CHILD_BULK_MIB * MIB))
