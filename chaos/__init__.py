@@ -7,15 +7,16 @@ trace digest is a pure function of the seed. `python -m chaos.sim` is its comman
 
 The pieces are public for tests and for planting bugs: `node_factory` and `driver_factory`
 take a broken Raft or a broken IO loop (a `NodeDriver` subclass); `FaultConfig` switches
-faults off one by one; `SimDisk` and `SimNetwork` are the fakes; `InvariantChecker` holds
-the checks. Nothing here runs in production paths.
+faults off one by one; `SimDisk` and `SimFabric` (ipc's simulated network, which every
+node reaches through a `SimTransport`) are the fakes; `InvariantChecker` holds the checks.
+Nothing here runs in production paths.
 """
 
 from chaos.checkers import INVARIANTS, InvariantChecker, Violation
 from chaos.disk import SimDisk
 from chaos.driver import DriverEnv, NodeDriver, NodeState, NodeTiming, RaftTuning
 from chaos.nemesis import FaultConfig
-from chaos.network import SimNetwork
+from chaos.network import SimFabric
 from chaos.simulator import SimResult, SimStats, Simulator
 from chaos.statemachine import Op, RegisterMachine
 
@@ -31,7 +32,7 @@ __all__ = [
     "RaftTuning",
     "RegisterMachine",
     "SimDisk",
-    "SimNetwork",
+    "SimFabric",
     "SimResult",
     "SimStats",
     "Simulator",

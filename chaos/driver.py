@@ -8,9 +8,12 @@ Ready: group commit); (2) send the messages; (3) restore the state machine from 
 snapshot and apply the committed entries, serving read states once applied; (4) advance.
 After applying it may take a snapshot and compact the log.
 
-A node is UP, PAUSED (a stopped process: nothing runs, inputs queue) or DOWN (crashed:
-unsynced writes are lost; a restart recovers from the disk). Each restart is a new
-incarnation; events meant for an earlier one are ignored.
+Raft messages travel through the node's `SimTransport` (encoded and decoded by the ipc
+codec); the driver reads them when the transport reports an arrival. A node is UP, PAUSED
+(a stopped process: nothing runs, arrivals wait in its transport until the links fill and
+push back) or DOWN (crashed: unsynced writes are lost, and so is its transport with
+whatever was queued in it; a restart recovers from the disk and opens a new one). Each
+restart is a new incarnation; events meant for an earlier one are ignored.
 
 Invariant: no message leaves the node, and nothing is applied, before everything the Ready
 asked to persist is durable on its disk. Subclasses that break this on purpose (planted
@@ -26,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from chaos._events import EventQueue, Trace, derive_rng
 from chaos.checkers import InvariantChecker, Violation
 from chaos.disk import (
@@ -36,9 +41,11 @@ from chaos.disk import (
     HardStateRecord,
     SimDisk,
 )
-from chaos.network import SimNetwork
+from chaos.network import SimFabric, SimOptions, SimTransport
 from chaos.statemachine import Op, RegisterMachine
 from clock import SimClock
+from ipc.errors import Backpressure
+from ipc.transport import Received
 from raft import (
     Entry,
     HardState,
@@ -52,7 +59,10 @@ from raft import (
 )
 
 INBOX_ITEMS_MAX = 4096
-"""Inputs queued while a node syncs or is paused; beyond this they are dropped (counted)."""
+"""Inputs queued while a node syncs; beyond this they are dropped (counted). A paused
+node reads nothing: what is sent to it waits in the transport, which pushes back."""
+RAFT_TAG = "raft"
+"""The codec tag raft `Message`s travel under."""
 
 NodeFactory = Callable[[RaftConfig], RaftNode]
 RaftAction = Callable[[RaftNode], None]
@@ -133,11 +143,14 @@ class DriverStats:
     snapshot_chunks_sent: int = 0
     messages_sent: int = 0
     inbox_dropped: int = 0
-    delivered_to_down: int = 0
+    backpressured: int = 0
+    """Raft messages the transport refused because their link was full (dropped)."""
     torn_tails_recovered: int = 0
     crashes: int = 0
     restarts: int = 0
     raft_dropped: dict[str, int] = field(default_factory=dict)
+    transport_errors: dict[str, int] = field(default_factory=dict)
+    """Frames refused by closed transports (crashed incarnations), by reason."""
 
 
 @dataclass
@@ -147,13 +160,16 @@ class DriverEnv:
     seed: int
     queue: EventQueue
     trace: Trace
-    network: SimNetwork
+    network: SimFabric
     checker: InvariantChecker
     listener: DriverListener
     node_factory: NodeFactory
     tuning: RaftTuning
     timing: NodeTiming
     stats: DriverStats
+    transport_options: SimOptions = SimOptions()
+    before_send: Callable[[Message], None] | None = None
+    """Sees each raft message as it leaves its node (the simulator checks durability)."""
 
 
 class NodeDriver:
@@ -169,6 +185,7 @@ class NodeDriver:
         self.raft: RaftNode | None = None
         self.storage: MemoryStorage | None = None
         self.machine: RegisterMachine | None = None
+        self.transport: SimTransport | None = None
         self._rng = derive_rng(env.seed, "driver", node_id)
         self._inbox: deque[RaftAction] = deque()
         self._syncing: Ready | None = None
@@ -210,6 +227,14 @@ class NodeDriver:
         )
         self.storage, self.machine, self.raft = storage, machine, raft
         self._handed_out_hard_state = hard_state
+        self.transport = SimTransport(
+            env.network,
+            self.id,
+            messages={RAFT_TAG: Message},
+            options=env.transport_options,
+            on_ready=self._on_transport_ready,
+            before_send=self._leaving,
+        )
         self.state = NodeState.UP
         env.trace.record(
             self.id,
@@ -232,6 +257,7 @@ class NodeDriver:
             self.id, "crash", f"unsynced={outcome.unsynced_bytes} kept={outcome.kept_bytes}"
         )
         self.account_dropped()
+        self._close_transport()
         self.env.stats.crashes += 1
         self.raft = self.storage = self.machine = None
         self.state = NodeState.DOWN
@@ -261,6 +287,7 @@ class NodeDriver:
         self.state = NodeState.UP
         self.env.trace.record(self.id, "resume")
         self._schedule_tick()
+        self._on_transport_ready()  # read what queued up while the process was stopped
         if self._sync_done_while_paused:
             self._sync_done_while_paused = False
             ready = self._syncing
@@ -284,12 +311,37 @@ class NodeDriver:
             totals[reason] = totals.get(reason, 0) + count
         self.raft.dropped.clear()
 
+    def transport_errors(self) -> dict[str, int]:
+        """Frames the live transport refused so far, by reason (empty when down)."""
+        return dict(self.transport.stats().errors) if self.transport is not None else {}
+
+    def _close_transport(self) -> None:
+        """The process is gone: so is its transport, and what was queued in it."""
+        transport = self.transport
+        assert transport is not None
+        totals = self.env.stats.transport_errors
+        for reason, count in sorted(transport.stats().errors.items()):
+            totals[reason] = totals.get(reason, 0) + count
+        transport.close()
+        self.transport = None
+
     # ---- inputs ----
+
+    def _on_transport_ready(self) -> None:
+        """Frames arrived: a running process reads them; a paused one leaves them queued."""
+        if self.state != NodeState.UP:
+            return
+        transport = self.transport
+        assert transport is not None
+        for delivery in transport.poll():
+            assert isinstance(delivery, Received), delivery
+            message = delivery.message
+            assert isinstance(message, Message), message
+            self.receive(message)
 
     def receive(self, message: Message) -> None:
         env = self.env
         if self.state == NodeState.DOWN:
-            env.stats.delivered_to_down += 1
             return
         env.trace.record(
             self.id,
@@ -439,15 +491,25 @@ class NodeDriver:
         self.env.checker.observe_append(self.id, previous, storage.term(previous), fresh)
 
     def send(self, ready: Ready) -> None:
-        """Step 2: hand the messages to the network."""
+        """Step 2: hand the messages to the transport (a full link drops one: Raft
+        retries, as it must over any lossy network)."""
         stats = self.env.stats
-        network = self.env.network
+        transport = self.transport
+        assert transport is not None
         for message in ready.messages:
             assert message.source == self.id, message
             stats.messages_sent += 1
             if message.chunk or message.chunk_done:
                 stats.snapshot_chunks_sent += 1
-            network.send(message)
+            try:
+                transport.send(message.target, message)
+            except Backpressure:
+                stats.backpressured += 1
+
+    def _leaving(self, target: int, message: msgspec.Struct) -> None:
+        assert isinstance(message, Message) and message.target == target, message
+        if self.env.before_send is not None:
+            self.env.before_send(message)
 
     def apply(self, ready: Ready) -> None:
         """Step 3: install the snapshot, apply committed entries, serve read states."""

@@ -2,11 +2,14 @@
 
 Every so often the nemesis picks one enabled fault and applies it, and schedules its
 healing a random while later, so the group keeps getting chances to make progress:
-message drop, delay (with jitter, hence reordering), duplication, symmetric and one-way
-partitions, leader isolation, crashes that lose unsynced writes (perhaps tearing the last
-record) followed by restarts, whole-group power loss, pauses, clock drift, membership
+message drop, delay (longer latency with jitter), duplication, corruption (a flipped byte
+the receiving transport's codec refuses), symmetric and one-way partitions, leader
+isolation, crashes that lose unsynced writes (perhaps tearing the last record) followed
+by restarts, whole-group power loss, pauses, clock drift, membership
 changes (remove a voter, add it back as a learner, promote it; a spare node joins with
-an empty disk) and leadership transfers. `heal_all` ends every fault at once.
+an empty disk) and leadership transfers. Reordering is a standing fault: when enabled, the
+network reorders every link (by jitter) from the start until `heal_all`, which ends every
+fault at once.
 
 Invariants: every fault heals after at most FAULT_DURATION_NS_MAX (a single-node crash or
 pause is refused while half the nodes are down or paused already; a power loss takes all
@@ -23,7 +26,7 @@ from dataclasses import dataclass, fields
 
 from chaos._events import EventQueue, Trace
 from chaos.driver import NodeDriver, NodeState
-from chaos.network import LATENCY_NS_MAX_DEFAULT, LATENCY_NS_MIN_DEFAULT, SimNetwork
+from chaos.network import LATENCY_NS_MAX_DEFAULT, LATENCY_NS_MIN_DEFAULT, SimFabric
 from raft import ConfChange, ConfChangeKind, ProposalRefused, RaftNode, Role
 
 FAULT_INTERVAL_NS_MIN = 50_000_000
@@ -43,7 +46,9 @@ class FaultConfig:
 
     drop: bool = True
     delay: bool = True
+    reorder: bool = True
     duplicate: bool = True
+    corrupt: bool = True
     partition: bool = True
     one_way: bool = True
     isolate_leader: bool = True
@@ -59,10 +64,15 @@ class FaultConfig:
         return FaultConfig(**{f.name: False for f in fields(FaultConfig)})
 
     def enabled(self) -> tuple[str, ...]:
-        """Names of the enabled faults that the nemesis schedules (torn_writes modifies crash)."""
+        """Names of the enabled faults (torn_writes only modifies crash)."""
         return tuple(
             f.name for f in fields(self) if getattr(self, f.name) and f.name != "torn_writes"
         )
+
+
+STANDING_FAULTS = ("reorder",)
+"""Faults that hold for the whole fault phase instead of striking now and then."""
+CORRUPT_PROBABILITIES = (0.01, 0.05, 0.2)
 
 
 def min_voters(nodes: int) -> int:
@@ -79,7 +89,7 @@ class Nemesis:
         rng: random.Random,
         queue: EventQueue,
         trace: Trace,
-        network: SimNetwork,
+        network: SimFabric,
         drivers: Mapping[int, NodeDriver],
         faults: FaultConfig,
         submit: Submit,
@@ -91,7 +101,7 @@ class Nemesis:
         self._drivers = drivers
         self._node_ids = tuple(sorted(drivers))
         self._faults = faults
-        self._kinds = faults.enabled()
+        self._kinds = tuple(kind for kind in faults.enabled() if kind not in STANDING_FAULTS)
         self._submit = submit
         self._generation: dict[str, int] = {}
         self.running = False
@@ -101,6 +111,7 @@ class Nemesis:
             "drop": self._drop,
             "delay": self._delay,
             "duplicate": self._duplicate,
+            "corrupt": self._corrupt,
             "partition": self._partition,
             "one_way": self._one_way,
             "isolate_leader": self._isolate_leader,
@@ -113,6 +124,10 @@ class Nemesis:
 
     def start(self) -> None:
         self.running = True
+        if self._faults.reorder:
+            self._network.reorder = True
+            self.counts["reorder"] = 1
+            self._trace.record(0, "fault", "reorder")
         if self._kinds:
             self._schedule_next()
 
@@ -167,6 +182,13 @@ class Nemesis:
         self._network.duplicate_probability = probability
         self._trace.record(0, "fault", f"duplicate p={probability}")
         self._heal_later("duplicate", lambda: setattr(self._network, "duplicate_probability", 0.0))
+        return True
+
+    def _corrupt(self) -> bool:
+        probability = self._rng.choice(CORRUPT_PROBABILITIES)
+        self._network.corrupt_probability = probability
+        self._trace.record(0, "fault", f"corrupt p={probability}")
+        self._heal_later("corrupt", lambda: setattr(self._network, "corrupt_probability", 0.0))
         return True
 
     def _partition(self) -> bool:

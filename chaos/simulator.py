@@ -1,7 +1,8 @@
 """The deterministic simulator: a whole Raft group in one process, from one integer seed.
 
-`Simulator(seed, ...).run()` builds 3-7 nodes, each a `NodeDriver` over a `SimDisk` and a
-`SimClock`, joined by a `SimNetwork`, with clients (`Workload`) proposing writes and
+`Simulator(seed, ...).run()` builds 3-7 nodes, each a `NodeDriver` over a `SimDisk`, a
+`SimClock` and a `SimTransport` (every raft message is encoded and decoded by the ipc
+codec), joined by one `SimFabric`, with clients (`Workload`) proposing writes and
 ReadIndex reads and a `Nemesis` injecting faults. Then it processes events one at a time
 — a step — for the requested number of steps, checking invariants as it goes (see
 `InvariantChecker`). Then it heals every fault and requires, within `heal_ns_max` of
@@ -37,9 +38,10 @@ from chaos.driver import (
     RaftTuning,
 )
 from chaos.nemesis import FaultConfig, Nemesis
-from chaos.network import NetworkStats, SimNetwork
+from chaos.network import FabricStats, QueueScheduler, SimFabric, SimOptions
 from chaos.workload import Workload, WorkloadStats
 from clock import SimClock, SimTime
+from ipc.codec import cluster_id_for
 from raft import ConfState, Message, RaftNode
 
 NODES_MIN = 3
@@ -50,6 +52,10 @@ HEAL_NS_MAX_DEFAULT = 30_000_000_000
 HEAL_STEPS_MAX = 400_000
 """A bound on the events processed while waiting for liveness, whatever sim time does."""
 PROBE_INTERVAL_NS = 100_000_000
+CLUSTER_NAME = "sim"
+LINK_FRAMES_MAX_CHOICES = (32, 256, 1024)
+"""Per seed, how many frames one link holds before sends to it push back (and Raft's
+message is dropped): small enough that a paused or slow node fills its links."""
 EXCEPTION = "exception"
 """The result name when the simulated code raised instead of returning (a crash bug)."""
 
@@ -70,14 +76,17 @@ class SimStats:
     crashes_with_torn_write: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     driver: DriverStats = field(default_factory=DriverStats)
-    network: NetworkStats = field(default_factory=NetworkStats)
+    network: FabricStats = field(default_factory=FabricStats)
     workload: WorkloadStats = field(default_factory=WorkloadStats)
+    refused: dict[str, int] = field(default_factory=dict)
+    """Frames the nodes' transports refused (corruption), by reason."""
 
     def lines(self) -> list[str]:
         """Human-readable figures for --verbose."""
         driver, network, workload = self.driver, self.network, self.workload
         faults = " ".join(f"{name}={count}" for name, count in sorted(self.faults.items()))
         dropped = " ".join(f"{why}={n}" for why, n in sorted(driver.raft_dropped.items()))
+        refused = " ".join(f"{why}={n}" for why, n in sorted(self.refused.items()))
         return [
             f"  events={self.events} sim_time_ms={self.sim_time_ns // 1_000_000} "
             f"heal_to_live_ms={self.heal_ns // 1_000_000} "
@@ -96,7 +105,9 @@ class SimStats:
             f"  messages sent={network.sent} delivered={network.delivered} "
             f"dropped_random={network.dropped_random} "
             f"dropped_partition={network.dropped_partition} duplicated={network.duplicated} "
-            f"to_down_nodes={driver.delivered_to_down} inbox_dropped={driver.inbox_dropped}",
+            f"corrupted={network.corrupted} to_down_nodes={network.dropped_crashed} "
+            f"inbox_dropped={driver.inbox_dropped} backpressured={driver.backpressured}",
+            f"  refused_by_transport: {refused or 'none'}",
             f"  dropped_by_raft: {dropped or 'none'}",
         ]
 
@@ -151,8 +162,8 @@ class Simulator:
         self.checker = InvariantChecker()
         self.node_ids = tuple(range(1, nodes + 1))
         self.drivers: dict[int, NodeDriver] = {}
-        self.network = SimNetwork(
-            derive_rng(seed, "net"), self.queue, self.trace, self._deliver, self._before_send
+        self.network = SimFabric(
+            derive_rng(seed, "net"), QueueScheduler(self.queue), cluster_id_for(CLUSTER_NAME)
         )
         self.workload = Workload(
             derive_rng(seed, "clients"),
@@ -176,6 +187,8 @@ class Simulator:
             tuning=_tuning_for(seed),
             timing=_timing_for(seed),
             stats=self.driver_stats,
+            transport_options=_transport_options_for(seed),
+            before_send=self._before_send,
         )
         self._make_drivers(env, driver_factory)
         self.nemesis = Nemesis(
@@ -200,11 +213,6 @@ class Simulator:
             self.drivers[node] = driver_factory(node, env, SimDisk(initial_conf), clock)
 
     # ---- wiring ----
-
-    def _deliver(self, message: Message) -> None:
-        driver = self.drivers.get(message.target)
-        if driver is not None:
-            driver.receive(message)
 
     def _before_send(self, message: Message) -> None:
         sender = self.drivers[message.source]
@@ -313,8 +321,11 @@ class Simulator:
         return True
 
     def _stats(self) -> SimStats:
+        refused = dict(self.driver_stats.transport_errors)
         for node in self.node_ids:
             self.drivers[node].account_dropped()
+            for reason, count in self.drivers[node].transport_errors().items():
+                refused[reason] = refused.get(reason, 0) + count
         return SimStats(
             events=self._steps_done,
             sim_time_ns=self.queue.now_ns,
@@ -329,6 +340,7 @@ class Simulator:
             driver=self.driver_stats,
             network=self.network.stats,
             workload=self.workload.stats,
+            refused=dict(sorted(refused.items())),
         )
 
 
@@ -357,6 +369,11 @@ def _timing_for(seed: int) -> NodeTiming:
         snapshot_every_entries=rng.choice((8, 20, 50, 200)),
         compact_keep_entries=rng.choice((0, 3, 20)),
     )
+
+
+def _transport_options_for(seed: int) -> SimOptions:
+    rng = derive_rng(seed, "shape", "transport")
+    return SimOptions(link_frames_max=rng.choice(LINK_FRAMES_MAX_CHOICES))
 
 
 def _has_spare_node(seed: int, nodes: int, faults: FaultConfig) -> bool:

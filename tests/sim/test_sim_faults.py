@@ -58,3 +58,17 @@ def test_a_spare_joining_with_an_empty_log_learns_the_membership_and_catches_up(
     result = simulator.run()
     assert result.ok, f"{result.summary_line()}\n{result.detail}"
     assert result.stats.driver.snapshots_installed >= 1
+
+
+def test_corrupted_frames_are_refused_by_the_codec_and_the_group_stays_safe() -> None:
+    faults = replace(FaultConfig.none(), corrupt=True)
+    corrupted = refused = 0
+    for seed in (1, 2):
+        result = Simulator(seed, steps=8000, faults=faults).run()
+        assert result.ok, f"{result.summary_line()}\n{result.detail}"
+        corrupted += result.stats.network.corrupted
+        refused += sum(result.stats.refused.values())
+        assert result.stats.workload.writes_acked > 0
+    assert corrupted > 0
+    assert 0 < refused <= corrupted  # a few die with a crashed receiver instead
+
