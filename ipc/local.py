@@ -534,11 +534,28 @@ class LocalTransport:
     def _add_peer(self, node_id: int) -> _Peer:
         if not isinstance(node_id, int) or not 0 <= node_id <= NODE_ID_MAX:
             raise UnknownPeer(node_id)
-        if len(self._peers) >= self._options.peers_max:
+        if len(self._peers) >= self._options.peers_max and not self._evict_idle_peer():
             raise UnknownPeer(node_id)
         peer = _Peer(node_id, self._registry.entry_path(node_id))
         self._peers[node_id] = peer
         return peer
+
+    def _evict_idle_peer(self) -> bool:
+        """Make room in a full peer table (a long-lived worker answers many short-lived
+        clients): forget the longest-known peer with nothing queued, nothing lent and no
+        transfer in flight. It is learned again from the registry if it is used again."""
+        busy = {source for source, _, _ in self._partials}
+        for node_id, peer in self._peers.items():
+            if peer.pending or peer.lends or peer.blocked_out or node_id in self._backlog:
+                continue
+            if node_id in busy:
+                continue
+            if peer.queue is not None:
+                peer.queue.close()
+            del self._peers[node_id]
+            logger.debug("forgot idle peer %d to make room", node_id)
+            return True
+        return False
 
     def _outbound_ready_at(self, target: int) -> int:
         """0 to send now, a monotonic time to hold the frame until, -1 to drop it."""

@@ -8,6 +8,7 @@ fixtures kill children, reclaim the cluster and assert no queue, segment or fd i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import stat
@@ -458,3 +459,16 @@ def test_one_gib_bulk() -> None:
             assert delivery.bytes > 1 << 30
             assert delivery.table.equals(table)
         harness.inbox[2].clear()
+
+
+def test_a_full_peer_table_forgets_idle_peers_so_new_clients_are_answered() -> None:
+    """A long-lived worker answers many short-lived clients: past `peers_max` it forgets
+    idle peers instead of refusing new ones."""
+    with local_harness(dataclasses.replace(SMALL, peers_max=2)) as harness:
+        server = harness.start(1)
+        for client in range(10, 16):
+            harness.start(client).send(1, Ping(client))
+            assert wait_pings(harness, 1, client, 1)
+            server.send(client, Ping(100 + client))
+            assert wait_pings(harness, client, 1, 1)
+            assert pings(harness, client, 1) == [100 + client]
