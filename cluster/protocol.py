@@ -110,6 +110,8 @@ class NodeStatus(msgspec.Struct, frozen=True):
     clock_skew_ms: int = 0
     faults: tuple[tuple[int, int], ...] = ()
     """Blocked links (source node, target node), 0-based."""
+    address: Address | None = None
+    """TCP: where this worker's transport listens (the port it bound, if it asked for 0)."""
 
 
 class StatusResponse(msgspec.Struct, frozen=True):
@@ -138,6 +140,35 @@ class ChaosResponse(msgspec.Struct, frozen=True):
     detail: str = ""
 
 
+class MembershipOp(enum.IntEnum):
+    ADD_LEARNER = 0
+    """Add `node` as a learner; `address` is where its transport listens (TCP)."""
+    PROMOTE = 1
+    """Make learner `node` a voter (refused, retryably, while it lags the leader)."""
+    REMOVE = 2
+
+
+class MembershipRequest(msgspec.Struct, frozen=True):
+    """One membership change, served by the leader (others answer 'not leader')."""
+
+    request_id: int
+    op: MembershipOp
+    node: int
+    """A node number, 0-based."""
+    address: Address | None = None
+    reply_address: Address | None = None
+
+
+class MembershipResponse(msgspec.Struct, frozen=True):
+    request_id: int
+    ok: bool
+    """The change is committed and applied on the leader."""
+    index: int = 0
+    error: str | None = None
+    leader_hint: int | None = None
+    retryable: bool = False
+
+
 CLIENT_MESSAGES: dict[str, type[msgspec.Struct]] = {
     "client.kv": KvRequest,
     "client.kv_response": KvResponse,
@@ -145,5 +176,7 @@ CLIENT_MESSAGES: dict[str, type[msgspec.Struct]] = {
     "client.status_response": StatusResponse,
     "client.chaos": ChaosRequest,
     "client.chaos_response": ChaosResponse,
+    "client.membership": MembershipRequest,
+    "client.membership_response": MembershipResponse,
 }
 """Registered on every worker's and client's transport (with raft.Message as 'raft')."""
