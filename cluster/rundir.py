@@ -47,6 +47,8 @@ class NodeInfo(msgspec.Struct):
     """starting / running / restarting / crash_loop / stopped."""
     address: Address | None = None
     """TCP: where its transport listens."""
+    create_time: float | None = None
+    """psutil's create time of `pid`, so nobody signals a pid the kernel has reused."""
 
 
 class ClusterInfo(msgspec.Struct):
@@ -60,6 +62,9 @@ class ClusterInfo(msgspec.Struct):
     nodes: list[NodeInfo]
     bind: Address | None = None
     join: Address | None = None
+    peers: dict[int, Address] = {}
+    """TCP, multi-host: nodes on other hosts (node number -> address), as learned when
+    this host joined (and refreshed at each `up`)."""
 
 
 class RunDir:
