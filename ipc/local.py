@@ -273,6 +273,7 @@ class LocalTransport:
         self._registry = registry.Registry(run_dir, self._token)
         assert self._registry.counter is not None
         self._generation = self._registry.counter
+        self._swept_generation = -1
         try:
             self._start()
         except BaseException:
@@ -451,6 +452,8 @@ class LocalTransport:
             for _ in range(min(waiting, self._options.frames_per_poll_max)):
                 raw, _ = receive()
                 on_frame(raw, deliveries)
+        if self._generation[0] != self._swept_generation:
+            self._close_withdrawn_peers(self._generation[0])
         if self._backlog or self._lends or self._partials:
             self._housekeeping()
         return deliveries
@@ -826,6 +829,16 @@ class LocalTransport:
         elif now >= self._watch_due_ns:
             self._check_peers()
             self._watch_due_ns = now + self._options.liveness_check_ns
+
+    def _close_withdrawn_peers(self, generation: int) -> None:
+        """The registry changed: close our write end of every queue whose owner withdrew
+        or restarted. The kernel charges a queue against its owner's byte budget until
+        the last descriptor closes, so a worker that answered many short-lived clients
+        would otherwise hold their unlinked queues (and the user's mq budget) forever."""
+        self._swept_generation = generation
+        for peer in list(self._peers.values()):
+            if peer.queue is not None and peer.generation != generation:
+                self._refresh(peer)
 
     def _check_peers(self) -> None:
         watched = set(self._backlog)

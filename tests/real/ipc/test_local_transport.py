@@ -472,3 +472,18 @@ def test_a_full_peer_table_forgets_idle_peers_so_new_clients_are_answered() -> N
             server.send(client, Ping(100 + client))
             assert wait_pings(harness, client, 1, 1)
             assert pings(harness, client, 1) == [100 + client]
+
+
+def test_queues_of_clients_that_left_are_closed_so_their_budget_returns() -> None:
+    """The kernel charges a queue to its owner until its last descriptor closes: a
+    worker must not keep the write ends of departed clients' queues open."""
+    with local_harness() as harness:
+        server = harness.start(1)
+        client = harness.start(10)
+        client.send(1, Ping(1))
+        assert wait_pings(harness, 1, 10, 1)
+        server.send(10, Ping(2))
+        assert wait_pings(harness, 10, 1, 1)
+        assert server._peers[10].queue is not None  # noqa: SLF001 (the property under test)
+        client.close()
+        assert harness.pump(lambda: server._peers[10].queue is None, WAIT_S)  # noqa: SLF001
