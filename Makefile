@@ -1,9 +1,10 @@
-# `make run` runs the main job, `make test` the whole suite. Both create .venv on first use.
+# `make run` starts a cluster (the main job), `make test` runs the whole suite. Both create
+# .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run sim test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +13,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
+	$(BIN)/dcluster up --cores 3 --oversubscribe
+	$(BIN)/dcluster status
+
+sim: $(BIN)/.installed
 	$(BIN)/python -m chaos.sim --seeds 1..20 --nodes 5 --verbose
 
 test: $(BIN)/.installed
@@ -22,6 +27,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.raft_core
 	$(BIN)/python -m benchmarks.transport
+	$(BIN)/python -m benchmarks.raft
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
