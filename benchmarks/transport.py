@@ -27,7 +27,6 @@ import contextlib
 import cProfile
 import ctypes
 import json
-import multiprocessing
 import os
 import pstats
 import random
@@ -41,7 +40,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ import posix_ipc
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from benchmarks._processes import child
 from clock import Clock, SystemClock
 from ipc.codec import Codec, cluster_id_for
 from ipc.transport import BulkReceived, Received, Transport
@@ -63,7 +62,6 @@ BULK_WARMUP = 1
 
 WAIT_S_MAX = 60.0
 """No single wait (a reply, an acknowledgement, a child starting) lasts longer."""
-JOIN_S_MAX = 10.0
 CHILD_LIFETIME_S_MAX = 600.0
 """A child that outlives this stops by itself, whatever its parent does."""
 SELECT_S_MAX = 1.0
@@ -80,9 +78,6 @@ TARGETS = {
     "shm_vs_memcpy": 1 / 3,
     "mq_rtt_vs_raw": 4.0,
 }
-
-_CONTEXT = multiprocessing.get_context("spawn")
-
 
 class Ping(msgspec.Struct, frozen=True, array_like=True):
     seq: int
@@ -106,34 +101,6 @@ MESSAGES: dict[str, type[msgspec.Struct]] = {
 
 
 # ---- processes ----
-
-
-@contextlib.contextmanager
-def _child(target: Callable[..., None], *args: Any) -> Iterator[Connection]:
-    """A spawned process running `target(*args, connection)`; yields our end of the pipe.
-    On exit the child is told to stop, then terminated, then killed, each wait bounded."""
-    ours, theirs = _CONTEXT.Pipe()
-    process: BaseProcess = _CONTEXT.Process(target=target, args=(*args, theirs), daemon=True)
-    process.start()
-    theirs.close()
-    try:
-        yield ours
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            ours.send(("stop",))
-        ours.close()
-        _reap(process)
-
-
-def _reap(process: BaseProcess) -> None:
-    process.join(JOIN_S_MAX)
-    if process.is_alive():
-        process.terminate()
-        process.join(JOIN_S_MAX)
-    if process.is_alive():
-        process.kill()
-        process.join(JOIN_S_MAX)
-    assert not process.is_alive(), f"child {process.pid} survived SIGKILL"
 
 
 def _receive(connection: Connection, timeout_s: float = WAIT_S_MAX) -> Any:
@@ -185,7 +152,7 @@ class _RawMq:
         names = (f"/{cluster}-raw-ping", f"/{cluster}-raw-pong")
         queues = [self._create(stack, name) for name in names]
         self.ping, self.pong = queues
-        stack.enter_context(_child(_raw_mq_echo, *names))
+        stack.enter_context(child(_raw_mq_echo, *names))
         stack.callback(self._stop)
 
     @staticmethod
@@ -241,7 +208,7 @@ class _RawTcp:
         self.reply = memoryview(bytearray(message_bytes))
         listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
         listener.settimeout(WAIT_S_MAX)
-        stack.enter_context(_child(_raw_tcp_echo, listener.getsockname()[1], message_bytes))
+        stack.enter_context(child(_raw_tcp_echo, listener.getsockname()[1], message_bytes))
         self.sock, _address = listener.accept()
         stack.enter_context(self.sock)  # closed first: the echo process sees end of file
         self.sock.settimeout(WAIT_S_MAX)
@@ -461,7 +428,7 @@ def _pair(setup: _Setup, clock: Clock) -> Iterator[_Loop]:
     transport = _make_transport(setup, PARENT_NODE, clock)
     loop = _Loop(transport, clock)
     try:
-        with _child(_transport_echo, setup) as connection:
+        with child(_transport_echo, setup) as connection:
             _tag, echo_address = _receive(connection)
             _connect(transport, ECHO_NODE, echo_address)
             connection.send(("peer", _address(transport)))
