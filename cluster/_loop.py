@@ -15,6 +15,10 @@ Each wake-up (a frame arrived, a tick is due, a signal came) runs, in this order
    `COMMITTED_ENTRIES_BYTES_PER_READY_MAX` applied per Ready, so ticks and heartbeats are
    never starved by a long replay.
 
+Every wake-up also bumps the node's heartbeat counter (cluster.heartbeat), and the loop
+wakes at least every `HEARTBEAT_MS`, so a loop that stops turning is seen by the
+supervisor as a hang and killed.
+
 Invariant: no message leaves and no client is answered before everything the Ready asked
 to persist is synced; a WAL failure ends the process (non-zero) before anything that
 depends on the failed write is sent or answered.
@@ -26,6 +30,7 @@ import os
 import random
 import selectors
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from cluster._worker_log import EventLog, TermSource
 from cluster._worker_requests import Requests
 from cluster._worker_stop import StopSignal
 from cluster.config import WorkerConfig
+from cluster.heartbeat import HEARTBEAT_MS, Heartbeat
 from cluster.kv import KvStateMachine
 from cluster.protocol import (
     CLIENT_ID_MIN,
@@ -88,6 +94,11 @@ STATS_INTERVAL_MS = 10_000
 """How often the worker logs one line of counters."""
 SKEW_MS_MAX = 24 * 3600 * 1000
 """The largest clock skew a chaos request may inject, either way."""
+HANG_MS_MAX = 600_000
+"""The longest a chaos request may stop the loop for."""
+HANG_SLEEP_S = 0.02
+"""A hanging loop sleeps in steps this long, so SIGTERM still ends it (tests stay quick)."""
+NS_PER_MS = 1_000_000
 
 
 ROLE_NAMES = {
@@ -130,8 +141,10 @@ class Worker:
         raft: RaftNode,
         machine: KvStateMachine,
         log: EventLog,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.config = config
+        self.heartbeat = heartbeat
         self.clock = clock
         self.wal = wal
         self.transport = transport
@@ -146,6 +159,7 @@ class Worker:
         self._leader_contact_ns: int | None = None
         self._backlog = False
         self._stopping = False
+        self._hang_until_ns: int | None = None
         self._known_addresses: dict[int, Address] = {}
         set_peer = transport.set_peer if isinstance(transport, TcpTransport) else None
         self._set_peer = set_peer
@@ -168,6 +182,8 @@ class Worker:
 
     def _once(self, selector: selectors.BaseSelector, stop: StopSignal) -> None:
         self._wait(selector, stop)
+        if self.heartbeat is not None:
+            self.heartbeat.bump()
         self._tick()
         self._take_inputs()
         self.requests.expire()
@@ -175,10 +191,12 @@ class Worker:
         if self._now_ns >= self._next_stats_ns:
             self._next_stats_ns = self._now_ns + STATS_INTERVAL_MS * 1_000_000
             self.log.event("stats", **self.stats_fields())
+        if self._hang_until_ns is not None:
+            self._hang(stop)
 
     def _wait(self, selector: selectors.BaseSelector, stop: StopSignal) -> None:
         now = self.clock.monotonic_ns()
-        timeout_ns = max(0, self._next_tick_ns - now)
+        timeout_ns = min(max(0, self._next_tick_ns - now), HEARTBEAT_MS * NS_PER_MS)
         transport_ns = self.transport.next_timeout_ns()
         if transport_ns is not None:
             timeout_ns = min(timeout_ns, transport_ns)
@@ -411,8 +429,23 @@ class Worker:
             return None
         return (self.clock.monotonic_ns() - self._leader_contact_ns) // 1_000_000
 
+    def _hang(self, stop: StopSignal) -> None:
+        """Chaos: stop turning the loop (no heartbeat, no input, no tick) until the
+        deadline, like a deadlock would; only SIGTERM ends it early."""
+        until_ns, self._hang_until_ns = self._hang_until_ns, None
+        assert until_ns is not None
+        self.log.event("chaos_hang_begins", hang_ms=(until_ns - self._now_ns) // NS_PER_MS)
+        while stop.requested is None and self.clock.monotonic_ns() < until_ns:
+            time.sleep(HANG_SLEEP_S)
+        self.log.event("chaos_hang_ends")
+
     def _chaos(self, request: ChaosRequest) -> ChaosResponse:
         faults = self.transport.faults
+        if request.action == ChaosAction.HANG:
+            if not 0 < request.hang_ms <= HANG_MS_MAX:
+                return ChaosResponse(request.request_id, ok=False, detail="bad hang duration")
+            self._hang_until_ns = self.clock.monotonic_ns() + request.hang_ms * NS_PER_MS
+            return ChaosResponse(request.request_id, ok=True, detail=f"hang {request.hang_ms} ms")
         if request.action == ChaosAction.HEAL:
             faults.heal()
             self.log.event("chaos_heal")
@@ -514,6 +547,7 @@ def serve(
     """Open everything, run the loop until `stop`, close everything. The exit code."""
     wal: Wal | None = None
     transport: Transport | None = None
+    heartbeat = Heartbeat(RunDir(config.run_path).heartbeat_file(config.node))
     seed = int.from_bytes(os.urandom(8), "little")
     rng = random.Random(seed)
     try:
@@ -531,7 +565,7 @@ def serve(
         machine = KvStateMachine.restore(snapshot.data, snapshot.meta.index, snapshot.meta.conf)
         raft = new_raft(config, wal, rng, machine.applied_index)
         term.read = lambda: raft.term
-        worker = Worker(config, clock, wal, transport, raft, machine, log)
+        worker = Worker(config, clock, wal, transport, raft, machine, log, heartbeat)
         _log_start(log, config, wal, worker, seed)
         try:
             worker.run(stop)
@@ -545,6 +579,7 @@ def serve(
             transport.close()
         if wal is not None:
             wal.close()
+        heartbeat.close()
 
 
 def _log_start(log: EventLog, config: WorkerConfig, wal: Wal, worker: Worker, seed: int) -> None:

@@ -118,6 +118,8 @@ EXIT_USAGE = 2
 PAUSE_SECONDS_MAX = 3600.0
 
 SKEW_MS_MAX = 24 * 3600 * 1000
+HANG_SECONDS_MAX = 600.0
+"""The longest `chaos hang` (the worker refuses longer ones too)."""
 
 NAME_OPTION = typer.Option(DEFAULT_NAME, "--name", help="The cluster's name.")
 DATA_DIR_OPTION = typer.Option(
@@ -321,6 +323,7 @@ STATUS_COLUMNS = (
     ("applied", "applied_index"),
     ("heartbeat ms", "last_heartbeat_ms"),
     ("restarts", "restarts"),
+    ("last exit", "last_exit"),
     ("cpu %", "cpu_percent"),
     ("rss MiB", "rss_bytes"),
 )
@@ -581,6 +584,35 @@ def chaos_skew(
         node = control.resolve_node(_node_ids(name, data_dir), target, lambda: None)
         lines = _chaos_all(name, data_dir, ChaosAction.SKEW, [node], skew_ms=ms)
     typer.echo(f"skew {ms} ms:")
+    for line in lines:
+        typer.echo(f"  {line}")
+
+
+@chaos_app.command("hang")
+def chaos_hang(
+    target: str = typer.Argument(..., metavar="NODE|leader"),
+    seconds: float = typer.Option(..., "--seconds", help="How long its loop stops."),
+    name: str = NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+) -> None:
+    """Stop a worker's loop (no heartbeat, no serving) while its process stays alive;
+    the supervisor kills and restarts it once it is silent for its hang limit."""
+    from cluster import control
+    from cluster.client import Client
+    from cluster.protocol import ChaosAction
+
+    if not 0 < seconds <= HANG_SECONDS_MAX:
+        _fail(f"--seconds must be above 0 and at most {HANG_SECONDS_MAX:g}", EXIT_USAGE)
+
+    def leader() -> int | None:
+        with Client(_run_dir(name, data_dir).path) as client:
+            return client.leader()
+
+    with _errors():
+        node = control.resolve_node(_node_ids(name, data_dir), target, leader)
+        hang_ms = round(seconds * 1000)
+        lines = _chaos_all(name, data_dir, ChaosAction.HANG, [node], hang_ms=hang_ms)
+    typer.echo(f"hang {seconds:g} s:")
     for line in lines:
         typer.echo(f"  {line}")
 

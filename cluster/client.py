@@ -416,6 +416,7 @@ class Client:
         *,
         groups: tuple[tuple[int, ...], ...] = (),
         skew_ms: int = 0,
+        hang_ms: int = 0,
         timeout_ms: int = STATUS_TIMEOUT_MS,
     ) -> dict[int, ChaosResponse | None]:
         """Send one chaos request to `nodes` (default: every worker); each one's answer,
@@ -428,6 +429,7 @@ class Client:
             action=action,
             groups=groups,
             skew_ms=skew_ms,
+            hang_ms=hang_ms,
             reply_address=self._reply_address,
         )
         answers = self._broadcast(targets, request, ChaosResponse, timeout_ms)

@@ -696,6 +696,7 @@ def _node_entry(
         "applied_index": status.applied_index if status else None,
         "last_heartbeat_ms": status.last_heartbeat_ms if status else None,
         "restarts": node.restarts,
+        "last_exit": node.last_exit,
         "incarnation": node.incarnation,
         "cpu_percent": usage[0] if usage else None,
         "rss_bytes": usage[1] if usage else None,

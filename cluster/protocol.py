@@ -123,6 +123,8 @@ class ChaosAction(enum.IntEnum):
     PARTITION = 0
     HEAL = 1
     SKEW = 2
+    HANG = 3
+    """Stop the loop (no heartbeat, no serving) for `hang_ms`; tests of hang detection."""
 
 
 class ChaosRequest(msgspec.Struct, frozen=True):
@@ -132,6 +134,7 @@ class ChaosRequest(msgspec.Struct, frozen=True):
     """PARTITION: node numbers on each side; every link between sides is cut."""
     skew_ms: int = 0
     reply_address: Address | None = None
+    hang_ms: int = 0
 
 
 class ChaosResponse(msgspec.Struct, frozen=True):

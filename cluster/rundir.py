@@ -9,6 +9,7 @@ Layout (under `--data-dir`, default `$XDG_DATA_HOME/dcluster/<name>`):
     endpoints/            the local transport's registry (ipc.registry)
     node-<n>/wal/         node n's durable Raft log (storage.Wal)
     node-<n>/worker.log   node n's structured log
+    node-<n>/heartbeat    node n's loop counter (cluster.heartbeat), read by the supervisor
 
 Invariant: `cluster.json` is only ever replaced whole (write temp, fsync, rename), so a
 reader sees the old table or the new one, never half of either.
@@ -49,6 +50,9 @@ class NodeInfo(msgspec.Struct):
     """TCP: where its transport listens."""
     create_time: float | None = None
     """psutil's create time of `pid`, so nobody signals a pid the kernel has reused."""
+    last_exit: str | None = None
+    """Why the previous incarnation ended ("killed by SIGKILL", "exit code 3", "hung: no
+    heartbeat for 10000 ms"), None before any exit."""
 
 
 class ClusterInfo(msgspec.Struct):
@@ -95,6 +99,9 @@ class RunDir:
 
     def worker_log(self, node: int) -> Path:
         return self.node_dir(node) / "worker.log"
+
+    def heartbeat_file(self, node: int) -> Path:
+        return self.node_dir(node) / "heartbeat"
 
     def read_cluster(self) -> ClusterInfo | None:
         """The current table, or None when there is none (never started, or removed)."""

@@ -4,7 +4,7 @@ the workers named in `cluster.json`.
 It forks every worker BEFORE anything imports duckdb or pyarrow, so each child starts
 from a small, clean interpreter (no threads, no mapped Arrow pools) and imports the
 heavy modules itself. That is why this module imports only os, signal, psutil, msgspec
-and the light cluster modules (config, rundir, protocol, topology) — never ipc/.
+and the light cluster modules (config, rundir, protocol, heartbeat) — never ipc/.
 
 Each worker is pinned to its logical CPU (psutil affinity). A worker that dies is
 restarted with exponential backoff and full jitter (`RESTART_BACKOFF_MS_BASE` doubling up
@@ -12,6 +12,16 @@ to `RESTART_BACKOFF_MS_CAP`); one restarted more than `CRASH_LOOP_RESTARTS_MAX` 
 within `CRASH_LOOP_WINDOW_MS` is marked "crash_loop" and left down. SIGTERM (what
 `dcluster down` sends) or SIGINT stops every worker: SIGTERM, then SIGKILL after
 `STOP_TIMEOUT_MS`.
+
+A worker that lives but no longer turns its loop (deadlocked, spinning, blocked on a hung
+disk) is found by its heartbeat (cluster.heartbeat): every `hung_ms_max / 4` (at most
+`LOOP_WAKE_MS_MAX`) the supervisor reads each worker's counter, and one silent for
+`hung_ms_max` (default `HUNG_MS_MAX_DEFAULT`, 10 s; the constructor's `hung_ms_max` or
+the `DCLUSTER_HUNG_MS_MAX` environment variable, in ms, shorten it for tests) is
+SIGKILLed with the reason logged and recorded in `cluster.json` (`last_exit`); the
+normal restart path (backoff, crash-loop accounting) takes over. A worker stopped on
+purpose (SIGSTOP by `dcluster chaos pause`, a debugger) is never killed for it, nor one
+still starting (imports, WAL replay) within `START_GRACE_MS_DEFAULT` of its fork.
 
 Invariants: while the supervisor lives it holds an exclusive `flock` on
 `supervisor.pid` (its children close their copy at fork, so the lock dies with the
@@ -42,6 +52,14 @@ import psutil
 
 from clock import SystemClock
 from cluster.config import WorkerConfig
+from cluster.heartbeat import (
+    HUNG_MS_MIN,
+    START_GRACE_MS_DEFAULT,
+    HeartbeatWatch,
+    hung_ms_max_from,
+    is_hung,
+    read_heartbeat,
+)
 from cluster.rundir import ClusterInfo, NodeInfo, RunDir
 
 logger = logging.getLogger("cluster.supervisor")
@@ -127,6 +145,10 @@ class _Worker:
         self.info = info
         self.restart_times_ns: deque[int] = deque()
         self.restart_due_ns: int | None = None
+        self.watch: HeartbeatWatch | None = None
+        """The running incarnation's heartbeat, as last read."""
+        self.hung_reason: str | None = None
+        """Set when the supervisor killed it as hung; becomes `last_exit` when reaped."""
 
 
 def worker_config_for(cluster: ClusterInfo, node: NodeInfo, run: RunDir) -> WorkerConfig:
@@ -196,10 +218,22 @@ def _child(config: WorkerConfig, log_path: Path, inherited: list[int]) -> None:
 class Supervisor:
     """Runs in the foreground of its process until SIGTERM/SIGINT; see the module doc."""
 
-    def __init__(self, run: RunDir, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        rng: random.Random | None = None,
+        hung_ms_max: int | None = None,
+        start_grace_ms: int = START_GRACE_MS_DEFAULT,
+    ) -> None:
         self.run = run
         self.clock = SystemClock()
         self.rng = rng or random.Random()
+        self.hung_ms_max = hung_ms_max if hung_ms_max is not None else hung_ms_max_from(os.environ)
+        assert self.hung_ms_max >= HUNG_MS_MIN, self.hung_ms_max
+        self.start_grace_ms = start_grace_ms
+        self.check_ms = min(LOOP_WAKE_MS_MAX, self.hung_ms_max // 4)
+        self._next_check_ns = 0
         self.stopping = False
         self.cluster: ClusterInfo | None = None
         self.workers: list[_Worker] = []
@@ -261,6 +295,7 @@ class Supervisor:
         while not self.stopping:
             self._reap()
             self._restart_due()
+            self._check_heartbeats()
             self._wait(self._next_wake_ms())
 
     def _wait(self, timeout_ms: int) -> None:
@@ -274,7 +309,7 @@ class Supervisor:
 
     def _next_wake_ms(self) -> int:
         now = self.clock.monotonic_ns()
-        wake_ms = LOOP_WAKE_MS_MAX
+        wake_ms = max(0, min(LOOP_WAKE_MS_MAX, (self._next_check_ns - now) // NS_PER_MS))
         for worker in self.workers:
             if worker.restart_due_ns is not None:
                 wake_ms = min(wake_ms, max(0, (worker.restart_due_ns - now) // NS_PER_MS))
@@ -288,6 +323,10 @@ class Supervisor:
         node.incarnation += 1
         config = worker_config_for(self.cluster, node, self.run)
         inherited = [self._lock_fd, self._wake_read, self._wake_write]
+        # The new incarnation creates its own counter; until then there is none to read.
+        self.run.heartbeat_file(node.id).unlink(missing_ok=True)
+        worker.watch = HeartbeatWatch.start(self.clock.monotonic_ns())
+        worker.hung_reason = None
         pid = os.fork()
         if pid == 0:
             _child(config, self.run.worker_log(node.id), inherited)
@@ -336,9 +375,12 @@ class Supervisor:
             worker = self.by_pid.pop(pid, None)
             if worker is None:
                 continue
-            logger.info("node %d pid %d exited: %s", worker.info.id, pid, _describe(status))
+            described = _describe(status)
+            logger.info("node %d pid %d exited: %s", worker.info.id, pid, described)
+            worker.info.last_exit = worker.hung_reason or described
             worker.info.pid = None
             worker.info.create_time = None
+            worker.watch = None
             if self.stopping:
                 worker.info.state = "stopped"
             else:
@@ -369,6 +411,43 @@ class Supervisor:
         worker.restart_due_ns = now + int(delay_ms * NS_PER_MS)
         logger.info("node %d restarts in %.0f ms", worker.info.id, delay_ms)
 
+    # ---- hangs ----
+
+    def _check_heartbeats(self) -> None:
+        """Every `check_ms`: read each running worker's counter; SIGKILL a hung one."""
+        now = self.clock.monotonic_ns()
+        if now < self._next_check_ns:
+            return
+        self._next_check_ns = now + self.check_ms * NS_PER_MS
+        killed = False
+        for worker in self.workers:
+            pid, watch = worker.info.pid, worker.watch
+            if pid is None or watch is None or worker.hung_reason is not None:
+                continue
+            value = read_heartbeat(self.run.heartbeat_file(worker.info.id))
+            stopped = value == watch.value and _stopped_on_purpose(pid)
+            watch.observe(value, now, stopped=stopped)
+            verdict = is_hung(
+                silent_ms=watch.silent_ms(now),
+                up_ms=watch.up_ms(now),
+                beating=watch.beating,
+                stopped=stopped,
+                hung_ms_max=self.hung_ms_max,
+                start_grace_ms=self.start_grace_ms,
+            )
+            if verdict:
+                self._kill_hung(worker, pid, watch.silent_ms(now))
+                killed = True
+        if killed:
+            self._publish()
+
+    def _kill_hung(self, worker: _Worker, pid: int, silent_ms: int) -> None:
+        reason = f"hung: no heartbeat for {silent_ms} ms"
+        logger.warning("node %d pid %d %s: SIGKILL", worker.info.id, pid, reason)
+        worker.hung_reason = reason
+        worker.info.last_exit = reason
+        _signal(pid, signal.SIGKILL)  # reaped (and restarted) like any other death
+
     # ---- stopping ----
 
     def _stop_all(self) -> None:
@@ -393,6 +472,7 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             worker = self.by_pid.pop(pid)
+            worker.info.last_exit = "killed by SIGKILL (ignored SIGTERM)"
             worker.info.pid = None
             worker.info.create_time = None
             worker.info.state = "stopped"
@@ -422,6 +502,15 @@ def _create_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def _stopped_on_purpose(pid: int) -> bool:
+    """SIGSTOPped (`dcluster chaos pause`) or held by a debugger: silent, not hung."""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.Error:
+        return False
+    return status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 
 def _describe(status: int) -> str:
