@@ -15,6 +15,7 @@ went away) or after LIFETIME_S_MAX, so it can never outlive a broken test for lo
 
 from __future__ import annotations
 
+import dataclasses
 import selectors
 import sys
 from collections.abc import Iterator
@@ -24,24 +25,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clock import SystemClock
-from ipc.local import LocalOptions, LocalTransport
+from ipc.local import LocalTransport
 from ipc.transport import BulkReceived, Received
 from tests.conformance.harness import TEST_MESSAGES, Header, Ping
+from tests.conformance.harness_local import HARNESS_OPTIONS
 
 LIFETIME_S_MAX = 60.0
 MiB = 1 << 20
-CHILD_OPTIONS = LocalOptions(
-    queue_messages_max=10,
-    queue_message_bytes_max=4096,
-    queue_messages_min=4,
-    queues_per_host_expected=16,
+CHILD_OPTIONS = dataclasses.replace(
+    HARNESS_OPTIONS,
     outbound_frames_max=64,
     segment_bytes_max=1 * MiB,
     shm_bytes_max=64 * MiB,
     shm_free_bytes_max=16 * MiB,
     lent_bytes_max=32 * MiB,
     mapped_bytes_max=64 * MiB,
-    liveness_check_ns=20_000_000,
 )
 PARTIAL_BATCH_ROWS = 100_000  # 800 KB of int64: each batch fills most of a 1 MiB chunk
 PARTIAL_BATCHES_BEFORE_HANG = 4

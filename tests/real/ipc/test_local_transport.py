@@ -30,23 +30,19 @@ from ipc.errors import Backpressure, HostLimitError, MessageTooLarge, TransportE
 from ipc.local import INTERNAL_MESSAGES, LocalOptions, LocalTransport, _Chunk, reclaim_cluster
 from ipc.transport import BulkReceived, Received
 from tests.conformance.harness import CLUSTER_NAME, TEST_MESSAGES, Header, Ping
-from tests.conformance.harness_local import LocalHarness
+from tests.conformance.harness_local import HARNESS_OPTIONS, LocalHarness
 
 ROOT = Path(__file__).resolve().parents[3]
 WAIT_S = 20.0
 MiB = 1 << 20
-SMALL = LocalOptions(
-    queue_messages_max=10,
-    queue_message_bytes_max=4096,
-    queue_messages_min=4,
-    queues_per_host_expected=16,
+SMALL = dataclasses.replace(
+    HARNESS_OPTIONS,
     outbound_frames_max=8,
     segment_bytes_max=1 * MiB,
     shm_bytes_max=8 * MiB,
     shm_free_bytes_max=4 * MiB,
     lent_bytes_max=2 * MiB,
     mapped_bytes_max=16 * MiB,
-    liveness_check_ns=20_000_000,
 )
 
 
