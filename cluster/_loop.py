@@ -26,23 +26,25 @@ depends on the failed write is sent or answered.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import selectors
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from clock import SystemClock
+from cluster._applier import CatchUpItem
 from cluster._worker_log import EventLog, TermSource
 from cluster._worker_requests import Requests
+from cluster._worker_sql import SqlService
 from cluster._worker_stop import StopSignal
 from cluster.config import WorkerConfig
 from cluster.heartbeat import HEARTBEAT_MS, Heartbeat
-from cluster.kv import KvStateMachine
 from cluster.protocol import (
     CLIENT_ID_MIN,
     CLIENT_MESSAGES,
@@ -58,7 +60,17 @@ from cluster.protocol import (
     raft_id,
 )
 from cluster.rundir import RunDir
-from cluster.worker import EXIT_OK, EXIT_START_FAILED, EXIT_WAL_FAILED
+from cluster.sql_machine import StoreWork
+from cluster.sql_protocol import (
+    SQL_MESSAGES,
+    CommandKind,
+    SqlCommand,
+    SqlRequest,
+    encode_command,
+    entry_data,
+)
+from cluster.state import ClusterState
+from cluster.worker import EXIT_OK, EXIT_START_FAILED, EXIT_STORE_FAILED, EXIT_WAL_FAILED
 from ipc.errors import Backpressure, TransportError
 from ipc.local import LocalOptions, LocalTransport
 from ipc.tcp import TcpTransport
@@ -76,6 +88,7 @@ from raft import (
     SoftState,
 )
 from storage import Files, Wal, WalConfig, WalError
+from storage.partitions import PartitionStoreError
 
 RAFT_TAG = "raft"
 """The codec tag raft `Message`s travel under."""
@@ -129,6 +142,23 @@ class LoopStats:
     ready_budget_exhausted: int = 0
 
 
+CATCH_UP_ASK_MS = 2_000
+"""How often a worker catching up asks again for its barrier until it sees it applied."""
+
+
+@dataclass
+class _CatchUp:
+    floor: int
+    """The store's applied index when the catch-up began: partitions changed after it are
+    copied from replicas."""
+    request_id: int
+    next_ask_ns: int = 0
+    barrier: int | None = None
+    """The index of this node's barrier, once applied."""
+    buffered: list[StoreWork] = field(default_factory=list)
+    """Store work of entries after the barrier, held until the copy is in."""
+
+
 class Worker:
     """One node: its Raft core, WAL, transport and state machine, and the loop over them."""
 
@@ -139,7 +169,7 @@ class Worker:
         wal: Wal,
         transport: Transport,
         raft: RaftNode,
-        machine: KvStateMachine,
+        machine: ClusterState,
         log: EventLog,
         heartbeat: Heartbeat | None = None,
     ) -> None:
@@ -164,6 +194,23 @@ class Worker:
         set_peer = transport.set_peer if isinstance(transport, TcpTransport) else None
         self._set_peer = set_peer
         self.requests = Requests(raft, transport, clock, lambda: self.machine, set_peer)
+        self.failure: str | None = None
+        """Why the partition store failed (the worker then stops and is restarted)."""
+        self._snapshot_pending = False
+        self.sql = SqlService(
+            config.node,
+            RunDir(config.run_path),
+            transport,
+            clock,
+            log,
+            lambda: self.machine,
+            self.requests.reply,
+            self._on_store_failure,
+            self._on_caught_up,
+        )
+        self._catch_up: _CatchUp | None = None
+        self._barrier_ids = itertools.count(clock.wall_ns())
+        self._check_store_behind()
         self._learn_addresses()
 
     # ---- the loop ----
@@ -173,9 +220,12 @@ class Worker:
         with selectors.DefaultSelector() as selector:
             selector.register(self.transport.fileno(), selectors.EVENT_READ)
             selector.register(stop.fileno(), selectors.EVENT_READ)
-            while stop.requested is None:
+            selector.register(self.sql.mailbox.fileno(), selectors.EVENT_READ)
+            while stop.requested is None and self.failure is None:
                 self._once(selector, stop)
-            self.log.event("stopping", signal=signal.Signals(stop.requested).name)
+            if self.failure is None:
+                assert stop.requested is not None
+                self.log.event("stopping", signal=signal.Signals(stop.requested).name)
             self._stopping = True
             self._hand_off_leadership(selector, stop)
         self.requests.close()
@@ -185,8 +235,17 @@ class Worker:
         if self.heartbeat is not None:
             self.heartbeat.bump()
         self._tick()
+        self.sql.run_mailbox()
         self._take_inputs()
         self.requests.expire()
+        self.sql.tick()
+        catch_up = self._catch_up
+        if (
+            catch_up is not None
+            and catch_up.barrier is None
+            and self._now_ns >= catch_up.next_ask_ns
+        ):
+            self._ask_for_barrier()
         self._handle_readies()
         if self._now_ns >= self._next_stats_ns:
             self._next_stats_ns = self._now_ns + STATS_INTERVAL_MS * 1_000_000
@@ -230,8 +289,11 @@ class Worker:
 
     def _dispatch(self, delivery: Delivery) -> None:
         if isinstance(delivery, BulkReceived):
-            delivery.release()
-            self.stats.dropped += 1
+            if self._stopping:
+                delivery.release()
+                self.stats.dropped += 1
+            else:
+                self.sql.on_bulk(delivery)
             return
         source, message = delivery
         if type(message) is Message:
@@ -239,6 +301,8 @@ class Worker:
         elif self._stopping and not isinstance(message, StatusRequest):
             self.requests.refuse_stopping(source, message)
         elif self.requests.on_request(source, message):
+            pass
+        elif self.sql.on_message(source, message):
             pass
         elif isinstance(message, StatusRequest):
             self.requests.reply(source, StatusResponse(message.request_id, self.status()))
@@ -310,7 +374,12 @@ class Worker:
         requests = self.requests
         if ready.snapshot is not None:
             meta = ready.snapshot.meta
-            self.machine = KvStateMachine.restore(ready.snapshot.data, meta.index, meta.conf)
+            old = self.machine
+            self.machine = ClusterState.restore(
+                ready.snapshot.data, meta.index, meta.conf, self.config.node
+            )
+            old.close()
+            self._check_store_behind()
             self.stats.snapshots_installed += 1
             requests.on_snapshot_installed(meta.index)
             self._learn_addresses()
@@ -318,6 +387,11 @@ class Worker:
         machine = self.machine
         for entry in ready.committed_entries:
             result = machine.apply(entry)
+            if isinstance(result, StoreWork):
+                if self._catch_up is None:
+                    self.sql.submit(result)
+                else:
+                    self._during_catch_up(result)
             if entry.kind == EntryKind.CONF_CHANGE:
                 self._on_membership_applied(entry.index)
             requests.on_applied(entry, result)
@@ -327,12 +401,29 @@ class Worker:
         requests.serve_reads()
 
     def _maybe_snapshot(self) -> None:
-        """Every `snapshot_entries` applied entries: snapshot the machine, compact the log."""
+        """Every `snapshot_entries` applied entries: snapshot the machine, compact the log.
+        The partition store must hold everything up to the snapshot first (the log below
+        it goes), so the snapshot is written once the applier's checkpoint says so."""
         machine, wal = self.machine, self.wal
         applied = machine.applied_index
+        if self._snapshot_pending or self._catch_up is not None:
+            return
         if applied - wal.snapshot().meta.index < self.config.snapshot_entries:
             return
-        wal.create_snapshot(applied, machine.conf, machine.snapshot())
+        conf, data = machine.conf, machine.snapshot()
+        self._snapshot_pending = True
+
+        def checkpointed() -> None:
+            self.sql.mailbox.post(lambda: self._write_snapshot(applied, conf, data))
+
+        self.sql.applier.submit_checkpoint(applied, checkpointed)
+
+    def _write_snapshot(self, applied: int, conf: ConfState, data: bytes) -> None:
+        self._snapshot_pending = False
+        wal = self.wal
+        if applied <= wal.snapshot().meta.index:
+            return  # a snapshot from the leader got there first
+        wal.create_snapshot(applied, conf, data)
         kept = min(LOG_ENTRIES_KEPT_AFTER_SNAPSHOT, self.config.snapshot_entries // 2)
         compact_index = applied - kept
         if compact_index >= wal.first_index():
@@ -364,7 +455,7 @@ class Worker:
         """TCP: dial members at the addresses the log gave them."""
         if self._set_peer is None:
             return
-        for node_id, address in sorted(self.machine.addresses.items()):
+        for node_id, address in sorted(self.machine.kv.addresses.items()):
             if node_id == self.raft.id or self._known_addresses.get(node_id) == address:
                 continue
             self._known_addresses[node_id] = address
@@ -420,7 +511,102 @@ class Worker:
                 if 1 <= source <= NODES_MAX and 1 <= target <= NODES_MAX
             ),
             address=address,
+            partitions=self.sql.partition_infos,
+            store_applied_index=self.sql.store_applied_index,
         )
+
+    # ---- catching up the partition store ----
+
+    def _check_store_behind(self) -> None:
+        """After a snapshot from the leader (or a restart in the middle of a catch-up), the
+        store may be behind the state machine with the log below gone: copy what changed
+        since from replicas, at a read barrier this node appends for the purpose."""
+        floor = self.sql.store_applied_index
+        index = self.machine.applied_index
+        if floor >= index or self._catch_up is not None:
+            return
+        self._catch_up = _CatchUp(floor, next(self._barrier_ids))
+        items = self._catch_up_items(floor)
+        if not items:  # nothing changed since the store's index: it is current as of now
+            self._start_copy(index, items)
+            return
+        self.log.event("catch_up_begins", store_index=floor, state_index=index)
+        self._ask_for_barrier()
+
+    def _ask_for_barrier(self) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        if catch_up.barrier is not None:
+            return
+        catch_up.next_ask_ns = self._now_ns + CATCH_UP_ASK_MS * NS_PER_MS
+        me = raft_id(self.config.node)
+        command = SqlCommand(me, catch_up.request_id, CommandKind.BARRIER, text="catch-up")
+        encoded = encode_command(command)
+        if self.raft.role == Role.LEADER:
+            try:
+                self.raft.propose(entry_data(encoded))
+            except ProposalRefused:
+                pass
+            return
+        if self.raft.leader == NO_NODE:
+            return
+        try:
+            self.transport.send(self.raft.leader, SqlRequest(catch_up.request_id, encoded))
+        except TransportError:
+            pass
+
+    def _during_catch_up(self, work: StoreWork) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        if catch_up.barrier is not None:
+            catch_up.buffered.append(work)  # after the barrier: applied once it is done
+            return
+        me = raft_id(self.config.node)
+        ours = work.client_id == me and work.request_id == catch_up.request_id
+        if not ours or work.duplicate:
+            return  # covered by the copy taken at our barrier
+        items = self._catch_up_items(catch_up.floor)
+        self.log.event("catch_up_copying", index=work.index, partitions=len(items))
+        self._start_copy(work.index, items)
+
+    def _catch_up_items(self, floor: int) -> list[CatchUpItem]:
+        """This node's partitions that changed after the store's index `floor`."""
+        sql = self.machine.sql
+        return [
+            CatchUpItem(
+                table,
+                partition,
+                sql.columns_sql(table),
+                tuple(n for n in sql.placements[table][partition] if n != self.config.node),
+            )
+            for table, partition in sql.local_partitions()
+            if sql.partition_changed[table][partition] > floor
+        ]
+
+    def _start_copy(self, index: int, items: list[CatchUpItem]) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        catch_up.barrier = index
+        keep = set(self.machine.sql.local_partitions())
+        self.sql.applier.submit_catch_up(index, items, keep)
+
+    def _on_caught_up(self, index: int, ok: bool) -> None:
+        catch_up = self._catch_up
+        if catch_up is None or catch_up.barrier != index:
+            return
+        if not ok:  # no replica could serve the copy: try again at a new barrier
+            self.log.event("catch_up_retry", index=index)
+            self._catch_up = _CatchUp(catch_up.floor, next(self._barrier_ids))
+            self._ask_for_barrier()
+            return
+        self._catch_up = None
+        self.log.event("catch_up_done", index=index, buffered=len(catch_up.buffered))
+        for work in catch_up.buffered:
+            self.sql.submit(work)
+
+    def _on_store_failure(self, message: str) -> None:
+        self.log.error("store_failed", error=message)
+        self.failure = message
 
     def _last_heartbeat_ms(self) -> int | None:
         if self.raft.role == Role.LEADER:
@@ -477,6 +663,8 @@ class Worker:
         fields["commit_index"] = self.raft.commit_index
         fields["applied_index"] = self.machine.applied_index
         fields["wal_syncs"] = self.wal.stats.syncs
+        fields.update({f"sql_{k}": v for k, v in asdict(self.sql.stats).items()})
+        fields["store_applied_index"] = self.sql.store_applied_index
         return fields
 
 
@@ -493,7 +681,11 @@ def open_wal(config: WorkerConfig, files: Files | None = None) -> Wal:
 
 
 def open_transport(config: WorkerConfig, clock: SystemClock, rng: random.Random) -> Transport:
-    messages: dict[str, type[msgspec.Struct]] = {RAFT_TAG: Message, **CLIENT_MESSAGES}
+    messages: dict[str, type[msgspec.Struct]] = {
+        RAFT_TAG: Message,
+        **CLIENT_MESSAGES,
+        **SQL_MESSAGES,
+    }
     node_id = raft_id(config.node)
     if config.transport == "shm":
         options = LocalOptions(queues_per_host_expected=config.queues_per_host_expected)
@@ -562,18 +754,29 @@ def serve(
             log.error("transport_failed", error=str(error), kind=type(error).__name__)
             return EXIT_START_FAILED
         snapshot = wal.snapshot()
-        machine = KvStateMachine.restore(snapshot.data, snapshot.meta.index, snapshot.meta.conf)
+        meta = snapshot.meta
+        machine = ClusterState.restore(snapshot.data, meta.index, meta.conf, config.node)
         raft = new_raft(config, wal, rng, machine.applied_index)
         term.read = lambda: raft.term
-        worker = Worker(config, clock, wal, transport, raft, machine, log, heartbeat)
-        _log_start(log, config, wal, worker, seed)
         try:
-            worker.run(stop)
-        except WalError as error:
-            log.error("wal_failed", error=str(error), kind=type(error).__name__)
-            return EXIT_WAL_FAILED
-        log.event("stopped", **worker.stats_fields())
-        return EXIT_OK
+            worker = Worker(config, clock, wal, transport, raft, machine, log, heartbeat)
+        except PartitionStoreError as error:
+            log.error("store_open_failed", error=str(error), kind=type(error).__name__)
+            return EXIT_STORE_FAILED
+        try:
+            _log_start(log, config, wal, worker, seed)
+            try:
+                worker.run(stop)
+            except WalError as error:
+                log.error("wal_failed", error=str(error), kind=type(error).__name__)
+                return EXIT_WAL_FAILED
+            if worker.failure is not None:
+                return EXIT_STORE_FAILED
+            log.event("stopped", **worker.stats_fields())
+            return EXIT_OK
+        finally:
+            worker.sql.close()
+            worker.machine.close()
     finally:
         if transport is not None:
             transport.close()

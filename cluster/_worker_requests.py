@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import msgspec
 
 from clock import Clock
-from cluster.kv import KvResult, KvStateMachine, encode_address, encode_command
+from cluster.kv import KvResult, encode_address, encode_command
 from cluster.protocol import (
     KEY_BYTES_MAX,
     NODES_MAX,
@@ -42,6 +42,15 @@ from cluster.protocol import (
     node_of,
     raft_id,
 )
+from cluster.sql_machine import StoreWork
+from cluster.sql_protocol import (
+    CommandKind,
+    SqlRequest,
+    SqlResponse,
+    decode_command,
+    entry_data,
+)
+from cluster.state import ClusterState
 from ipc.errors import TransportError
 from ipc.transport import Transport
 from raft import (
@@ -72,7 +81,8 @@ UNKNOWN_OUTCOME = "outcome unknown: the entry was covered by an installed snapsh
 TIMED_OUT = "timed out; outcome unknown; retry"
 STOPPING = "worker stopping; retry elsewhere"
 
-Response = KvResponse | MembershipResponse
+Response = KvResponse | MembershipResponse | SqlResponse
+KV, MEMBERSHIP, SQL = "kv", "membership", "sql"
 
 
 @dataclass(slots=True)
@@ -81,7 +91,8 @@ class _Write:
     request_id: int
     term: int
     deadline_ns: int
-    membership: bool
+    kind: str
+    """KV, MEMBERSHIP or SQL: which response answers it."""
 
 
 @dataclass(slots=True)
@@ -99,6 +110,7 @@ class RequestStats:
     writes_proposed: int = 0
     reads_linearizable: int = 0
     reads_stale: int = 0
+    barriers: int = 0
     redirected: int = 0
     refused: int = 0
     timed_out: int = 0
@@ -114,7 +126,7 @@ class Requests:
         raft: RaftNode,
         transport: Transport,
         clock: Clock,
-        machine: Callable[[], KvStateMachine],
+        machine: Callable[[], ClusterState],
         set_peer: Callable[[int, Address], None] | None,
     ) -> None:
         self._raft = raft
@@ -149,6 +161,11 @@ class Requests:
             self.stats.requests += 1
             self._remember_reply_address(source, message.reply_address)
             self._on_membership(source, message)
+            return True
+        if isinstance(message, SqlRequest):
+            self.stats.requests += 1
+            self._remember_reply_address(source, message.reply_address)
+            self._on_sql(source, message)
             return True
         if isinstance(message, (StatusRequest, ChaosRequest)):
             self._remember_reply_address(source, message.reply_address)
@@ -210,10 +227,41 @@ class Requests:
         change = ConfChange(kind=kind, node=node, context=context)
         self._propose(source, request.request_id, None, change)
 
+    def _on_sql(self, source: int, request: SqlRequest) -> None:
+        """Append a client's SQL command; answered when applied here. The command must be
+        stamped with the sender's own id (the per-client results are keyed by it)."""
+        try:
+            command = decode_command(request.command)
+        except msgspec.DecodeError as error:
+            self.stats.refused += 1
+            self.reply(source, SqlResponse(request.request_id, False, error=f"malformed: {error}"))
+            return
+        if command.client_id != source or command.request_id != request.request_id:
+            self.stats.refused += 1
+            why = "the command's client and request ids must be the sender's"
+            self.reply(source, SqlResponse(request.request_id, False, error=why))
+            return
+        if self._raft.role != Role.LEADER:
+            self.stats.redirected += 1
+            self.reply(source, self._error(request.request_id, NOT_LEADER, True, SQL))
+        elif self.pending >= REQUESTS_PENDING_MAX:
+            self.stats.refused += 1
+            self.reply(source, self._error(request.request_id, BUSY, True, SQL))
+        else:
+            if command.kind == CommandKind.BARRIER:
+                self.stats.barriers += 1
+            self._propose(source, request.request_id, entry_data(request.command), None, SQL)
+
     def _propose(
-        self, source: int, request_id: int, data: bytes | None, change: ConfChange | None
+        self,
+        source: int,
+        request_id: int,
+        data: bytes | None,
+        change: ConfChange | None,
+        kind: str = KV,
     ) -> None:
-        membership = change is not None
+        if change is not None:
+            kind = MEMBERSHIP
         try:
             if change is not None:
                 index, term = self._raft.propose_conf_change(change)
@@ -223,7 +271,7 @@ class Requests:
         except ProposalRefused as refusal:
             self.stats.refused += 1
             retryable = not isinstance(refusal, ProposalTooLarge)
-            error = self._error(request_id, str(refusal), retryable, membership)
+            error = self._error(request_id, str(refusal), retryable, kind)
             self.reply(source, error)
             return
         self.stats.writes_proposed += 1
@@ -231,7 +279,7 @@ class Requests:
         if superseded is not None:  # proposed at this index in an older term: cut off
             self._answer_write(superseded, False, None, index)
         deadline = self._clock.monotonic_ns() + self._timeout_ns
-        self._writes[index] = _Write(source, request_id, term, deadline, membership)
+        self._writes[index] = _Write(source, request_id, term, deadline, kind)
 
     def _start_read(self, source: int, request: KvRequest) -> None:
         sequence = next(self._read_sequence)
@@ -247,7 +295,7 @@ class Requests:
 
     # ---- the log's answers ----
 
-    def on_applied(self, entry: Entry, result: KvResult | None) -> None:
+    def on_applied(self, entry: Entry, result: KvResult | StoreWork | None) -> None:
         """`entry` was applied here: answer the write proposed at its index, if any."""
         if not self._writes:
             return
@@ -261,7 +309,7 @@ class Requests:
         happened (a retry is applied at most once)."""
         for log_index in [i for i in self._writes if i <= index]:
             write = self._writes.pop(log_index)
-            error = self._error(write.request_id, UNKNOWN_OUTCOME, True, write.membership)
+            error = self._error(write.request_id, UNKNOWN_OUTCOME, True, write.kind)
             self.reply(write.source, error)
 
     def on_read_states(self, read_states: tuple[ReadState, ...]) -> None:
@@ -302,7 +350,7 @@ class Requests:
                 del table[key]
                 self.stats.timed_out += 1
                 if isinstance(waiting, _Write):
-                    error = self._error(waiting.request_id, TIMED_OUT, True, waiting.membership)
+                    error = self._error(waiting.request_id, TIMED_OUT, True, waiting.kind)
                     self.reply(waiting.source, error)
                 else:
                     self.reply(
@@ -315,6 +363,8 @@ class Requests:
             self.reply(source, self._membership_error(message.request_id, STOPPING, True))
         elif isinstance(message, KvRequest):
             self.reply(source, _kv_error(message.request_id, STOPPING, retryable=True))
+        elif isinstance(message, SqlRequest):
+            self.reply(source, self._error(message.request_id, STOPPING, True, SQL))
         elif isinstance(message, ChaosRequest):
             self.reply(source, ChaosResponse(message.request_id, ok=False, detail=STOPPING))
 
@@ -322,23 +372,26 @@ class Requests:
         """The worker stops: tell everyone still waiting to retry elsewhere."""
         for index, write in list(self._writes.items()):
             del self._writes[index]
-            self.reply(
-                write.source, self._error(write.request_id, STOPPING, True, write.membership)
-            )
+            self.reply(write.source, self._error(write.request_id, STOPPING, True, write.kind))
         for sequence, read in list(self._reads.items()):
             del self._reads[sequence]
             self.reply(read.source, _kv_error(read.request.request_id, STOPPING, True))
 
     # ---- answers ----
 
-    def _answer_write(self, write: _Write, ours: bool, result: KvResult | None, index: int) -> None:
+    def _answer_write(
+        self, write: _Write, ours: bool, result: KvResult | StoreWork | None, index: int
+    ) -> None:
         response: Response
         if not ours:
-            response = self._error(write.request_id, SUPERSEDED, True, write.membership)
-        elif write.membership:
+            response = self._error(write.request_id, SUPERSEDED, True, write.kind)
+        elif write.kind == MEMBERSHIP:
             response = MembershipResponse(write.request_id, ok=True, index=index)
+        elif write.kind == SQL:
+            assert isinstance(result, StoreWork), (index, result)
+            response = self._sql_response(write.request_id, result)
         else:
-            assert result is not None, index
+            assert isinstance(result, KvResult), (index, result)
             response = KvResponse(
                 request_id=write.request_id,
                 ok=result.ok,
@@ -349,9 +402,23 @@ class Requests:
             )
         self.reply(write.source, response)
 
+    def _sql_response(self, request_id: int, work: StoreWork) -> SqlResponse:
+        sql = self._machine().sql
+        result = work.result
+        versions = tuple(sorted(sql.versions.items())) if work.barrier else ()
+        return SqlResponse(
+            request_id,
+            ok=result.ok,
+            index=work.index,
+            error=result.error,
+            error_kind=result.error_kind,
+            versions=versions,
+            catalog_version=sql.catalog_version,
+        )
+
     def _answer_get(self, source: int, request: KvRequest) -> None:
         machine = self._machine()
-        value, found = machine.get(request.key)
+        value, found = machine.kv.get(request.key)
         response = KvResponse(
             request.request_id, ok=True, value=value, found=found, index=machine.applied_index
         )
@@ -399,9 +466,17 @@ class Requests:
             retryable=retryable,
         )
 
-    def _error(self, request_id: int, error: str, retryable: bool, membership: bool) -> Response:
-        if membership:
+    def _error(self, request_id: int, error: str, retryable: bool, kind: str) -> Response:
+        if kind == MEMBERSHIP:
             return self._membership_error(request_id, error, retryable)
+        if kind == SQL:
+            return SqlResponse(
+                request_id,
+                ok=False,
+                error=error,
+                leader_hint=self.leader_hint(),
+                retryable=retryable,
+            )
         return KvResponse(
             request_id, ok=False, error=error, leader_hint=self.leader_hint(), retryable=retryable
         )

@@ -619,3 +619,72 @@ def chaos_hang(
 
 if __name__ == "__main__":
     app()
+
+
+# ---- SQL ----
+
+FORMAT_OPTION = typer.Option("table", "--format", help="table, csv, json or parquet.")
+SQL_FILE_OPTION = typer.Option(None, "-f", "--file", help="Run the SQL in this file.")
+OUTPUT_OPTION = typer.Option(None, "--output", "-o", help="Write the result here.")
+LOAD_FILES_ARGUMENT = typer.Argument(..., help="Parquet or CSV files.")
+CONSISTENCY_OPTION = typer.Option(
+    "strong", "--consistency", help="strong (a read barrier in the log) or stale (local state)."
+)
+
+
+@app.command()
+def sql(
+    statement: str | None = typer.Argument(None, help="SQL to run; none starts a shell."),
+    file: Path | None = SQL_FILE_OPTION,
+    output_format: str = FORMAT_OPTION,
+    output: Path | None = OUTPUT_OPTION,
+    consistency: str = CONSISTENCY_OPTION,
+    name: str = NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+) -> None:
+    """Run SQL on the cluster: answers are what single-node DuckDB would give."""
+    from cluster import cli_sql
+
+    cli_sql.run_sql(statement, file, name, data_dir, output_format, output, consistency)
+
+
+@app.command()
+def partitions(
+    name: str = NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="One JSON array."),
+) -> None:
+    """Where each partition lives (primary first), with rows and bytes."""
+    from cluster import cli_sql
+
+    cli_sql.show_partitions(name, data_dir, as_json)
+
+
+@app.command()
+def load(
+    table: str = typer.Argument(..., help="The table to load into (it must exist)."),
+    files: list[Path] = LOAD_FILES_ARGUMENT,
+    file_format: str | None = typer.Option(
+        None, "--format", help="parquet or csv (default: from the file name)."
+    ),
+    name: str = NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+) -> None:
+    """Load files into a table, one atomic COPY per file, with a progress bar."""
+    from cluster import cli_sql
+
+    cli_sql.load_files(table, files, name, data_dir, file_format)
+
+
+@app.command()
+def demo(
+    rows: int = typer.Option(1_000_000, "--rows", help="Rows in the demo dataset."),
+    name: str = NAME_OPTION,
+    data_dir: Path | None = DATA_DIR_OPTION,
+) -> None:
+    """Create a demo table, load a generated Parquet file, query it, show its partitions."""
+    from cluster import cli_sql
+
+    if not 1 <= rows <= 100_000_000:
+        _fail("--rows must be between 1 and 100000000", EXIT_USAGE)
+    cli_sql.run_demo(name, data_dir, rows)

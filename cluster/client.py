@@ -49,6 +49,7 @@ from cluster.protocol import (
     raft_id,
 )
 from cluster.rundir import ClusterInfo, RunDir, default_data_dir
+from cluster.sql_protocol import SQL_MESSAGES
 
 CLIENT_QUEUES_PER_HOST_EXPECTED = 24
 """Sizes the client's queue so it fits the mq budget beside two clusters' workers."""
@@ -190,7 +191,7 @@ class Client:
                 self._rng,
                 bind=(host, 0),
                 peers=peers,
-                messages=CLIENT_MESSAGES,
+                messages={**CLIENT_MESSAGES, **SQL_MESSAGES},
             )
         from ipc.local import LocalOptions, LocalTransport
 
@@ -207,7 +208,7 @@ class Client:
                 queue_message_bytes_min=1024,
                 queues_per_host_expected=CLIENT_QUEUES_PER_HOST_EXPECTED,
             ),
-            messages=CLIENT_MESSAGES,
+            messages={**CLIENT_MESSAGES, **SQL_MESSAGES},
         )
 
     def close(self) -> None:

@@ -701,7 +701,43 @@ def _node_entry(
         "cpu_percent": usage[0] if usage else None,
         "rss_bytes": usage[1] if usage else None,
         "address": list(node.address) if node.address else None,
+        "store_applied_index": status.store_applied_index if status else None,
+        "partitions": len(status.partitions) if status else None,
+        "rows": sum(info.rows for info in status.partitions) if status else None,
+        "bytes": sum(info.bytes for info in status.partitions) if status else None,
     }
+
+
+def partition_view(
+    placements: dict[str, tuple[tuple[int, ...], ...]],
+    statuses: dict[int, NodeStatus | None],
+) -> list[dict[str, Any]]:
+    """Who holds what: one entry per (table, partition) with its holders, primary first
+    (from the log's placement), and the rows and bytes each holder last counted (None for a
+    holder that did not answer: it is down)."""
+    counts: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for node, status in statuses.items():
+        for info in status.partitions if status is not None else ():
+            counts[(info.table, info.partition, node)] = (info.rows, info.bytes)
+    view = []
+    for table, holders_of in sorted(placements.items()):
+        for partition, holders in enumerate(holders_of):
+            entries = []
+            for node in holders:
+                rows_bytes = counts.get((table, partition, node))
+                up = statuses.get(node) is not None
+                entries.append(
+                    {
+                        "node": node,
+                        "up": up,
+                        "rows": rows_bytes[0] if rows_bytes else None,
+                        "bytes": rows_bytes[1] if rows_bytes else None,
+                    }
+                )
+            view.append(
+                {"table": table, "partition": partition, "primary": holders[0], "holders": entries}
+            )
+    return view
 
 
 def _process_usage(cluster: ClusterInfo) -> dict[int, tuple[float, int]]:

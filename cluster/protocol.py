@@ -88,6 +88,16 @@ class StatusRequest(msgspec.Struct, frozen=True):
     reply_address: Address | None = None
 
 
+class PartitionInfo(msgspec.Struct, frozen=True, array_like=True):
+    """One partition a worker holds, as its status reports it."""
+
+    table: str
+    partition: int
+    rows: int
+    bytes: int
+    primary: bool
+
+
 class NodeStatus(msgspec.Struct, frozen=True):
     """One worker's view of itself. The CLI adds what the supervisor knows (host, core,
     restarts) and what psutil sees (cpu_percent, rss_bytes)."""
@@ -112,6 +122,10 @@ class NodeStatus(msgspec.Struct, frozen=True):
     """Blocked links (source node, target node), 0-based."""
     address: Address | None = None
     """TCP: where this worker's transport listens (the port it bound, if it asked for 0)."""
+    partitions: tuple[PartitionInfo, ...] = ()
+    """The partitions this worker holds, with rows and bytes as last counted."""
+    store_applied_index: int = 0
+    """The last log index the partition store has applied."""
 
 
 class StatusResponse(msgspec.Struct, frozen=True):

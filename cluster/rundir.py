@@ -97,6 +97,13 @@ class RunDir:
     def wal_dir(self, node: int) -> Path:
         return self.node_dir(node) / "wal"
 
+    def store_file(self, node: int) -> Path:
+        """The node's DuckDB database holding its partitions."""
+        return self.node_dir(node) / "partitions.duckdb"
+
+    def staging_dir(self, node: int) -> Path:
+        return self.node_dir(node) / "staging"
+
     def worker_log(self, node: int) -> Path:
         return self.node_dir(node) / "worker.log"
 

@@ -42,6 +42,8 @@ EXIT_WAL_FAILED = 3
 """The WAL could not be opened or written (corrupt, disk full, failed fsync)."""
 EXIT_START_FAILED = 4
 """The transport could not start (another incarnation alive, host limits)."""
+EXIT_STORE_FAILED = 5
+"""The partition store (DuckDB) failed: restart and replay from the applied index."""
 
 
 def main(config: WorkerConfig) -> int:

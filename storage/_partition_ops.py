@@ -138,6 +138,18 @@ class Delete:
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteRows:
+    """Delete every row of the partition equal to some row of `data`: all of `data`'s
+    columns, matched by name, compared with IS NOT DISTINCT FROM (NULL matches NULL, NaN
+    matches NaN, as DuckDB's `=` on nested values does). Every copy of an equal row goes;
+    rows of `data` matching nothing are ignored; empty `data` does nothing."""
+
+    table: str
+    partition: int
+    data: pa.Table
+
+
+@dataclass(frozen=True, slots=True)
 class Update:
     table: str
     partition: int
@@ -155,7 +167,15 @@ class ImportPartition:
 
 
 Operation = (
-    CreateTable | DropTable | DropPartition | AddColumn | Insert | Delete | Update | ImportPartition
+    CreateTable
+    | DropTable
+    | DropPartition
+    | AddColumn
+    | Insert
+    | Delete
+    | DeleteRows
+    | Update
+    | ImportPartition
 )
 
 
@@ -166,6 +186,31 @@ def _insert_arrow(connection: duckdb.DuckDBPyConnection, target_sql: str, data: 
     # On failure the transaction is aborted and refuses even this: the caller releases
     # the view after its rollback (`release_rows`).
     connection.unregister(ROWS_VIEW)
+
+
+def _delete_arrow(connection: duckdb.DuckDBPyConnection, target_sql: str, data: pa.Table) -> None:
+    assert isinstance(data, pa.Table), f"rows must be a pyarrow.Table, got {type(data)}"
+    if data.num_rows == 0:
+        return
+    assert data.num_columns > 0, "rows to delete must have at least one column"
+    connection.register(ROWS_VIEW, data)
+    connection.execute(delete_rows_sql(target_sql, data.column_names))
+    connection.unregister(ROWS_VIEW)  # on failure `release_rows` does it, as for inserts
+
+
+def delete_rows_sql(target_sql: str, columns: list[str]) -> str:
+    """One DELETE joining the partition to the distinct rows of ROWS_VIEW. DuckDB plans the
+    conjunction of IS NOT DISTINCT FROM conditions as a hash join (build side: the distinct
+    rows); DISTINCT keeps many copies of one row from multiplying the join's output."""
+    assert columns, "at least one column"
+    matches = " AND ".join(
+        f"target.{name} IS NOT DISTINCT FROM doomed.{name}"
+        for name in map(quote_identifier, columns)
+    )
+    return (
+        f"DELETE FROM {target_sql} AS target "
+        f"USING (SELECT DISTINCT * FROM {ROWS_VIEW}) AS doomed WHERE {matches}"
+    )
 
 
 def release_rows(connection: duckdb.DuckDBPyConnection) -> None:
@@ -202,6 +247,8 @@ def run(connection: duckdb.DuckDBPyConnection, operation: Operation) -> None:
             connection.execute(
                 f"DELETE FROM {partition_table_sql(table, partition)} WHERE {where_sql}"
             )
+        case DeleteRows(table, partition, data):
+            _delete_arrow(connection, partition_table_sql(table, partition), data)
         case Update(table, partition, set_sql, where_sql):
             _check_fragment(set_sql, "set_sql")
             _check_fragment(where_sql, "where_sql")

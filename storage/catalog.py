@@ -147,6 +147,15 @@ class Catalog:
             raise UnknownTable(f"no table {name!r} in the catalog")
         return found.spec
 
+    @contextmanager
+    def scratch(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The catalog's DuckDB inside a transaction that is always rolled back: a
+        coordinator fills tables with rows it read and runs a statement there, with every
+        schema, constraint and view exactly as the cluster has them. Nothing it does
+        outlives the block. Not re-entrant."""
+        with self._rolled_back():
+            yield self._con
+
     # -- binding ---------------------------------------------------------------------------
 
     def bind(self, sql: str, worker_count: int = 1) -> Statement:

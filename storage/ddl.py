@@ -704,3 +704,159 @@ def literal(text: str | None, type_sql: str) -> str:
     if text is None:
         return f"CAST(NULL AS {type_sql})"
     return "CAST('" + text.replace("'", "''") + f"' AS {type_sql})"
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces of DuckDB's own SQL text, for building the operations a worker applies
+
+
+def columns_sql(table_ddl: str) -> str:
+    """The text inside the outer parentheses of a CREATE TABLE (columns and table
+    constraints), e.g. of DuckDB's canonical `duckdb_tables().sql`, exactly as written.
+
+    Raises ValueError for text that is not CREATE TABLE with a column list."""
+    tokens = _tokens(table_ddl)
+    words = [token.word() for token in tokens]
+    table_at = _first_top_level(tokens, words, 0, "TABLE")
+    if words[:1] != ["CREATE"] or table_at is None:
+        raise ValueError(f"not a CREATE TABLE statement: {table_ddl[:80]!r}")
+    at = table_at + 1
+    if words[at : at + 3] == ["IF", "NOT", "EXISTS"]:
+        at += 3
+    parts, open_at = _qualified_name(tokens, at)
+    if not parts or open_at >= len(tokens) or tokens[open_at].text != "(":
+        raise ValueError(f"CREATE TABLE without a column list: {table_ddl[:80]!r}")
+    close_at = _matching_paren(tokens, open_at)
+    return table_ddl[tokens[open_at].end : tokens[close_at].start].strip()
+
+
+_ADDED_CONSTRAINT_WORDS = frozenset({"CONSTRAINT", "PRIMARY", "UNIQUE", "FOREIGN", "CHECK"})
+
+
+def added_column_sql(alter_sql: str) -> str:
+    """From `ALTER TABLE t ADD [COLUMN] [IF NOT EXISTS] c TYPE …`, the text from IF NOT
+    EXISTS (when given) or the column's name to the end, without a trailing ';' — ready for
+    `ALTER TABLE <partition> ADD COLUMN <this>`.
+
+    Raises ValueError for any other statement."""
+    tokens = _tokens(alter_sql)
+    while tokens and tokens[-1].text == ";":
+        tokens.pop()
+    words = [token.word() for token in tokens]
+    if words[:2] != ["ALTER", "TABLE"]:
+        raise ValueError(f"not an ALTER TABLE statement: {alter_sql[:80]!r}")
+    at = 4 if words[2:4] == ["IF", "EXISTS"] else 2
+    parts, at = _qualified_name(tokens, at)
+    if not parts or words[at : at + 1] != ["ADD"]:
+        raise ValueError(f"not ALTER TABLE … ADD [COLUMN]: {alter_sql[:80]!r}")
+    at += 1
+    if words[at : at + 1] == ["COLUMN"]:
+        at += 1  # COLUMN is reserved: as a column name it would be quoted
+    if at >= len(tokens) or words[at] in _ADDED_CONSTRAINT_WORDS:
+        raise ValueError(f"ALTER TABLE … ADD without a column: {alter_sql[:80]!r}")
+    return alter_sql[tokens[at].start : tokens[-1].end]
+
+
+_SQL_VALUE_FUNCTIONS: dict[str, str] = {
+    "current_catalog": "current_catalog",
+    "current_date": "current_date",
+    "current_role": "current_role",
+    "current_schema": "current_schema",
+    "current_time": "get_current_time",
+    "current_timestamp": "get_current_timestamp",
+    "current_user": "current_user",
+    "localtime": "get_current_time",
+    "localtimestamp": "get_current_timestamp",
+    "session_user": "session_user",
+    "user": "user",
+}
+"""Names DuckDB's binder turns into function calls when written without parentheses (and
+no column has the name), each with the function whose stability it has. DuckDB binds
+localtime/localtimestamp to ICU's current_localtime/current_localtimestamp, which
+`duckdb_functions()` lists as CONSISTENT although they read the transaction's start time;
+they are judged as the get_current_* functions they derive from."""
+_JUDGED_AS: dict[str, str] = {
+    "current_localtime": "get_current_time",
+    "current_localtimestamp": "get_current_timestamp",
+}
+_OBJECT_WORDS = frozenset({"TABLE", "INTO", "VIEW", "EXISTS", "REFERENCES"})
+"""A name right after one of these is a table whose column list follows, not a call."""
+
+
+def volatile_functions(sql: str, con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Lower-cased, sorted, unique names of the functions `sql` calls whose result may differ
+    between two runs of the same statement: `stability` other than CONSISTENT in `con`'s
+    `duckdb_functions()` (VOLATILE, e.g. random, uuid, nextval; CONSISTENT_WITHIN_QUERY,
+    e.g. now, current_date), including the SQL value keywords written without parentheses
+    (current_timestamp, localtimestamp, …) and macros whose definition calls one.
+
+    Names in string literals, comments and quoted identifiers not followed by '(' are never
+    calls. A column named like a SQL value keyword (a column `current_date`) is reported
+    too: the text alone does not say which one it is, and reporting is the safe side."""
+    stabilities = _function_stabilities(con)
+    called = _called_functions(sql)
+    return sorted(name for name in called if _is_volatile(name, stabilities, set()))
+
+
+_Stability = tuple[str, str | None, str | None]
+"""(function_type, stability, macro_definition) of one overload."""
+
+
+def _function_stabilities(con: duckdb.DuckDBPyConnection) -> dict[str, list[_Stability]]:
+    """Every overload in `duckdb_functions()`, by lower-cased name. One full read: the
+    table function costs ~20 ms however it is filtered, so looking names up one round of
+    macros at a time would only cost more."""
+    rows = con.execute(
+        "SELECT lower(function_name), function_type, stability, macro_definition "
+        "FROM duckdb_functions()"
+    ).fetchall()
+    stabilities: dict[str, list[_Stability]] = {}
+    for name, function_type, stability, definition in rows:
+        stabilities.setdefault(name, []).append((function_type, stability, definition))
+    return stabilities
+
+
+def _judged_as(name: str) -> str:
+    return _SQL_VALUE_FUNCTIONS.get(name) or _JUDGED_AS.get(name) or name
+
+
+def _called_functions(sql: str) -> set[str]:
+    """Lower-cased names of everything `sql` calls, with or without parentheses."""
+    tokens = _tokens(sql)
+    words = [token.word() for token in tokens]
+    called: set[str] = set()
+    for at, token in enumerate(tokens):
+        if not _is_name(token):
+            continue
+        after = tokens[at + 1].text if at + 1 < len(tokens) else ""
+        if after == "(":
+            if not _names_table(tokens, words, at):
+                called.add(_unquote(token).lower())
+        elif words[at].lower() in _SQL_VALUE_FUNCTIONS and after != ".":
+            if at == 0 or tokens[at - 1].text != ".":
+                called.add(words[at].lower())
+    return called
+
+
+def _names_table(tokens: Sequence[_Token], words: Sequence[str], at: int) -> bool:
+    """Whether the (possibly dotted) name ending at tokens[at] follows an _OBJECT_WORDS."""
+    while at >= 2 and tokens[at - 1].text == "." and _is_name(tokens[at - 2]):
+        at -= 2
+    return at > 0 and words[at - 1] in _OBJECT_WORDS
+
+
+def _is_volatile(name: str, stabilities: dict[str, list[_Stability]], seen: set[str]) -> bool:
+    """Whether any overload of `name` is not CONSISTENT; a macro is judged by the functions
+    its definition calls (`seen` stops macros that refer to each other in a loop)."""
+    judged = _judged_as(name)
+    if judged in seen:
+        return False
+    seen.add(judged)
+    for function_type, stability, definition in stabilities.get(judged, []):
+        if function_type in ("macro", "table_macro"):
+            called = _called_functions(definition or "")
+            if any(_is_volatile(inner, stabilities, seen) for inner in sorted(called)):
+                return True
+        elif stability is not None and stability != "CONSISTENT":
+            return True
+    return False

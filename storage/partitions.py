@@ -53,6 +53,7 @@ from storage._partition_ops import (
     AddColumn,
     CreateTable,
     Delete,
+    DeleteRows,
     DropPartition,
     DropTable,
     ImportPartition,
@@ -72,6 +73,7 @@ __all__ = [
     "AddColumn",
     "CreateTable",
     "Delete",
+    "DeleteRows",
     "DropPartition",
     "DropTable",
     "ImportPartition",
@@ -276,6 +278,10 @@ class PartitionStore:
 
     def delete(self, index: int, table: str, partition: int, where_sql: str) -> bool:
         return self.apply(index, [Delete(table, partition, where_sql)])
+
+    def delete_rows(self, index: int, table: str, partition: int, data: pa.Table) -> bool:
+        """Delete every row of the partition equal to a row of `data` (see `DeleteRows`)."""
+        return self.apply(index, [DeleteRows(table, partition, data)])
 
     def update(self, index: int, table: str, partition: int, set_sql: str, where_sql: str) -> bool:
         return self.apply(index, [Update(table, partition, set_sql, where_sql)])

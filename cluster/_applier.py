@@ -1,0 +1,453 @@
+"""The worker's partition store, driven from three lanes beside the loop.
+
+- apply lane: runs each command's `StoreWork` on the DuckDB partition store, strictly in
+  log order, resolving staged batches to rows first (a batch this node does not hold, or
+  holds corrupt, is fetched from another holder through the loop before the entry is
+  applied); opens a read snapshot when it applies a read barrier; runs checkpoints. It
+  alone opens and closes snapshots.
+- scan lane: reads partitions inside those snapshots and hands the rows to the loop.
+- stage lane: writes staged rows durably (fsync) and tells the loop to acknowledge.
+
+Exactly once: the store skips any entry at or below its applied index (committed in the
+same DuckDB transaction as the entry's effects), so replay after a crash neither doubles
+nor skips an entry; staged rows are not even read for a skipped entry.
+
+Read snapshots live until released, until idle for `SNAPSHOT_IDLE_MS`, or until
+`SNAPSHOTS_KEPT_MAX` newer ones push them out; a scan of a vanished snapshot is refused
+as retryable (the client takes a new barrier).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+
+from clock import Clock
+from cluster._threads import Lane
+from cluster.sql_machine import StagedRows, StoreWork
+from cluster.sql_protocol import StagedBatch
+from storage.partitions import (
+    CreateTable,
+    DeleteRows,
+    DropPartition,
+    Insert,
+    Operation,
+    OperationRejected,
+    PartitionStore,
+    PartitionStoreError,
+    ReadSnapshot,
+    StoreFailed,
+)
+from storage.staging import StagedFile, StagingArea, StagingError
+
+SNAPSHOT_IDLE_MS = 30_000
+SNAPSHOTS_KEPT_MAX = 32
+FETCH_WAIT_MS = 2_000
+"""How long the apply lane waits for one fetch of a missing batch before asking again."""
+NS_PER_MS = 1_000_000
+
+
+class Host(Protocol):
+    """What the applier needs from the loop. Called from lanes: implementations post to
+    the loop's mailbox."""
+
+    def fetch_stage(self, table: str, batch: StagedBatch, attempt: int) -> None: ...
+
+    def fetch_partition(
+        self, index: int, table: str, partition: int, holder: int, answer: PartitionAnswer
+    ) -> None:
+        """Ask node `holder` for the partition's rows at barrier `index`; `answer` gets
+        them (with a release callback) or None."""
+        ...
+
+    def caught_up(self, index: int, ok: bool) -> None: ...
+
+    def applied(self, index: int) -> None: ...
+
+    def failed(self, message: str) -> None: ...
+
+    def log_event(self, event: str, **fields: object) -> None: ...
+
+
+class PartitionAnswer:
+    """A one-shot slot the loop fills with a fetched partition (or None) for a lane."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self.rows: pa.Table | None = None
+        self.release: Callable[[], None] | None = None
+
+    def set(self, rows: pa.Table | None, release: Callable[[], None] | None = None) -> None:
+        self.rows, self.release = rows, release
+        self._ready.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUpItem:
+    table: str
+    partition: int
+    columns_sql: str
+    holders: tuple[int, ...]
+    """The other holders (never this node) to copy from."""
+
+
+CATCH_UP_WAIT_MS = 15_000
+"""How long one holder has to send one partition during a catch-up."""
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    snapshot: ReadSnapshot
+    last_used_ns: int
+    readers: int = 0
+
+
+class ScanRefused(Exception):
+    """The scan cannot be served here (no snapshot, partition not held); retryable."""
+
+
+class Applier:
+    def __init__(
+        self, store: PartitionStore, staging: StagingArea, host: Host, clock: Clock
+    ) -> None:
+        self.store = store
+        self.staging = staging
+        self._host = host
+        self._clock = clock
+        self._apply = Lane("dcluster-apply", self._lane_error)
+        self._scan = Lane("dcluster-scan", self._lane_error)
+        self._stage = Lane("dcluster-stage", self._lane_error)
+        self.done_index = store.applied_index()
+        """The last index whose work the apply lane finished (read by the loop)."""
+        self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
+        self._snapshots_lock = threading.Lock()
+        self._arrived = threading.Condition()
+        self._closing = False
+        self._failed = False
+        self.rejected = 0
+
+    # ---- from the loop ----
+
+    def submit(self, work: StoreWork) -> None:
+        self._apply.submit(lambda: self._run(work))
+
+    def submit_checkpoint(self, index: int, done: Callable[[], None]) -> None:
+        """After every earlier submission: make the store's applied index at least `index`
+        (a snapshot of the state machine at `index` is about to replace the log), then
+        call `done` (from the lane)."""
+        self._apply.submit(lambda: self._checkpoint(index, done))
+
+    def stage(
+        self,
+        stage_id: str,
+        rows: pa.Table,
+        done: Callable[[StagedFile | None, str | None], None],
+    ) -> None:
+        """Write `rows` durably as `stage_id`; `done(file, None)` or `done(None, error)`."""
+
+        def write() -> None:
+            try:
+                staged = self.staging.write(stage_id, rows)
+            except (StagingError, ValueError) as error:
+                done(None, str(error))
+                return
+            with self._arrived:
+                self._arrived.notify_all()
+            done(staged, None)
+
+        self._stage.submit(write)
+
+    def scan(
+        self,
+        index: int,
+        table: str,
+        partition: int,
+        columns: tuple[str, ...] | None,
+        done: Callable[[pa.Table | None, int, str | None], None],
+    ) -> None:
+        """Read one partition at barrier `index` (0: now); `done(rows, index, None)` or
+        `done(None, 0, why)`. Barrier scans must only be asked once `done_index >= index`."""
+        if index == 0:
+            self._apply.submit(lambda: self._open_for_stale(table, partition, columns, done))
+            return
+        self._scan.submit(lambda: self._read(index, table, partition, columns, done))
+
+    def submit_catch_up(
+        self, index: int, items: list[CatchUpItem], keep: set[tuple[str, int]]
+    ) -> None:
+        """After every earlier submission: copy each item's partition as of barrier `index`
+        from another holder, then in ONE store transaction at `index` replace those local
+        partitions with the copies and drop local partitions not in `keep`. Ends with
+        `host.caught_up(index, ok)`; on failure the store is unchanged."""
+        self._apply.submit(lambda: self._catch_up(index, items, keep))
+
+    def run_on_stage_lane(self, work: Callable[[], None]) -> None:
+        self._stage.submit(work)
+
+    def run_on_apply_lane(self, work: Callable[[], None]) -> None:
+        """After every earlier submission (the store is the apply lane's alone)."""
+        self._apply.submit(work)
+
+    def release(self, index: int) -> None:
+        self._apply.submit(lambda: self._close_snapshot(index))
+
+    def close(self) -> None:
+        self._closing = True
+        with self._arrived:
+            self._arrived.notify_all()
+        for lane in (self._stage, self._scan, self._apply):
+            lane.close()
+        with self._snapshots_lock:
+            snapshots = list(self._snapshots.values())
+            self._snapshots.clear()
+        for held in snapshots:
+            held.snapshot.close()
+
+    # ---- apply lane ----
+
+    def _run(self, work: StoreWork) -> None:
+        if self._failed:
+            return
+        if work.barrier:
+            self._open_barrier(work.index)
+        elif work.ops and work.index > self.store.applied_index():
+            operations = self._resolve(work)
+            if operations is None:
+                return  # closing
+            self._apply_ops(work.index, operations)
+        self._expire_snapshots()
+        self.done_index = work.index
+        self._host.applied(work.index)
+
+    def _apply_ops(self, index: int, operations: list[Operation]) -> None:
+        try:
+            self.store.apply(index, operations)
+        except OperationRejected as error:
+            # The coordinator ran the statement before proposing it, so this is a bug, not
+            # bad input; every holder of the partition rejects it alike (the replicas stay
+            # equal), but the statement did not apply everywhere. Say so loudly.
+            self.rejected += 1
+            self._host.log_event("apply_rejected", index=index, error=str(error))
+            self.store.apply(index, ())
+        except (StoreFailed, PartitionStoreError) as error:
+            self._fail(f"partition store failed at index {index}: {error}")
+
+    def _resolve(self, work: StoreWork) -> list[Operation] | None:
+        operations: list[Operation] = []
+        for op in work.ops:
+            if not isinstance(op, StagedRows):
+                operations.append(op)
+                continue
+            rows = self._staged_rows(op)
+            if rows is None:
+                return None
+            if op.batch.delete:
+                operations.append(DeleteRows(op.table, op.partition, rows))
+            else:
+                operations.append(Insert(op.table, op.partition, rows))
+        return operations
+
+    def _staged_rows(self, op: StagedRows) -> pa.Table | None:
+        """The batch's rows from the staging area, fetched from another holder first if this
+        node has no good copy. None only when the worker is closing."""
+        batch = op.batch
+        attempt = 0
+        while not self._closing:
+            rows = self.staging.open(batch.stage_id, batch.crc, batch.rows)
+            if rows is not None:
+                return rows
+            if attempt % 10 == 0:
+                self._host.log_event("stage_missing", stage=batch.stage_id, attempt=attempt)
+            self._host.fetch_stage(op.table, batch, attempt)
+            attempt += 1
+            with self._arrived:
+                if not self.staging.has(batch.stage_id) and not self._closing:
+                    self._arrived.wait(FETCH_WAIT_MS / 1000)
+        return None
+
+    def _checkpoint(self, index: int, done: Callable[[], None]) -> None:
+        if self._failed:
+            return
+        if index > self.store.applied_index():
+            try:
+                self.store.apply(index, ())
+            except PartitionStoreError as error:
+                self._fail(f"partition store failed at checkpoint {index}: {error}")
+                return
+        done()
+
+    def _catch_up(self, index: int, items: list[CatchUpItem], keep: set[tuple[str, int]]) -> None:
+        if self._failed:
+            return
+        fetched: list[tuple[CatchUpItem, PartitionAnswer]] = []
+        try:
+            for item in items:
+                answer = self._fetch_partition(index, item)
+                if answer is None:
+                    self._host.log_event(
+                        "catch_up_fetch_failed",
+                        index=index,
+                        table=item.table,
+                        partition=item.partition,
+                    )
+                    self._host.caught_up(index, False)
+                    return
+                fetched.append((item, answer))
+            held = set(self.store.partitions())
+            ops: list[Operation] = [
+                DropPartition(table, partition) for table, partition in sorted(held - keep)
+            ]
+            for item, answer in fetched:
+                assert answer.rows is not None
+                ops += [
+                    DropPartition(item.table, item.partition),
+                    CreateTable(item.table, item.partition, item.columns_sql),
+                    Insert(item.table, item.partition, answer.rows),
+                ]
+            if index > self.store.applied_index():
+                self.store.apply(index, ops)
+        except PartitionStoreError as error:
+            self._fail(f"partition store failed during catch-up at {index}: {error}")
+            return
+        finally:
+            for _, answer in fetched:
+                if answer.release is not None:
+                    answer.release()
+        self.done_index = index
+        self._host.caught_up(index, True)
+        self._host.applied(index)
+
+    def _fetch_partition(self, index: int, item: CatchUpItem) -> PartitionAnswer | None:
+        others = item.holders
+        for attempt in range(len(others) * 2):
+            if self._closing:
+                return None
+            answer = PartitionAnswer()
+            holder = others[attempt % len(others)]
+            self._host.fetch_partition(index, item.table, item.partition, holder, answer)
+            if answer.wait(CATCH_UP_WAIT_MS / 1000) and answer.rows is not None:
+                return answer
+        return None
+
+    def _fail(self, message: str) -> None:
+        self._failed = True
+        self._host.failed(message)
+
+    def _lane_error(self, lane: str, error: BaseException) -> None:
+        self._fail(f"{lane}: {type(error).__name__}: {error}")
+
+    # ---- snapshots (opened and closed on the apply lane only) ----
+
+    def _open_barrier(self, index: int) -> None:
+        if not self.store_holds_anything():
+            return
+        try:
+            snapshot = self.store.snapshot()
+        except PartitionStoreError as error:
+            self._host.log_event("snapshot_failed", index=index, error=str(error))
+            return
+        with self._snapshots_lock:
+            self._snapshots[index] = _Snapshot(snapshot, self._clock.monotonic_ns())
+        self._trim_snapshots()
+
+    def store_holds_anything(self) -> bool:
+        return bool(self.store.partitions())
+
+    def _open_for_stale(
+        self,
+        table: str,
+        partition: int,
+        columns: tuple[str, ...] | None,
+        done: Callable[[pa.Table | None, int, str | None], None],
+    ) -> None:
+        try:
+            snapshot = self.store.snapshot()
+        except PartitionStoreError as error:
+            done(None, 0, str(error))
+            return
+
+        def read_and_close() -> None:
+            try:
+                rows = _scan_rows(snapshot, table, partition, columns)
+                done(rows, snapshot.applied_index, None)
+            except (PartitionStoreError, ScanRefused) as error:
+                done(None, 0, str(error))
+            finally:
+                self._apply.submit(snapshot.close)
+
+        self._scan.submit(read_and_close)
+
+    def _close_snapshot(self, index: int) -> None:
+        with self._snapshots_lock:
+            held = self._snapshots.get(index)
+            if held is None or held.readers:
+                return
+            del self._snapshots[index]
+        held.snapshot.close()
+
+    def _expire_snapshots(self) -> None:
+        now = self._clock.monotonic_ns()
+        with self._snapshots_lock:
+            idle = [
+                index
+                for index, held in self._snapshots.items()
+                if not held.readers and now - held.last_used_ns > SNAPSHOT_IDLE_MS * NS_PER_MS
+            ]
+        for index in idle:
+            self._close_snapshot(index)
+
+    def _trim_snapshots(self) -> None:
+        with self._snapshots_lock:
+            extra = len(self._snapshots) - SNAPSHOTS_KEPT_MAX
+            oldest = [i for i, held in self._snapshots.items() if not held.readers][: max(0, extra)]
+        for index in oldest:
+            self._close_snapshot(index)
+
+    # ---- scan lane ----
+
+    def _read(
+        self,
+        index: int,
+        table: str,
+        partition: int,
+        columns: tuple[str, ...] | None,
+        done: Callable[[pa.Table | None, int, str | None], None],
+    ) -> None:
+        with self._snapshots_lock:
+            held = self._snapshots.get(index)
+            if held is not None:
+                held.readers += 1
+                held.last_used_ns = self._clock.monotonic_ns()
+        if held is None:
+            done(None, 0, f"no read snapshot at index {index} here (expired or never opened)")
+            return
+        try:
+            rows = _scan_rows(held.snapshot, table, partition, columns)
+        except (PartitionStoreError, ScanRefused) as error:
+            done(None, 0, str(error))
+            return
+        finally:
+            with self._snapshots_lock:
+                held.readers -= 1
+        done(rows, index, None)
+
+
+def _scan_rows(
+    snapshot: ReadSnapshot, table: str, partition: int, columns: tuple[str, ...] | None
+) -> pa.Table:
+    if (table, partition) not in snapshot.partitions():
+        raise ScanRefused(f"partition {partition} of {table} is not held here")
+    if columns is None:
+        return snapshot.scan(table, partition)
+    from storage.partitions import partition_table_sql, quote_identifier
+
+    projection = ", ".join(quote_identifier(column) for column in columns) or "*"
+    return snapshot.query(f"SELECT {projection} FROM {partition_table_sql(table, partition)}")

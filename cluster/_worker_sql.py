@@ -1,0 +1,445 @@
+"""The worker's SQL service on the loop thread: staging, scans, catalog answers, fetching
+missing batches, and feeding the applier.
+
+Everything here runs on the loop thread; slow work goes to the applier's lanes, whose
+answers come back through the mailbox (see cluster._threads). Requests it serves:
+
+- bulk `StageHeader` + rows from a client: written durably on the stage lane, then
+  acknowledged with the rows' count and CRC (only after the fsync).
+- `ScanRequest`: at barrier index b, parked until the store has applied b (bounded by
+  `SCAN_WAIT_MS`), then read on the scan lane from the snapshot opened at b and sent back as
+  bulk; index 0 reads what is applied now.
+- `CatalogRequest`: the applied catalog, placements and versions.
+- `FetchStage` from another worker: the staged rows, if this node has a good copy.
+- `ReleaseRead`: the client is done with a barrier's snapshots.
+
+Invariant: a stage is acknowledged only after its rows are on disk; a scan at barrier b is
+answered only from the snapshot taken when b was applied, never from later state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import pyarrow as pa
+
+from clock import Clock
+from cluster._applier import Applier, PartitionAnswer
+from cluster._threads import Mailbox
+from cluster._worker_log import EventLog
+from cluster.protocol import CLIENT_ID_MIN, PartitionInfo, raft_id
+from cluster.rundir import RunDir
+from cluster.sql_machine import StoreWork
+from cluster.sql_protocol import (
+    CatalogRequest,
+    CatalogResponse,
+    FetchStage,
+    ReleaseRead,
+    ScanError,
+    ScanHeader,
+    ScanRequest,
+    StageAck,
+    StagedBatch,
+    StageHeader,
+)
+from cluster.state import ClusterState
+from ipc.errors import Backpressure, TransportError
+from ipc.transport import BulkReceived, Transport
+from storage.partitions import PartitionStore
+from storage.staging import StagedFile, StagingArea
+
+SCAN_WAIT_MS = 5_000
+"""A scan at a barrier this node has not applied yet waits this long, then is refused."""
+OUTBOX_RETRY_MS = 5_000
+"""A reply the transport pushed back on is retried for this long, then dropped."""
+STATS_REFRESH_MS = 2_000
+STAGING_COLLECT_MS = 60_000
+STAGING_KEEP_MS = 3_600_000
+"""Staged files older than this are removed (a holder that still needs one catches up
+from a replica instead)."""
+NS_PER_MS = 1_000_000
+
+
+@dataclass(slots=True)
+class _ParkedScan:
+    source: int
+    request: ScanRequest
+    deadline_ns: int
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    target: int
+    header: msgspec.Struct
+    rows: pa.Table | None
+    deadline_ns: int
+
+
+@dataclass
+class SqlStats:
+    staged: int = 0
+    stage_failures: int = 0
+    scans: int = 0
+    scan_refusals: int = 0
+    fetches_sent: int = 0
+    fetches_served: int = 0
+    replies_dropped: int = 0
+
+
+class SqlService:
+    def __init__(
+        self,
+        node: int,
+        run: RunDir,
+        transport: Transport,
+        clock: Clock,
+        log: EventLog,
+        state: Callable[[], ClusterState],
+        reply: Callable[[int, msgspec.Struct], None],
+        on_failure: Callable[[str], None],
+        on_caught_up: Callable[[int, bool], None],
+    ) -> None:
+        self.node = node
+        self._transport = transport
+        self._clock = clock
+        self._log = log
+        self._state = state
+        self._reply = reply
+        self._on_failure = on_failure
+        self._on_caught_up = on_caught_up
+        self._partition_fetches: dict[int, PartitionAnswer] = {}
+        """Request id of a catch-up ScanRequest this node sent -> where the rows go."""
+        self.mailbox = Mailbox()
+        staging_dir = run.staging_dir(node)
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self.store = PartitionStore.open(run.store_file(node))
+        self.staging = StagingArea(staging_dir)
+        self.applier = Applier(self.store, self.staging, self, clock)
+        self.stats = SqlStats()
+        self._parked: list[_ParkedScan] = []
+        self._outbox: list[_Outgoing] = []
+        self._fetch_ids = itertools.count(1)
+        self._fetching: dict[int, str] = {}
+        """Request id of a FetchStage this node sent -> the stage id it asked for."""
+        self.partition_infos: tuple[PartitionInfo, ...] = ()
+        self._stats_due_ns = 0
+        self._stats_running = False
+        self._collect_due_ns = 0
+
+    # ---- the applier's Host (called from lanes: everything goes through the mailbox) ----
+
+    def fetch_stage(self, table: str, batch: StagedBatch, attempt: int) -> None:
+        self.mailbox.post(lambda: self._send_fetch(table, batch, attempt))
+
+    def fetch_partition(
+        self, index: int, table: str, partition: int, holder: int, answer: PartitionAnswer
+    ) -> None:
+        self.mailbox.post(
+            lambda: self._send_partition_fetch(index, table, partition, holder, answer)
+        )
+
+    def caught_up(self, index: int, ok: bool) -> None:
+        self.mailbox.post(lambda: self._on_caught_up(index, ok))
+
+    def applied(self, index: int) -> None:
+        self.mailbox.post(lambda: self._serve_parked(index))
+
+    def failed(self, message: str) -> None:
+        self.mailbox.post(lambda: self._on_failure(message))
+
+    def log_event(self, event: str, **fields: object) -> None:
+        self.mailbox.post(lambda: self._log.event(event, **fields))
+
+    # ---- the loop ----
+
+    @property
+    def store_applied_index(self) -> int:
+        return self.applier.done_index
+
+    def submit(self, work: StoreWork) -> None:
+        if work.ops or work.barrier:
+            self.applier.submit(work)
+
+    def run_mailbox(self) -> None:
+        for work in self.mailbox.drain():
+            work()
+
+    def on_message(self, source: int, message: msgspec.Struct) -> bool:
+        """Handle an SQL message; False if it is not one."""
+        if isinstance(message, ScanRequest):
+            self._on_scan(source, message)
+        elif isinstance(message, CatalogRequest):
+            self._reply(source, self._catalog_response(message.request_id))
+        elif isinstance(message, ReleaseRead):
+            self.applier.release(message.index)
+        elif isinstance(message, FetchStage):
+            self._on_fetch(source, message)
+        elif isinstance(message, StageAck):
+            self._fetching.pop(message.request_id, None)  # the holder has no good copy
+        elif isinstance(message, ScanError) and source < CLIENT_ID_MIN:
+            answer = self._partition_fetches.pop(message.request_id, None)
+            if answer is not None:
+                answer.set(None)
+        else:
+            return False
+        return True
+
+    def on_bulk(self, delivery: BulkReceived) -> None:
+        header = delivery.header
+        if isinstance(header, ScanHeader):
+            answer = self._partition_fetches.pop(header.request_id, None)
+            if answer is None:
+                delivery.release()
+            else:
+                answer.set(delivery.table, lambda: self.mailbox.post(delivery.release))
+            return
+        if not isinstance(header, StageHeader):
+            delivery.release()
+            return
+        fetched = delivery.source < CLIENT_ID_MIN
+        if fetched and self._fetching.pop(header.request_id, None) != header.stage_id:
+            delivery.release()  # an answer nobody waits for any more
+            return
+
+        def done(staged: StagedFile | None, error: str | None) -> None:
+            self.mailbox.post(lambda: self._staged(delivery, fetched, staged, error))
+
+        self.applier.stage(header.stage_id, delivery.table, done)
+
+    def tick(self) -> None:
+        """Deadlines, retries and the occasional partition count; every wake-up."""
+        now = self._clock.monotonic_ns()
+        if self._parked:
+            self._expire_parked(now)
+        if self._outbox:
+            self._flush_outbox(now)
+        if now >= self._stats_due_ns and not self._stats_running:
+            self._stats_due_ns = now + STATS_REFRESH_MS * NS_PER_MS
+            self._refresh_partition_infos()
+        if now >= self._collect_due_ns:
+            self._collect_due_ns = now + STAGING_COLLECT_MS * NS_PER_MS
+            self._collect_staging()
+
+    def close(self) -> None:
+        self.applier.close()
+        self.run_mailbox()
+        self.store.close()
+        self.mailbox.close()
+
+    # ---- staging ----
+
+    def _staged(
+        self,
+        delivery: BulkReceived,
+        fetched: bool,
+        staged: StagedFile | None,
+        error: str | None,
+    ) -> None:
+        delivery.release()
+        header = delivery.header
+        assert isinstance(header, StageHeader)
+        if staged is None:
+            self.stats.stage_failures += 1
+            self._log.error("stage_failed", stage=header.stage_id, error=error)
+        else:
+            self.stats.staged += 1
+        if fetched:
+            return
+        if staged is None:
+            ack = StageAck(header.request_id, header.stage_id, False, error=error, retryable=True)
+        else:
+            ack = StageAck(header.request_id, header.stage_id, True, staged.rows, staged.crc)
+        self._reply(delivery.source, ack)
+
+    def _send_fetch(self, table: str, batch: StagedBatch, attempt: int) -> None:
+        others = [holder for holder in batch.holders if holder != self.node]
+        if not others:
+            return
+        holder = others[attempt % len(others)]
+        request_id = next(self._fetch_ids)
+        self._fetching[request_id] = batch.stage_id
+        request = FetchStage(
+            request_id, batch.stage_id, table, batch.partition, batch.rows, batch.crc
+        )
+        try:
+            self._transport.send(raft_id(holder), request)
+            self.stats.fetches_sent += 1
+        except TransportError:
+            self._fetching.pop(request_id, None)
+
+    def _on_fetch(self, source: int, request: FetchStage) -> None:
+        def read() -> None:
+            rows = self.staging.open(request.stage_id, request.crc, request.rows)
+            self.mailbox.post(lambda: self._answer_fetch(source, request, rows))
+
+        self.applier.run_on_stage_lane(read)
+
+    def _answer_fetch(self, source: int, request: FetchStage, rows: pa.Table | None) -> None:
+        if rows is None:
+            self._reply(source, StageAck(request.request_id, request.stage_id, False))
+            return
+        header = StageHeader(request.request_id, request.stage_id, request.table, request.partition)
+        self.stats.fetches_served += 1
+        self._send_bulk(source, header, rows)
+
+    def _send_partition_fetch(
+        self, index: int, table: str, partition: int, holder: int, answer: PartitionAnswer
+    ) -> None:
+        request_id = next(self._fetch_ids)
+        self._partition_fetches[request_id] = answer
+        try:
+            self._transport.send(raft_id(holder), ScanRequest(request_id, index, table, partition))
+            self.stats.fetches_sent += 1
+        except TransportError:
+            self._partition_fetches.pop(request_id, None)
+            answer.set(None)
+
+    # ---- scans ----
+
+    def _on_scan(self, source: int, request: ScanRequest) -> None:
+        self.stats.scans += 1
+        if request.index > self.applier.done_index:
+            deadline = self._clock.monotonic_ns() + SCAN_WAIT_MS * NS_PER_MS
+            self._parked.append(_ParkedScan(source, request, deadline))
+            return
+        self._start_scan(source, request)
+
+    def _start_scan(self, source: int, request: ScanRequest) -> None:
+        def done(rows: pa.Table | None, index: int, error: str | None) -> None:
+            self.mailbox.post(lambda: self._scanned(source, request, rows, index, error))
+
+        self.applier.scan(request.index, request.table, request.partition, request.columns, done)
+
+    def _scanned(
+        self,
+        source: int,
+        request: ScanRequest,
+        rows: pa.Table | None,
+        index: int,
+        error: str | None,
+    ) -> None:
+        if rows is None:
+            self.stats.scan_refusals += 1
+            self._reply(source, ScanError(request.request_id, error or "scan failed"))
+            return
+        header = ScanHeader(request.request_id, request.table, request.partition, index)
+        self._send_bulk(source, header, rows)
+
+    def _serve_parked(self, applied: int) -> None:
+        if not self._parked:
+            return
+        ready = [parked for parked in self._parked if parked.request.index <= applied]
+        if not ready:
+            return
+        self._parked = [parked for parked in self._parked if parked.request.index > applied]
+        for parked in ready:
+            self._start_scan(parked.source, parked.request)
+
+    def _expire_parked(self, now: int) -> None:
+        expired = [parked for parked in self._parked if parked.deadline_ns <= now]
+        if not expired:
+            return
+        self._parked = [parked for parked in self._parked if parked.deadline_ns > now]
+        for parked in expired:
+            self.stats.scan_refusals += 1
+            why = f"node {self.node} has not applied index {parked.request.index} yet"
+            self._reply(parked.source, ScanError(parked.request.request_id, why))
+
+    # ---- catalog ----
+
+    def _catalog_response(self, request_id: int) -> CatalogResponse:
+        state = self._state()
+        sql = state.sql
+        return CatalogResponse(
+            request_id,
+            ok=True,
+            index=state.applied_index,
+            catalog_version=sql.catalog_version,
+            catalog=sql.catalog.snapshot(),
+            placements=tuple(sorted(sql.placements.items())),
+            versions=tuple(sorted(sql.versions.items())),
+            schema_versions=tuple(sorted(sql.schema_versions.items())),
+            members=state.members(),
+        )
+
+    def _collect_staging(self) -> None:
+        now_ns = self._clock.wall_ns()
+
+        def collect() -> None:
+            removed = self.staging.collect(STAGING_KEEP_MS * NS_PER_MS, now_ns)
+            if removed:
+                self.log_event("staging_collected", files=removed)
+
+        self.applier.run_on_stage_lane(collect)
+
+    # ---- partition counts for status ----
+
+    def _refresh_partition_infos(self) -> None:
+        self._stats_running = True
+        placements = dict(self._state().sql.placements)
+
+        def count() -> None:
+            try:
+                stats = self.store.partition_stats()
+            except Exception as error:  # noqa: BLE001 - status must not kill the worker
+                self.log_event("partition_stats_failed", error=str(error))
+                stats = []
+            infos = tuple(
+                PartitionInfo(
+                    s.table,
+                    s.partition,
+                    s.rows,
+                    s.bytes,
+                    _is_primary(placements, s.table, s.partition, self.node),
+                )
+                for s in stats
+            )
+            self.mailbox.post(lambda: self._set_infos(infos))
+
+        self.applier.run_on_apply_lane(count)
+
+    def _set_infos(self, infos: tuple[PartitionInfo, ...]) -> None:
+        self.partition_infos = infos
+        self._stats_running = False
+
+    # ---- sending ----
+
+    def _send_bulk(self, target: int, header: msgspec.Struct, rows: pa.Table) -> None:
+        deadline = self._clock.monotonic_ns() + OUTBOX_RETRY_MS * NS_PER_MS
+        outgoing = _Outgoing(target, header, rows, deadline)
+        if not self._try_send(outgoing):
+            self._outbox.append(outgoing)
+
+    def _try_send(self, outgoing: _Outgoing) -> bool:
+        try:
+            if outgoing.rows is None:
+                self._transport.send(outgoing.target, outgoing.header)
+            else:
+                self._transport.send_bulk(outgoing.target, outgoing.header, outgoing.rows)
+        except Backpressure:
+            return False
+        except TransportError:
+            self.stats.replies_dropped += 1
+        return True
+
+    def _flush_outbox(self, now: int) -> None:
+        waiting, self._outbox = self._outbox, []
+        for outgoing in waiting:
+            if self._try_send(outgoing):
+                continue
+            if outgoing.deadline_ns <= now:
+                self.stats.replies_dropped += 1
+                continue
+            self._outbox.append(outgoing)
+
+
+def _is_primary(
+    placements: dict[str, tuple[tuple[int, ...], ...]], table: str, partition: int, node: int
+) -> bool:
+    holders = placements.get(table)
+    if holders is None or partition >= len(holders):
+        return False
+    return holders[partition][0] == node

@@ -1,0 +1,426 @@
+"""The real `query.port.ClusterPort`: the coordinator's primitives over a `cluster.client`
+transport session.
+
+One `TransportPort` per client session. It keeps the catalog it last fetched (and refetches
+when a barrier or commit shows a newer one), sends the log commands through the leader
+(following leader hints, retrying with the same request id so a command applies once),
+stages rows on every holder of a partition in parallel, and reads partitions from one
+holder each, moving to the next holder when one fails or is slow.
+
+Guarantees: `stage` returns only batches that a write quorum of holders acknowledged
+durably; `commit` returns only after the leader applied the command; scan results at a
+barrier all come from snapshots taken at that barrier. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from cluster.client import (
+    OPERATION_TIMEOUT_MS,
+    REQUEST_TIMEOUT_MS,
+    Client,
+    ClientError,
+    _backoff_ms,
+)
+from cluster.protocol import node_of, raft_id
+from cluster.sql_protocol import (
+    CatalogRequest,
+    CatalogResponse,
+    CommandKind,
+    ReleaseRead,
+    ScanError,
+    ScanHeader,
+    ScanRequest,
+    SqlCommand,
+    SqlRequest,
+    SqlResponse,
+    StageAck,
+    StagedBatch,
+    StageHeader,
+    encode_command,
+)
+from ipc.errors import Backpressure, TransportError
+from ipc.transport import BulkReceived, Received
+from query.port import (
+    Barrier,
+    CatalogChanged,
+    CatalogView,
+    Command,
+    CommandRefused,
+    Committed,
+    Conflict,
+    Unavailable,
+    WriteRefused,
+    write_quorum,
+)
+from storage.catalog import Catalog
+
+STAGE_TIMEOUT_MS = 30_000
+"""How long a holder has to write and fsync one staged batch."""
+SCAN_TIMEOUT_MS = 10_000
+"""How long one holder has to answer one partition scan before the next is asked."""
+SCAN_ROUNDS_MAX = 3
+"""Passes over a partition's holders before the scan gives up."""
+NS_PER_MS = 1_000_000
+
+
+class TransportPort:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._clock = client._clock
+        self._rng = random.Random()
+        self._ids = itertools.count(client._clock.wall_ns())
+        self._view: CatalogView | None = None
+        self._known_index = 0
+        """The highest log index this session has seen applied (commit or barrier)."""
+        self._held: dict[int, list[BulkReceived]] = {}
+        """Barrier index -> scan deliveries whose memory the coordinator may still read."""
+
+    # ---- catalog ----
+
+    def catalog(self, refresh: bool = False) -> CatalogView:
+        view = self._view
+        if view is not None and not refresh and view.index >= self._known_index:
+            return view
+        response = self._fetch_catalog()
+        if view is not None:
+            view.catalog.close()
+        self._view = _catalog_view(response)
+        return self._view
+
+    def _fetch_catalog(self) -> CatalogResponse:
+        """From the leader if known; any node whose catalog is at least as new as what this
+        session has seen applied."""
+        deadline_ns = self._clock.monotonic_ns() + OPERATION_TIMEOUT_MS * NS_PER_MS
+        nodes = self._nodes_leader_first()
+        for attempt in itertools.count():
+            node = nodes[attempt % len(nodes)]
+            request = CatalogRequest(next(self._ids), self.client._reply_address)
+            answer = self.client._exchange(node, request, CatalogResponse, REQUEST_TIMEOUT_MS)
+            if isinstance(answer, CatalogResponse) and answer.ok:
+                if answer.index >= self._known_index:
+                    return answer
+            if self._clock.monotonic_ns() >= deadline_ns:
+                break
+            time.sleep(_backoff_ms(attempt, self._rng) / 1000)
+        raise Unavailable(f"no worker served the catalog within {OPERATION_TIMEOUT_MS} ms")
+
+    # ---- log commands ----
+
+    def barrier(self) -> Barrier:
+        response = self._append(Command(CommandKind.BARRIER))
+        return Barrier(response.index, dict(response.versions), response.catalog_version)
+
+    def commit(self, command: Command) -> Committed:
+        response = self._append(command)
+        return Committed(response.index, response.catalog_version, dict(response.versions))
+
+    def _append(self, command: Command) -> SqlResponse:
+        client = self.client
+        request_id = next(client._request_ids)
+        encoded = encode_command(
+            SqlCommand(
+                client_id=client.client_id,
+                request_id=request_id,
+                kind=command.kind,
+                ddl=command.ddl,
+                writes=command.writes,
+                expected_versions=command.expected_versions,
+                expected_schemas=command.expected_schemas,
+                text=command.text,
+            )
+        )
+        request = SqlRequest(request_id, encoded, client._reply_address)
+        response = self._until_applied(request)
+        self._known_index = max(self._known_index, response.index)
+        if response.ok:
+            return response
+        message = response.error or "refused"
+        if response.error_kind == "conflict":
+            raise Conflict(message)
+        if response.error_kind == "catalog":
+            raise CatalogChanged(message)
+        raise CommandRefused(message)
+
+    def _until_applied(self, request: SqlRequest) -> SqlResponse:
+        """Send to the leader until some node answers with an outcome (ok or a refusal the
+        log decided); the same request id every time, so it applies at most once."""
+        client = self.client
+        deadline_ns = self._clock.monotonic_ns() + OPERATION_TIMEOUT_MS * NS_PER_MS
+        target = client._leader if client._leader is not None else client.nodes[0]
+        last_error = "no answer"
+        for attempt in itertools.count():
+            remaining_ms = (deadline_ns - self._clock.monotonic_ns()) // NS_PER_MS
+            if remaining_ms <= 0:
+                break
+            timeout_ms = min(REQUEST_TIMEOUT_MS * 5, remaining_ms)
+            answer = client._exchange(target, request, SqlResponse, timeout_ms)
+            if isinstance(answer, SqlResponse):
+                if answer.ok or answer.error_kind is not None:
+                    client._leader = target
+                    return answer
+                if not answer.retryable and answer.leader_hint is None:
+                    raise CommandRefused(f"node {target}: {answer.error}")
+                last_error = f"node {target}: {answer.error}"
+                hint = answer.leader_hint
+                if hint is not None and hint != target and client.learn(hint):
+                    target = hint
+                    continue
+            else:
+                last_error = f"node {target}: no answer"
+            client._leader = None
+            target = client.nodes[(client.nodes.index(target) + 1) % len(client.nodes)]
+            time.sleep(_backoff_ms(attempt, self._rng) / 1000)
+        raise Unavailable(
+            f"the cluster did not apply the command within {OPERATION_TIMEOUT_MS} ms "
+            f"({last_error}); it may or may not have been applied"
+        )
+
+    # ---- staging ----
+
+    def stage(
+        self,
+        table: str,
+        rows_by_partition: Mapping[int, pa.Table],
+        delete: bool = False,
+        placement: tuple[tuple[int, ...], ...] | None = None,
+    ) -> list[StagedBatch]:
+        holders_of = placement if placement is not None else self.catalog().placements.get(table)
+        if holders_of is None:
+            raise CommandRefused(f"no placement known for table {table}")
+        # One transfer per (partition, holder); all in flight together.
+        pending: dict[int, tuple[int, int, str]] = {}
+        """request id -> (partition, holder, stage id)."""
+        acks: dict[int, dict[int, StageAck]] = {p: {} for p in rows_by_partition}
+        for partition, rows in sorted(rows_by_partition.items()):
+            stage_id = f"{self.client.client_id}-{next(self._ids)}"
+            for holder in holders_of[partition]:
+                request_id = next(self._ids)
+                header = StageHeader(
+                    request_id, stage_id, table, partition, self.client._reply_address
+                )
+                if self._send_bulk(holder, header, rows):
+                    pending[request_id] = (partition, holder, stage_id)
+
+        def take(delivery: Any) -> bool:
+            if isinstance(delivery, Received) and isinstance(delivery.message, StageAck):
+                ack = delivery.message
+                sent = pending.pop(ack.request_id, None)
+                if sent is not None and ack.ok and ack.stage_id == sent[2]:
+                    acks[sent[0]][sent[1]] = ack
+            return not pending
+
+        if pending:
+            self._receive(take, STAGE_TIMEOUT_MS)
+        batches = []
+        for partition, rows in sorted(rows_by_partition.items()):
+            batches.append(self._batch(table, partition, rows, holders_of, acks, delete))
+        return batches
+
+    def _batch(
+        self,
+        table: str,
+        partition: int,
+        rows: pa.Table,
+        holders_of: tuple[tuple[int, ...], ...],
+        acks: dict[int, dict[int, StageAck]],
+        delete: bool,
+    ) -> StagedBatch:
+        holders = holders_of[partition]
+        acked = acks[partition]
+        needed = write_quorum(len(holders))
+        if len(acked) < needed:
+            down = sorted(set(holders) - set(acked))
+            raise WriteRefused(
+                f"partition {partition} of {table}: {len(acked)} of {len(holders)} holders "
+                f"stored the rows, {needed} needed (no answer from node(s) "
+                f"{', '.join(map(str, down))}); nothing was written"
+            )
+        crcs = {ack.crc for ack in acked.values()}
+        counts = {ack.rows for ack in acked.values()}
+        if len(crcs) != 1 or counts != {rows.num_rows}:
+            raise WriteRefused(
+                f"partition {partition} of {table}: holders stored different bytes; "
+                "nothing was written"
+            )
+        first = next(iter(acked.values()))
+        return StagedBatch(
+            first.stage_id, partition, rows.num_rows, first.crc, tuple(sorted(acked)), delete
+        )
+
+    # ---- scans ----
+
+    def scan(
+        self,
+        index: int,
+        table: str,
+        partitions: Sequence[int],
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:
+        holders_of = self.catalog().placements.get(table)
+        if holders_of is None:
+            raise CommandRefused(f"no placement known for table {table}")
+        wanted = tuple(columns) if columns is not None else None
+        results: dict[int, pa.Table] = {}
+        tries = {p: 0 for p in partitions}
+        errors: dict[int, str] = {}
+        pending: dict[int, int] = {}
+        """request id -> partition."""
+
+        def ask(partition: int) -> bool:
+            holders = _preferred(holders_of[partition], self.client._leader)
+            while tries[partition] < len(holders) * SCAN_ROUNDS_MAX:
+                holder = holders[tries[partition] % len(holders)]
+                tries[partition] += 1
+                request_id = next(self._ids)
+                request = ScanRequest(
+                    request_id, index, table, partition, wanted, self.client._reply_address
+                )
+                if self.client._send(holder, request):
+                    pending[request_id] = partition
+                    return True
+            return False
+
+        for partition in partitions:
+            if not ask(partition):
+                errors[partition] = "no holder could be reached"
+
+        deadline_ns = self._clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
+
+        def take(delivery: Any) -> bool:
+            if isinstance(delivery, BulkReceived) and isinstance(delivery.header, ScanHeader):
+                partition = pending.pop(delivery.header.request_id, None)
+                if partition is None:
+                    delivery.release()
+                else:
+                    self._held.setdefault(index, []).append(delivery)
+                    results[partition] = delivery.table
+            elif isinstance(delivery, Received) and isinstance(delivery.message, ScanError):
+                partition = pending.pop(delivery.message.request_id, None)
+                if partition is not None:
+                    errors[partition] = delivery.message.error
+                    if delivery.message.retryable and ask(partition):
+                        errors.pop(partition, None)
+            return not pending
+
+        while pending and self._clock.monotonic_ns() < deadline_ns:
+            self._receive(take, SCAN_TIMEOUT_MS)
+            for request_id, partition in list(pending.items()):  # silent holders: next one
+                del pending[request_id]
+                if not ask(partition):
+                    errors[partition] = "no holder answered"
+        missing = sorted(set(partitions) - set(results))
+        if missing:
+            detail = "; ".join(f"partition {p}: {errors.get(p, 'no answer')}" for p in missing)
+            raise Unavailable(f"could not read {table} at index {index}: {detail}")
+        tables = [results[p] for p in partitions]
+        if not tables:
+            raise CommandRefused(f"no partitions of {table} were asked for")
+        return pa.concat_tables(tables)
+
+    def release(self, index: int) -> None:
+        for delivery in self._held.pop(index, []):
+            delivery.release()
+        if index > 0:
+            for node in self.client.nodes:
+                try:
+                    self.client._transport.send(raft_id(node), ReleaseRead(index))
+                except TransportError:
+                    pass
+
+    def close(self) -> None:
+        for index in list(self._held):
+            self.release(index)
+        if self._view is not None:
+            self._view.catalog.close()
+            self._view = None
+        self.client.close()
+
+    # ---- transport ----
+
+    def _nodes_leader_first(self) -> list[int]:
+        nodes = list(self.client.nodes)
+        leader = self.client._leader
+        if leader in nodes:
+            nodes.remove(leader)
+            nodes.insert(0, leader)
+        return nodes
+
+    def _send_bulk(self, node: int, header: msgspec.Struct, rows: pa.Table) -> bool:
+        transport = self.client._transport
+        deadline_ns = self._clock.monotonic_ns() + STAGE_TIMEOUT_MS * NS_PER_MS
+        while True:
+            try:
+                transport.send_bulk(raft_id(node), header, rows)
+                return True
+            except Backpressure:
+                if self._clock.monotonic_ns() >= deadline_ns:
+                    return False
+                self._receive(lambda delivery: False, 5)
+            except TransportError:
+                return False
+
+    def _receive(self, take: Callable[[Any], bool], timeout_ms: int) -> None:
+        """Poll until `take` says it has what it wanted or `timeout_ms` passes. Bulk data
+        `take` does not keep is released."""
+        client = self.client
+        transport = client._transport
+        deadline_ns = self._clock.monotonic_ns() + timeout_ms * NS_PER_MS
+        while True:
+            for delivery in transport.poll():
+                kept_before = _held_count(self._held)
+                done = take(delivery)
+                if isinstance(delivery, BulkReceived) and _held_count(self._held) == kept_before:
+                    delivery.release()
+                if done:
+                    return
+            now = self._clock.monotonic_ns()
+            if now >= deadline_ns:
+                return
+            wait_ns = deadline_ns - now
+            transport_ns = transport.next_timeout_ns()
+            if transport_ns is not None:
+                wait_ns = min(wait_ns, transport_ns)
+            client._selector.select(wait_ns / 1e9)
+
+
+def _held_count(held: dict[int, list[BulkReceived]]) -> int:
+    return sum(len(deliveries) for deliveries in held.values())
+
+
+def _preferred(holders: tuple[int, ...], leader: int | None) -> list[int]:
+    """Holders in the order to ask: the primary first (it spreads reads over workers)."""
+    return list(holders)
+
+
+def _catalog_view(response: CatalogResponse) -> CatalogView:
+    return CatalogView(
+        index=response.index,
+        catalog_version=response.catalog_version,
+        catalog=Catalog.restore(response.catalog),
+        placements={key: tuple(map(tuple, holders)) for key, holders in response.placements},
+        versions=dict(response.versions),
+        schema_versions=dict(response.schema_versions),
+        members=tuple(response.members),
+    )
+
+
+def open_port(target: str | Path, *, data_dir: Path | None = None) -> TransportPort:
+    """A port to the cluster named `target` (or whose run directory is the Path `target`)."""
+    try:
+        client = Client(target, data_dir=data_dir)
+    except ClientError as error:
+        raise Unavailable(str(error)) from error
+    return TransportPort(client)
+
+
+__all__ = ["TransportPort", "open_port", "node_of"]

@@ -1,0 +1,140 @@
+"""The cluster as the statement coordinator sees it: five primitives, nothing about transport.
+
+`query.coordinator` runs every statement against a `ClusterPort`. The real port
+(`cluster.session.TransportPort`) talks to the workers over ipc/; tests use an in-process
+fake. Keeping the coordinator behind this seam lets its logic — what to read, what to run
+locally, which rows change, where they go — be checked against single-node DuckDB without
+starting processes.
+
+Contract of every implementation:
+
+- `catalog()` returns a `CatalogView` at some applied index; `refresh=True` fetches anew.
+- `barrier()` appends a read barrier to the cluster log and returns its index and every
+  table's version there. Reads with that index see exactly the log prefix up to it.
+- `scan(index, table, partitions, columns)` returns the rows of those partitions of the
+  table at barrier `index` (0: what some holder has applied now), concatenated, each
+  partition from one live holder (another holder on failure). The rows may point into
+  transport memory: they stay valid until `release(index)`, which the coordinator calls
+  once it has loaded them (for stale reads too, with index 0).
+- `stage(table, rows_by_partition, delete)` writes each partition's rows durably on every
+  live holder of the partition and returns the batches to name in the commit. It raises
+  `WriteRefused` (nothing is committed) when a partition has fewer acknowledging holders
+  than `write_quorum(replicas)`.
+- `commit(command)` appends the command through the leader and returns once it is applied
+  there; a refusal raises `Conflict` (a version the command expected moved: plan again),
+  `CatalogChanged` (DDL no longer applies; DuckDB's message) or `CommandRefused`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from cluster.sql_protocol import CommandKind, StagedBatch, TableWrite
+from storage.catalog import Catalog
+
+
+class PortError(Exception):
+    """Base of what a port raises; `str(error)` is meant for the user."""
+
+
+class WriteRefused(PortError):
+    """Not enough live holders acknowledged the staged rows; nothing was written."""
+
+
+class Conflict(PortError):
+    """A table the statement read or wrote changed before the commit applied."""
+
+
+class CatalogChanged(PortError):
+    """A DDL change no longer applies (the object appeared or vanished)."""
+
+
+class CommandRefused(PortError):
+    """The cluster refused the command (malformed, expired)."""
+
+
+class Unavailable(PortError):
+    """No worker could serve the request within the time bounds."""
+
+
+def write_quorum(replicas: int) -> int:
+    """Holders of a partition that must durably stage a batch before it is committed: a
+    majority of its replicas (all of them when R <= 2)."""
+    return replicas // 2 + 1
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """The shadow catalog at `index` and what the coordinator needs beside it. The
+    coordinator may run statements on `catalog`'s DuckDB inside a rolled-back transaction
+    (`Catalog.scratch()`), never commit to it."""
+
+    index: int
+    catalog_version: int
+    catalog: Catalog
+    placements: Mapping[str, tuple[tuple[int, ...], ...]]
+    """Table key -> holders of each partition (node numbers, primary first)."""
+    versions: Mapping[str, int]
+    schema_versions: Mapping[str, int]
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Barrier:
+    index: int
+    versions: Mapping[str, int]
+    catalog_version: int
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command before the port stamps it with the client id and request id."""
+
+    kind: CommandKind
+    ddl: bytes | None = None
+    writes: tuple[TableWrite, ...] = ()
+    expected_versions: tuple[tuple[str, int], ...] = ()
+    expected_schemas: tuple[tuple[str, int], ...] = ()
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Committed:
+    index: int
+    catalog_version: int = 0
+    versions: Mapping[str, int] = field(default_factory=dict)
+
+
+class ClusterPort(Protocol):
+    def catalog(self, refresh: bool = False) -> CatalogView: ...
+
+    def barrier(self) -> Barrier: ...
+
+    def scan(
+        self,
+        index: int,
+        table: str,
+        partitions: Sequence[int],
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table: ...
+
+    def stage(
+        self,
+        table: str,
+        rows_by_partition: Mapping[int, pa.Table],
+        delete: bool = False,
+        placement: tuple[tuple[int, ...], ...] | None = None,
+    ) -> list[StagedBatch]:
+        """`placement`: the holders of each partition, for a table the catalog does not
+        have yet (CREATE TABLE … AS: `storage.placement.place(spec, view.members)`)."""
+        ...
+
+    def commit(self, command: Command) -> Committed: ...
+
+    def release(self, index: int) -> None:
+        """The coordinator is done reading at barrier `index` (best effort)."""
+        ...
