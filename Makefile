@@ -1,5 +1,5 @@
-# `make run` starts a cluster (the main job), `make test` runs the whole suite. Both create
-# .venv on first use.
+# `make run` starts a cluster, loads a demo table, queries it and shows where its partitions
+# live (the main job); `make test` runs the whole suite. Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/dcluster up --cores 3 --oversubscribe
+	$(BIN)/dcluster status >/dev/null 2>&1 || $(BIN)/dcluster up --cores 3 --oversubscribe
+	$(BIN)/dcluster demo
 	$(BIN)/dcluster status
 
 sim: $(BIN)/.installed
@@ -28,6 +29,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.raft_core
 	$(BIN)/python -m benchmarks.transport
 	$(BIN)/python -m benchmarks.raft
+	$(BIN)/python -m benchmarks.ingest
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

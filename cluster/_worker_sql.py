@@ -55,7 +55,8 @@ SCAN_WAIT_MS = 5_000
 """A scan at a barrier this node has not applied yet waits this long, then is refused."""
 OUTBOX_RETRY_MS = 5_000
 """A reply the transport pushed back on is retried for this long, then dropped."""
-STATS_REFRESH_MS = 2_000
+STATS_REFRESH_MS = 500
+"""Partition counts (for status) are refreshed this often while the store changes."""
 STAGING_COLLECT_MS = 60_000
 STAGING_KEEP_MS = 3_600_000
 """Staged files older than this are removed (a holder that still needs one catches up
@@ -127,6 +128,7 @@ class SqlService:
         self.partition_infos: tuple[PartitionInfo, ...] = ()
         self._stats_due_ns = 0
         self._stats_running = False
+        self._stats_index = -1
         self._collect_due_ns = 0
 
     # ---- the applier's Host (called from lanes: everything goes through the mailbox) ----
@@ -216,8 +218,10 @@ class SqlService:
             self._expire_parked(now)
         if self._outbox:
             self._flush_outbox(now)
-        if now >= self._stats_due_ns and not self._stats_running:
+        changed = self.applier.done_index != self._stats_index
+        if changed and now >= self._stats_due_ns and not self._stats_running:
             self._stats_due_ns = now + STATS_REFRESH_MS * NS_PER_MS
+            self._stats_index = self.applier.done_index
             self._refresh_partition_infos()
         if now >= self._collect_due_ns:
             self._collect_due_ns = now + STAGING_COLLECT_MS * NS_PER_MS

@@ -281,7 +281,8 @@ def status(
     data_dir: Path | None = DATA_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON object."),
 ) -> None:
-    """Each worker's role, term, indexes, heartbeat, restarts, CPU and memory."""
+    """Each worker's role, term, indexes, partitions and rows, heartbeat, restarts, CPU and
+    memory."""
     import json
 
     from cluster import control
@@ -321,6 +322,9 @@ STATUS_COLUMNS = (
     ("term", "term"),
     ("commit", "commit_index"),
     ("applied", "applied_index"),
+    ("stored", "store_applied_index"),
+    ("parts", "partitions"),
+    ("rows", "rows"),
     ("heartbeat ms", "last_heartbeat_ms"),
     ("restarts", "restarts"),
     ("last exit", "last_exit"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ TABLE_ROWS_SHOWN_MAX = 10_000
 """A table printed to the terminal stops here (use --format csv for everything)."""
 SHELL_PROMPT = "dcluster> "
 SHELL_CONTINUE = "       -> "
+STATS_SETTLE_S = 1.0
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -32,7 +34,6 @@ def _fail(message: str, code: int = 1) -> None:
 @contextlib.contextmanager
 def connection(name: str, data_dir: Path | None, consistency: str) -> Iterator[Any]:
     import dcluster
-
     from cluster import control
     from cluster.client import ClientError, resolve_run_dir
 
@@ -208,8 +209,9 @@ def load_files(
     table: str, files: list[Path], name: str, data_dir: Path | None, file_format: str | None
 ) -> None:
     """One COPY per file, each atomic; a progress bar over files and rows."""
-    import dcluster
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    import dcluster
 
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
@@ -278,5 +280,6 @@ def run_demo(name: str, data_dir: Path | None, rows: int) -> None:
     typer.echo(f'$ dcluster sql "{DEMO_QUERY}"')
     with connection(name, data_dir, "strong") as con:
         _print_table(con.sql(DEMO_QUERY).arrow())
+    time.sleep(STATS_SETTLE_S)  # workers recount their partitions twice a second
     typer.echo("$ dcluster partitions")
     show_partitions(name, data_dir, as_json=False)
