@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import pyarrow as pa
@@ -44,6 +44,7 @@ from cluster.sql_protocol import (
     StageAck,
     StagedBatch,
     StageHeader,
+    write_quorum,
 )
 from cluster.state import ClusterState
 from ipc.errors import Backpressure, TransportError
@@ -61,6 +62,12 @@ STAGING_COLLECT_MS = 60_000
 STAGING_KEEP_MS = 3_600_000
 """Staged files older than this are removed (a holder that still needs one catches up
 from a replica instead)."""
+FORWARD_WAIT_MS_MIN = 2_000
+"""After its own copy is stored, a holder waits at least this long (and at least twice
+as long as its own copy took) for the holders it forwarded to..."""
+QUORUM_GRACE_MS_MIN = 100
+"""...or, once a write quorum has stored the rows, this long (at least half its own
+copy's time) for the rest: a slow or paused holder fetches the batch when it applies."""
 NS_PER_MS = 1_000_000
 
 
@@ -77,6 +84,40 @@ class _Outgoing:
     header: msgspec.Struct
     rows: pa.Table | None
     deadline_ns: int
+
+
+@dataclass(eq=False)
+class _Forward:
+    """A client's stage this node stores and passes on to the partition's other holders."""
+
+    source: int
+    header: StageHeader
+    waiting: dict[int, int] = field(default_factory=dict)
+    """Request id of a forward -> the node it went to."""
+    acks: list[tuple[int, StageAck]] = field(default_factory=list)
+    local: tuple[StagedFile | None, str | None] | None = None
+    began_ns: int = 0
+    quorum: int = 1
+    """Copies (this node's included) that make the stage committable."""
+    deadline_ns: int = 0
+    quorum_deadline_ns: int = 0
+    answered: bool = False
+
+
+def _ack(
+    header: StageHeader,
+    node: int,
+    staged: StagedFile | None,
+    error: str | None,
+    others: tuple[int, ...],
+) -> StageAck:
+    if staged is None:
+        return StageAck(
+            header.request_id, header.stage_id, False, error=error, retryable=True, holders=others
+        )
+    return StageAck(
+        header.request_id, header.stage_id, True, staged.rows, staged.crc, holders=(node, *others)
+    )
 
 
 @dataclass
@@ -123,6 +164,8 @@ class SqlService:
         self._parked: list[_ParkedScan] = []
         self._outbox: list[_Outgoing] = []
         self._fetch_ids = itertools.count(1)
+        self._forwards: dict[int, _Forward] = {}
+        """Request id of a forwarded stage -> the client's stage it belongs to."""
         self._fetching: dict[int, str] = {}
         """Request id of a FetchStage this node sent -> the stage id it asked for."""
         self.partition_infos: tuple[PartitionInfo, ...] = ()
@@ -179,6 +222,8 @@ class SqlService:
             self.applier.release(message.index)
         elif isinstance(message, FetchStage):
             self._on_fetch(source, message)
+        elif isinstance(message, StageAck) and message.request_id in self._forwards:
+            self._on_forward_ack(message)
         elif isinstance(message, StageAck):
             self._fetching.pop(message.request_id, None)  # the holder has no good copy
         elif isinstance(message, ScanError) and source < CLIENT_ID_MIN:
@@ -201,15 +246,39 @@ class SqlService:
         if not isinstance(header, StageHeader):
             delivery.release()
             return
-        fetched = delivery.source < CLIENT_ID_MIN
-        if fetched and self._fetching.pop(header.request_id, None) != header.stage_id:
+        fetched = header.request_id in self._fetching
+        if fetched and self._fetching.pop(header.request_id) != header.stage_id:
             delivery.release()  # an answer nobody waits for any more
             return
+        group = None if fetched else self._forward(delivery, header)
 
         def done(staged: StagedFile | None, error: str | None) -> None:
-            self.mailbox.post(lambda: self._staged(delivery, fetched, staged, error))
+            self.mailbox.post(lambda: self._staged(delivery, fetched, group, staged, error))
 
         self.applier.stage(header.stage_id, delivery.table, done)
+
+    def _forward(self, delivery: BulkReceived, header: StageHeader) -> _Forward | None:
+        """Pass the rows on to the partition's other holders (the transport copies them
+        before `send_bulk` returns); the ack to the sender waits for theirs."""
+        targets = [node for node in header.forward_to if node != self.node]
+        if not targets:
+            return None
+        group = _Forward(
+            delivery.source,
+            header,
+            began_ns=self._clock.monotonic_ns(),
+            quorum=write_quorum(len(targets) + 1),
+        )
+        for node in targets:
+            request_id = next(self._fetch_ids)
+            forwarded = StageHeader(request_id, header.stage_id, header.table, header.partition)
+            try:
+                self._transport.send_bulk(raft_id(node), forwarded, delivery.table)
+            except TransportError:  # Backpressure included: that holder is not keeping up
+                continue
+            group.waiting[request_id] = node
+            self._forwards[request_id] = group
+        return group
 
     def tick(self) -> None:
         """Deadlines, retries and the occasional partition count; every wake-up."""
@@ -218,6 +287,8 @@ class SqlService:
             self._expire_parked(now)
         if self._outbox:
             self._flush_outbox(now)
+        if self._forwards:
+            self._expire_forwards(now)
         changed = self.applier.done_index != self._stats_index
         if changed and now >= self._stats_due_ns and not self._stats_running:
             self._stats_due_ns = now + STATS_REFRESH_MS * NS_PER_MS
@@ -239,6 +310,7 @@ class SqlService:
         self,
         delivery: BulkReceived,
         fetched: bool,
+        group: _Forward | None,
         staged: StagedFile | None,
         error: str | None,
     ) -> None:
@@ -252,11 +324,51 @@ class SqlService:
             self.stats.staged += 1
         if fetched:
             return
-        if staged is None:
-            ack = StageAck(header.request_id, header.stage_id, False, error=error, retryable=True)
-        else:
-            ack = StageAck(header.request_id, header.stage_id, True, staged.rows, staged.crc)
-        self._reply(delivery.source, ack)
+        if group is None:
+            self._reply(delivery.source, _ack(header, self.node, staged, error, ()))
+            return
+        group.local = (staged, error)
+        now = self._clock.monotonic_ns()
+        took = now - group.began_ns
+        group.deadline_ns = now + max(FORWARD_WAIT_MS_MIN * NS_PER_MS, 2 * took)
+        group.quorum_deadline_ns = now + max(QUORUM_GRACE_MS_MIN * NS_PER_MS, took // 2)
+        self._finish_forward(group, now)
+
+    def _on_forward_ack(self, ack: StageAck) -> None:
+        group = self._forwards.pop(ack.request_id, None)
+        if group is None:
+            return
+        node = group.waiting.pop(ack.request_id, None)
+        if node is not None and ack.ok:
+            group.acks.append((node, ack))
+        self._finish_forward(group)
+
+    def _finish_forward(self, group: _Forward, now: int | None = None) -> None:
+        """Answer the sender once the local copy is done and every forward answered (or
+        its time is up)."""
+        if group.local is None or group.answered:
+            return
+        if group.waiting:
+            if now is None:
+                return
+            stored = len(group.acks) + (group.local[0] is not None)
+            quorum_met = stored >= group.quorum and now >= group.quorum_deadline_ns
+            if not quorum_met and now < group.deadline_ns:
+                return
+        group.answered = True
+        for request_id in group.waiting:
+            self._forwards.pop(request_id, None)
+        staged, error = group.local
+        others = tuple(
+            node
+            for node, ack in group.acks
+            if staged is not None and ack.crc == staged.crc and ack.rows == staged.rows
+        )
+        self._reply(group.source, _ack(group.header, self.node, staged, error, others))
+
+    def _expire_forwards(self, now: int) -> None:
+        for group in {id(g): g for g in self._forwards.values()}.values():
+            self._finish_forward(group, now)
 
     def _send_fetch(self, table: str, batch: StagedBatch, attempt: int) -> None:
         others = [holder for holder in batch.holders if holder != self.node]

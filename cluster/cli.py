@@ -200,9 +200,13 @@ def up(
     secret_file: Path | None = SECRET_FILE_OPTION,
 ) -> None:
     """Start a cluster and return once it has a leader."""
+    import os
+
     from cluster import control, topology
+    from cluster.config import snapshot_entries_from
 
     with _errors():
+        snapshot_entries_from(os.environ)  # a bad value fails here, not in the supervisor
         try:
             host = topology.detect()
         except topology.TopologyError as error:

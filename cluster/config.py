@@ -8,6 +8,7 @@ its run directory; nothing is inherited from the supervisor's memory except this
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -62,6 +63,24 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+
+SNAPSHOT_ENTRIES_ENV = "DCLUSTER_SNAPSHOT_ENTRIES"
+
+
+def snapshot_entries_from(environ: Mapping[str, str]) -> int:
+    """`DCLUSTER_SNAPSHOT_ENTRIES` if set (tests shorten it to exercise compaction and
+    catch-up from replicas), else the default."""
+    text = environ.get(SNAPSHOT_ENTRIES_ENV)
+    if text is None:
+        return SNAPSHOT_ENTRIES_DEFAULT
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{SNAPSHOT_ENTRIES_ENV}={text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{SNAPSHOT_ENTRIES_ENV}={value} must be at least 1")
+    return value
 
 
 def load(path: Path) -> WorkerConfig:

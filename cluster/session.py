@@ -65,11 +65,18 @@ from query.port import (
 from storage.catalog import Catalog
 
 STAGE_TIMEOUT_MS = 30_000
-"""How long a holder has to write and fsync one staged batch."""
-SCAN_TIMEOUT_MS = 10_000
+"""How long holders have to write and fsync one staged batch (the second round)."""
+STAGE_FIRST_ROUND_MS = 2_000
+STAGE_MS_PER_MIB = 20
+"""The first round (first holder stores and forwards) waits STAGE_FIRST_ROUND_MS plus this
+per MiB of the largest batch before sending to the holders that have not answered."""
+SCAN_TIMEOUT_MS = 3_000
 """How long one holder has to answer one partition scan before the next is asked."""
 SCAN_ROUNDS_MAX = 3
 """Passes over a partition's holders before the scan gives up."""
+COMMIT_ATTEMPT_MS = 2_000
+"""How long one node has to apply a command before the next is asked (same request id:
+the command still applies at most once)."""
 NS_PER_MS = 1_000_000
 
 
@@ -83,6 +90,7 @@ class TransportPort:
         self._known_index = 0
         """The highest log index this session has seen applied (commit or barrier)."""
         self._held: dict[int, list[BulkReceived]] = {}
+        self._stage_ids: dict[int, str] = {}
         """Barrier index -> scan deliveries whose memory the coordinator may still read."""
 
     # ---- catalog ----
@@ -162,7 +170,7 @@ class TransportPort:
             remaining_ms = (deadline_ns - self._clock.monotonic_ns()) // NS_PER_MS
             if remaining_ms <= 0:
                 break
-            timeout_ms = min(REQUEST_TIMEOUT_MS * 5, remaining_ms)
+            timeout_ms = min(COMMIT_ATTEMPT_MS, remaining_ms)
             answer = client._exchange(target, request, SqlResponse, timeout_ms)
             if isinstance(answer, SqlResponse):
                 if answer.ok or answer.error_kind is not None:
@@ -197,34 +205,89 @@ class TransportPort:
         holders_of = placement if placement is not None else self.catalog().placements.get(table)
         if holders_of is None:
             raise CommandRefused(f"no placement known for table {table}")
-        # One transfer per (partition, holder); all in flight together.
-        pending: dict[int, tuple[int, int, str]] = {}
-        """request id -> (partition, holder, stage id)."""
+        # Round one: each partition's rows go once, to its first holder, which stores them
+        # and passes them on to the others (so the client ships every row once). Round two,
+        # for partitions still short of a quorum when round one's time is up (a paused or
+        # dead first holder): straight to each holder that has not answered.
         acks: dict[int, dict[int, StageAck]] = {p: {} for p in rows_by_partition}
-        for partition, rows in sorted(rows_by_partition.items()):
-            stage_id = f"{self.client.client_id}-{next(self._ids)}"
-            for holder in holders_of[partition]:
-                request_id = next(self._ids)
-                header = StageHeader(
-                    request_id, stage_id, table, partition, self.client._reply_address
-                )
-                if self._send_bulk(holder, header, rows):
-                    pending[request_id] = (partition, holder, stage_id)
-
-        def take(delivery: Any) -> bool:
-            if isinstance(delivery, Received) and isinstance(delivery.message, StageAck):
-                ack = delivery.message
-                sent = pending.pop(ack.request_id, None)
-                if sent is not None and ack.ok and ack.stage_id == sent[2]:
-                    acks[sent[0]][sent[1]] = ack
-            return not pending
-
-        if pending:
-            self._receive(take, STAGE_TIMEOUT_MS)
+        stage_ids = {p: f"{self.client.client_id}-{next(self._ids)}" for p in rows_by_partition}
+        pending: dict[int, int] = {}
+        """request id -> partition, across both rounds (a late answer still counts)."""
+        first_round = []
+        for partition in sorted(rows_by_partition):
+            first, *rest = holders_of[partition]
+            first_round.append((partition, first, tuple(rest)))
+        largest = max((rows.nbytes for rows in rows_by_partition.values()), default=0)
+        first_wait_ms = STAGE_FIRST_ROUND_MS + largest * STAGE_MS_PER_MIB // (1 << 20)
+        self._stage_round(table, rows_by_partition, stage_ids, first_round, acks, pending)
+        self._await_stages(holders_of, acks, pending, first_wait_ms, all_holders=True)
+        short = [
+            (partition, holder, ())
+            for partition in sorted(rows_by_partition)
+            if len(acks[partition]) < write_quorum(len(holders_of[partition]))
+            for holder in holders_of[partition]
+            if holder not in acks[partition]
+        ]
+        if short:
+            self._stage_round(table, rows_by_partition, stage_ids, short, acks, pending)
+            self._await_stages(holders_of, acks, pending, STAGE_TIMEOUT_MS, all_holders=False)
         batches = []
         for partition, rows in sorted(rows_by_partition.items()):
             batches.append(self._batch(table, partition, rows, holders_of, acks, delete))
         return batches
+
+    def _stage_round(
+        self,
+        table: str,
+        rows_by_partition: Mapping[int, pa.Table],
+        stage_ids: dict[int, str],
+        sends: Sequence[tuple[int, int, tuple[int, ...]]],
+        acks: dict[int, dict[int, StageAck]],
+        pending: dict[int, int],
+    ) -> None:
+        """Send (partition, holder, forward_to) transfers, all in flight together."""
+        for partition, holder, forward_to in sends:
+            request_id = next(self._ids)
+            header = StageHeader(
+                request_id,
+                stage_ids[partition],
+                table,
+                partition,
+                self.client._reply_address,
+                forward_to,
+            )
+            if self._send_bulk(holder, header, rows_by_partition[partition]):
+                pending[request_id] = partition
+        self._stage_ids = stage_ids
+
+    def _await_stages(
+        self,
+        holders_of: tuple[tuple[int, ...], ...],
+        acks: dict[int, dict[int, StageAck]],
+        pending: dict[int, int],
+        timeout_ms: int,
+        all_holders: bool,
+    ) -> None:
+        """Record every holder each answer says stored the rows, until every partition has
+        all its holders (`all_holders`) or a quorum, nothing is pending, or time is up."""
+        stage_ids = self._stage_ids
+
+        def enough(partition: int) -> bool:
+            holders = holders_of[partition]
+            needed = len(holders) if all_holders else write_quorum(len(holders))
+            return len(acks[partition]) >= needed
+
+        def take(delivery: Any) -> bool:
+            if isinstance(delivery, Received) and isinstance(delivery.message, StageAck):
+                ack = delivery.message
+                partition = pending.pop(ack.request_id, None)
+                if partition is not None and ack.ok and ack.stage_id == stage_ids[partition]:
+                    for node in ack.holders:
+                        acks[partition][node] = ack
+            return not pending or all(enough(partition) for partition in acks)
+
+        if pending and not all(enough(partition) for partition in acks):
+            self._receive(take, timeout_ms)
 
     def _batch(
         self,

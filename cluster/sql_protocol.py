@@ -152,6 +152,9 @@ class StageHeader(msgspec.Struct, frozen=True):
     table: str
     partition: int
     reply_address: Address | None = None
+    forward_to: tuple[int, ...] = ()
+    """Node numbers the receiver passes the rows on to (the partition's other holders), so
+    the sender ships them once; its ack then lists every holder that stored them."""
 
 
 class StageAck(msgspec.Struct, frozen=True):
@@ -162,6 +165,8 @@ class StageAck(msgspec.Struct, frozen=True):
     crc: int = 0
     error: str | None = None
     retryable: bool = False
+    holders: tuple[int, ...] = ()
+    """Node numbers holding a durable copy: the receiver and those it forwarded to."""
 
 
 class FetchStage(msgspec.Struct, frozen=True):
@@ -219,6 +224,12 @@ SQL_MESSAGES: dict[str, type[msgspec.Struct]] = {
 
 _command_encoder = msgspec.msgpack.Encoder()
 _command_decoder = msgspec.msgpack.Decoder(SqlCommand)
+
+
+def write_quorum(replicas: int) -> int:
+    """Holders of a partition that must durably stage a batch before it is committed: a
+    majority of its replicas (all of them when R <= 2)."""
+    return replicas // 2 + 1
 
 
 def table_key(schema: str, name: str) -> str:

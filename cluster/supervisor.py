@@ -51,7 +51,7 @@ from pathlib import Path
 import psutil
 
 from clock import SystemClock
-from cluster.config import WorkerConfig
+from cluster.config import WorkerConfig, snapshot_entries_from
 from cluster.heartbeat import (
     HUNG_MS_MIN,
     START_GRACE_MS_DEFAULT,
@@ -175,6 +175,7 @@ def worker_config_for(cluster: ClusterInfo, node: NodeInfo, run: RunDir) -> Work
         peers=peers,
         joining=joining,
         queues_per_host_expected=WORKER_QUEUES_PER_HOST_EXPECTED,
+        snapshot_entries=snapshot_entries_from(os.environ),
     )
 
 

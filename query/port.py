@@ -33,8 +33,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from cluster.sql_protocol import CommandKind, StagedBatch, TableWrite
+from cluster.sql_protocol import CommandKind, StagedBatch, TableWrite, write_quorum
 from storage.catalog import Catalog
+
+__all__ = ["write_quorum"]  # with every name defined below
 
 
 class PortError(Exception):
@@ -59,12 +61,6 @@ class CommandRefused(PortError):
 
 class Unavailable(PortError):
     """No worker could serve the request within the time bounds."""
-
-
-def write_quorum(replicas: int) -> int:
-    """Holders of a partition that must durably stage a batch before it is committed: a
-    majority of its replicas (all of them when R <= 2)."""
-    return replicas // 2 + 1
 
 
 @dataclass(frozen=True)
