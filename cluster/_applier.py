@@ -49,6 +49,8 @@ SNAPSHOT_IDLE_MS = 30_000
 SNAPSHOTS_KEPT_MAX = 32
 FETCH_WAIT_MS = 2_000
 """How long the apply lane waits for one fetch of a missing batch before asking again."""
+CHECKPOINT_INTERVAL_MS = 5_000
+"""At most this often, after applying writes, DuckDB's WAL is checkpointed into the file."""
 NS_PER_MS = 1_000_000
 
 
@@ -133,6 +135,8 @@ class Applier:
         self._closing = False
         self._failed = False
         self.rejected = 0
+        self._checkpointed_ns = clock.monotonic_ns()
+        self._dirty = False
 
     # ---- from the loop ----
 
@@ -226,6 +230,27 @@ class Applier:
         self._expire_snapshots()
         self.done_index = work.index
         self._host.applied(work.index)
+        if work.ops:
+            self._dirty = True
+            self.maybe_checkpoint()
+
+    @property
+    def dirty(self) -> bool:
+        """Writes applied since the last checkpoint."""
+        return self._dirty
+
+    def maybe_checkpoint(self) -> None:
+        """On the apply lane: checkpoint if something was written and the last checkpoint is
+        older than CHECKPOINT_INTERVAL_MS."""
+        now = self._clock.monotonic_ns()
+        if not self._dirty or now - self._checkpointed_ns < CHECKPOINT_INTERVAL_MS * NS_PER_MS:
+            return
+        self._checkpointed_ns = now
+        self._dirty = False
+        try:
+            self.store.checkpoint()
+        except PartitionStoreError as error:
+            self._host.log_event("checkpoint_failed", error=str(error))
 
     def _apply_ops(self, index: int, operations: list[Operation]) -> None:
         try:

@@ -289,7 +289,7 @@ class SqlService:
             self._flush_outbox(now)
         if self._forwards:
             self._expire_forwards(now)
-        changed = self.applier.done_index != self._stats_index
+        changed = self.applier.done_index != self._stats_index or self.applier.dirty
         if changed and now >= self._stats_due_ns and not self._stats_running:
             self._stats_due_ns = now + STATS_REFRESH_MS * NS_PER_MS
             self._stats_index = self.applier.done_index
@@ -498,6 +498,7 @@ class SqlService:
         placements = dict(self._state().sql.placements)
 
         def count() -> None:
+            self.applier.maybe_checkpoint()
             try:
                 stats = self.store.partition_stats()
             except Exception as error:  # noqa: BLE001 - status must not kill the worker

@@ -625,10 +625,6 @@ def chaos_hang(
         typer.echo(f"  {line}")
 
 
-if __name__ == "__main__":
-    app()
-
-
 # ---- SQL ----
 
 FORMAT_OPTION = typer.Option("table", "--format", help="table, csv, json or parquet.")
@@ -696,3 +692,7 @@ def demo(
     if not 1 <= rows <= 100_000_000:
         _fail("--rows must be between 1 and 100000000", EXIT_USAGE)
     cli_sql.run_demo(name, data_dir, rows)
+
+
+if __name__ == "__main__":
+    app()

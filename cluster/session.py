@@ -66,17 +66,19 @@ from storage.catalog import Catalog
 
 STAGE_TIMEOUT_MS = 30_000
 """How long holders have to write and fsync one staged batch (the second round)."""
-STAGE_FIRST_ROUND_MS = 2_000
+STAGE_FIRST_ROUND_MS = 500
 STAGE_MS_PER_MIB = 20
 """The first round (first holder stores and forwards) waits STAGE_FIRST_ROUND_MS plus this
 per MiB of the largest batch before sending to the holders that have not answered."""
 SCAN_TIMEOUT_MS = 3_000
+SCAN_HEDGE_MS = 400
+"""A partition not answered this long is asked of its next holder too."""
 """How long one holder has to answer one partition scan before the next is asked."""
 SCAN_ROUNDS_MAX = 3
 """Passes over a partition's holders before the scan gives up."""
-COMMIT_ATTEMPT_MS = 2_000
-"""How long one node has to apply a command before the next is asked (same request id:
-the command still applies at most once)."""
+COMMIT_HEDGE_MS = 1_000
+"""How long a node may stay silent about a command before the next node is asked too
+(same request id: the command still applies at most once)."""
 NS_PER_MS = 1_000_000
 
 
@@ -100,8 +102,8 @@ class TransportPort:
         if view is not None and not refresh and view.index >= self._known_index:
             return view
         response = self._fetch_catalog()
-        if view is not None:
-            view.catalog.close()
+        # The replaced view is not closed here: a statement in progress may still bind
+        # against it; its DuckDB closes when the last reference goes.
         self._view = _catalog_view(response)
         return self._view
 
@@ -161,33 +163,49 @@ class TransportPort:
 
     def _until_applied(self, request: SqlRequest) -> SqlResponse:
         """Send to the leader until some node answers with an outcome (ok or a refusal the
-        log decided); the same request id every time, so it applies at most once."""
+        log decided); the same request id every time, so it applies at most once. A node
+        that stays silent for COMMIT_HEDGE_MS (dead, paused, or an old leader) is hedged:
+        the next node is asked too, and whichever answers first counts."""
         client = self.client
         deadline_ns = self._clock.monotonic_ns() + OPERATION_TIMEOUT_MS * NS_PER_MS
         target = client._leader if client._leader is not None else client.nodes[0]
         last_error = "no answer"
+        answers: list[tuple[int, SqlResponse]] = []
+
+        def take(delivery: Any) -> bool:
+            if isinstance(delivery, Received) and isinstance(delivery.message, SqlResponse):
+                if delivery.message.request_id == request.request_id:
+                    answers.append((node_of(delivery.source), delivery.message))
+                    return True
+            return False
+
+        client._send(target, request)
         for attempt in itertools.count():
-            remaining_ms = (deadline_ns - self._clock.monotonic_ns()) // NS_PER_MS
-            if remaining_ms <= 0:
+            if self._clock.monotonic_ns() >= deadline_ns:
                 break
-            timeout_ms = min(COMMIT_ATTEMPT_MS, remaining_ms)
-            answer = client._exchange(target, request, SqlResponse, timeout_ms)
-            if isinstance(answer, SqlResponse):
-                if answer.ok or answer.error_kind is not None:
-                    client._leader = target
-                    return answer
-                if not answer.retryable and answer.leader_hint is None:
-                    raise CommandRefused(f"node {target}: {answer.error}")
-                last_error = f"node {target}: {answer.error}"
-                hint = answer.leader_hint
-                if hint is not None and hint != target and client.learn(hint):
-                    target = hint
-                    continue
-            else:
+            answers.clear()
+            self._receive(take, COMMIT_HEDGE_MS)
+            if not answers:  # silent: ask the next node too (the first may still answer)
                 last_error = f"node {target}: no answer"
-            client._leader = None
-            target = client.nodes[(client.nodes.index(target) + 1) % len(client.nodes)]
-            time.sleep(_backoff_ms(attempt, self._rng) / 1000)
+                client._leader = None
+                target = client.nodes[(client.nodes.index(target) + 1) % len(client.nodes)]
+                client._send(target, request)
+                continue
+            source, answer = answers[0]
+            if answer.ok or answer.error_kind is not None:
+                client._leader = source
+                return answer
+            if not answer.retryable and answer.leader_hint is None:
+                raise CommandRefused(f"node {source}: {answer.error}")
+            last_error = f"node {source}: {answer.error}"
+            hint = answer.leader_hint
+            if hint is not None and hint != source and client.learn(hint):
+                target = hint
+            else:
+                client._leader = None
+                target = client.nodes[(client.nodes.index(source) + 1) % len(client.nodes)]
+                time.sleep(_backoff_ms(attempt, self._rng) / 1000)
+            client._send(target, request)
         raise Unavailable(
             f"the cluster did not apply the command within {OPERATION_TIMEOUT_MS} ms "
             f"({last_error}); it may or may not have been applied"
@@ -337,10 +355,13 @@ class TransportPort:
         tries = {p: 0 for p in partitions}
         errors: dict[int, str] = {}
         pending: dict[int, int] = {}
-        """request id -> partition."""
+        """request id -> partition; several per partition once a slow holder is hedged."""
+        asked_ns: dict[int, int] = {}
 
         def ask(partition: int) -> bool:
-            holders = _preferred(holders_of[partition], self.client._leader)
+            """Ask the partition's next holder (primary first); False when every holder has
+            been asked SCAN_ROUNDS_MAX times."""
+            holders = holders_of[partition]
             while tries[partition] < len(holders) * SCAN_ROUNDS_MAX:
                 holder = holders[tries[partition] % len(holders)]
                 tries[partition] += 1
@@ -350,6 +371,7 @@ class TransportPort:
                 )
                 if self.client._send(holder, request):
                     pending[request_id] = partition
+                    asked_ns[partition] = self._clock.monotonic_ns()
                     return True
             return False
 
@@ -357,30 +379,36 @@ class TransportPort:
             if not ask(partition):
                 errors[partition] = "no holder could be reached"
 
-        deadline_ns = self._clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
-
         def take(delivery: Any) -> bool:
             if isinstance(delivery, BulkReceived) and isinstance(delivery.header, ScanHeader):
                 partition = pending.pop(delivery.header.request_id, None)
-                if partition is None:
-                    delivery.release()
-                else:
+                if partition is not None and partition not in results:
                     self._held.setdefault(index, []).append(delivery)
                     results[partition] = delivery.table
             elif isinstance(delivery, Received) and isinstance(delivery.message, ScanError):
                 partition = pending.pop(delivery.message.request_id, None)
-                if partition is not None:
+                if partition is not None and partition not in results:
                     errors[partition] = delivery.message.error
                     if delivery.message.retryable and ask(partition):
                         errors.pop(partition, None)
-            return not pending
+            return all(p in results or p in errors for p in partitions)
 
-        while pending and self._clock.monotonic_ns() < deadline_ns:
-            self._receive(take, SCAN_TIMEOUT_MS)
-            for request_id, partition in list(pending.items()):  # silent holders: next one
-                del pending[request_id]
-                if not ask(partition):
-                    errors[partition] = "no holder answered"
+        # A holder that is slow, paused or dead (a dead one's frames wait for its next
+        # incarnation) is hedged: after SCAN_HEDGE_MS the next holder is asked too, and
+        # the first answer wins.
+        deadline_ns = self._clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
+        while not take_done(partitions, results, errors):
+            now = self._clock.monotonic_ns()
+            if now >= deadline_ns:
+                break
+            self._receive(take, SCAN_HEDGE_MS)
+            now = self._clock.monotonic_ns()
+            for partition in partitions:
+                if partition in results or partition in errors:
+                    continue
+                if now - asked_ns.get(partition, 0) >= SCAN_HEDGE_MS * NS_PER_MS:
+                    if not ask(partition) and partition not in pending.values():
+                        errors[partition] = "no holder answered"
         missing = sorted(set(partitions) - set(results))
         if missing:
             detail = "; ".join(f"partition {p}: {errors.get(p, 'no answer')}" for p in missing)
@@ -456,13 +484,14 @@ class TransportPort:
             client._selector.select(wait_ns / 1e9)
 
 
+def take_done(
+    partitions: Sequence[int], results: Mapping[int, Any], errors: Mapping[int, str]
+) -> bool:
+    return all(p in results or p in errors for p in partitions)
+
+
 def _held_count(held: dict[int, list[BulkReceived]]) -> int:
     return sum(len(deliveries) for deliveries in held.values())
-
-
-def _preferred(holders: tuple[int, ...], leader: int | None) -> list[int]:
-    """Holders in the order to ask: the primary first (it spreads reads over workers)."""
-    return list(holders)
 
 
 def _catalog_view(response: CatalogResponse) -> CatalogView:

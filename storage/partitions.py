@@ -334,6 +334,14 @@ class PartitionStore:
         with self.snapshot() as snapshot:
             return snapshot.partition_stats()
 
+    def checkpoint(self) -> None:
+        """Write what DuckDB still holds only in its WAL into the database file (so the
+        WAL replayed at restart stays short and `partition_stats` counts the bytes).
+        Open read snapshots keep their view."""
+        connection = self._writable()
+        with _duckdb_errors():
+            connection.execute("CHECKPOINT")
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:

@@ -1,0 +1,542 @@
+"""The coordinator of every statement: the client process binds, reads, runs and writes.
+
+`Coordinator(port).execute(sql)` runs one statement against the cluster behind a
+`ClusterPort` and returns what single-node DuckDB returns for the same statement on the
+same data — same columns, names, types and rows, same errors with the same messages:
+
+- DDL: bound against the shadow catalog (`Catalog.prepare`, DuckDB's own errors) and
+  committed as one DDL command. CREATE TABLE … AS runs its query at a read barrier and
+  commits the table and its rows in that one command, so both appear atomically.
+- Reads (SELECT, COPY … TO): the rows of every table the statement may read are gathered
+  at one read barrier ('strong', the default: one consistent snapshot of the cluster) or as
+  applied now ('stale'), and the statement runs in the coordinator's DuckDB (query._reads).
+- Writes (INSERT, UPDATE, DELETE, COPY … FROM): run once here, only the changed rows are
+  staged and one commit names them (query._writes). A commit refused because what the
+  statement read has changed (`Conflict`) is planned and run again from the start, up to
+  WRITE_ATTEMPTS_MAX times, with jittered exponential backoff.
+
+Each statement is atomic on its own; there are no multi-statement transactions.
+`SET dcluster_consistency = 'strong'|'stale'` changes the session's default.
+
+Guarantees: nothing is staged before DuckDB has accepted the whole statement; a statement
+that raises wrote nothing, except a `ClusterError` raised by the commit itself, where the
+outcome may be unknown (the port's message says so).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from cluster.sql_protocol import (
+    STATEMENT_TEXT_CHARS_MAX,
+    CommandKind,
+    TableWrite,
+    table_key,
+)
+from query._reads import (
+    BindFailed,
+    CatalogMoved,
+    ClusterError,
+    ClusterUnavailable,
+    CommandRejected,
+    DuckDBError,
+    ExecutionFailed,
+    NotPlaceable,
+    ParseFailed,
+    Refused,
+    SqlError,
+    StageRefused,
+    Token,
+    Unsupported,
+    WorkDatabase,
+    WriteConflict,
+    cluster_error,
+    gather,
+    loaded,
+    qualified,
+    run,
+    setting_assignment,
+    split_script,
+    tokens,
+)
+from query._writes import Changes, Target, export, find_target, plan_write, run_write, stage
+from query.port import CatalogChanged, CatalogView, ClusterPort, Command, Conflict, PortError
+from storage import ddl
+from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
+from storage.ddl import Statement, StatementKind, quote_identifier
+from storage.placement import place
+
+__all__ = [
+    "BindFailed",
+    "CatalogMoved",
+    "ClusterError",
+    "ClusterUnavailable",
+    "CommandRejected",
+    "Coordinator",
+    "DuckDBError",
+    "ExecutionFailed",
+    "NotPlaceable",
+    "ParseFailed",
+    "Refused",
+    "SqlError",
+    "StageRefused",
+    "StatementResult",
+    "Unsupported",
+    "WriteConflict",
+    "cluster_error",
+]
+
+WRITE_ATTEMPTS_MAX = 8
+"""Times a statement is planned and run again after its commit met a Conflict."""
+BACKOFF_FIRST_S = 0.002
+BACKOFF_MAX_S = 0.25
+CONSISTENCIES = ("strong", "stale")
+CONSISTENCY_SETTING = "dcluster_consistency"
+_TRANSACTION_WORDS = frozenset(
+    {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"}
+)
+
+T = TypeVar("T")
+
+
+class _Converter:
+    """A DuckDB connection with default settings that turns a result's exact Arrow back
+    into DuckDB values, so `arrow()`, `fetchall()` and `df()` come out as single-node
+    DuckDB's own (ENUM, which Arrow brings back as VARCHAR, is cast back). Created on first
+    use: opening a DuckDB costs ~20 ms."""
+
+    def __init__(self) -> None:
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._names = (f"dcluster_result_{n}" for n in itertools.count())
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self._con = None
+
+    def apply(
+        self, table: pa.Table, types: Sequence[str], action: Callable[[duckdb.DuckDBPyRelation], T]
+    ) -> T:
+        if self._con is None:
+            self._con = duckdb.connect(":memory:")
+        con = self._con
+        # Positional names: a result may hold two columns of one name.
+        renamed = table.rename_columns([f"c{i}" for i in range(table.num_columns)])
+        name = next(self._names)
+        con.register(name, renamed)
+        try:
+            found = [str(type_name) for type_name in con.sql(f"SELECT * FROM {name}").types]
+            select = ", ".join(
+                (f"c{i}" if found[i] == types[i] else f"CAST(c{i} AS {types[i]})")
+                + f" AS {quote_identifier(column)}"
+                for i, column in enumerate(table.column_names)
+            )
+            return action(con.sql(f"SELECT {select} FROM {name}"))
+        finally:
+            con.unregister(name)
+
+
+class StatementResult:
+    """What one statement returned. `table` is None when DuckDB returns no relation.
+
+    `rowcount` is DuckDB's: the "Count" of INSERT/UPDATE/DELETE/COPY/CREATE TABLE … AS,
+    -1 for anything else (SELECT, RETURNING, DDL)."""
+
+    def __init__(
+        self, table: pa.Table | None, types: Sequence[str], rowcount: int, converter: _Converter
+    ) -> None:
+        assert table is None or len(types) == table.num_columns, (types, table)
+        self.table = table
+        """The rows in exact Arrow (DuckDB's lossless encoding; see `arrow()`)."""
+        self._types = list(types)
+        self.rowcount = rowcount
+        self._converter = converter
+
+    @property
+    def columns(self) -> list[str]:
+        return [] if self.table is None else list(self.table.column_names)
+
+    @property
+    def types(self) -> list[str]:
+        """Column types as DuckDB spells them, e.g. 'DECIMAL(10,2)'."""
+        return list(self._types)
+
+    def __len__(self) -> int:
+        return 0 if self.table is None else self.table.num_rows
+
+    def arrow(self) -> pa.Table | None:
+        """The rows as DuckDB's `to_arrow_table()` returns them."""
+        return self._apply(lambda relation: relation.to_arrow_table())
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._apply(lambda relation: relation.fetchall()) or []
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The first row (None when there is none). Stateless, like a relation: the
+        cursor-like `dcluster.Connection` is the one that advances."""
+        rows = self.slice(0, 1).fetchall()
+        return rows[0] if rows else None
+
+    def df(self) -> Any:
+        return self._apply(lambda relation: relation.df())
+
+    def show(self) -> None:
+        self._apply(lambda relation: relation.show())
+
+    def slice(self, offset: int, length: int | None = None) -> StatementResult:
+        table = None if self.table is None else self.table.slice(offset, length)
+        return StatementResult(table, self._types, self.rowcount, self._converter)
+
+    def _apply(self, action: Callable[[duckdb.DuckDBPyRelation], T]) -> T | None:
+        if self.table is None:
+            return None
+        return self._converter.apply(self.table, self._types, action)
+
+
+class Coordinator:
+    """Runs statements against the cluster behind `port`. Not thread-safe: one per
+    session. `rng` and `sleep` drive the conflict backoff (tests pass their own)."""
+
+    def __init__(
+        self,
+        port: ClusterPort,
+        *,
+        consistency: str = "strong",
+        rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._port = port
+        self._consistency = _checked_consistency(consistency)
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._work = WorkDatabase()
+        self._converter = _Converter()
+
+    @property
+    def consistency(self) -> str:
+        return self._consistency
+
+    def close(self) -> None:
+        self._work.close()
+        self._converter.close()
+
+    def execute_script(
+        self, sql: str, parameters: object = None, *, consistency: str | None = None
+    ) -> StatementResult:
+        """Run each statement of a script in order (each atomic on its own, the first error
+        stops it) and return the last one's result; `parameters` go to the last one."""
+        statements = split_script(sql)
+        if not statements:
+            raise Unsupported("no statement to run")
+        last = len(statements) - 1
+        result: StatementResult | None = None
+        for position, text in enumerate(statements):
+            values = parameters if position == last else None
+            result = self.execute(text, values, consistency=consistency)
+        assert result is not None
+        return result
+
+    def execute(
+        self, sql: str, parameters: object = None, *, consistency: str | None = None
+    ) -> StatementResult:
+        """Run one statement. Raises SqlError (port errors come wrapped in ClusterError
+        subclasses that are also instances of the port's own error classes)."""
+        chosen = _checked_consistency(consistency or self._consistency)
+        words = tokens(sql)
+        value = setting_assignment(words, CONSISTENCY_SETTING)
+        if value is not None:
+            if value.lower() not in CONSISTENCIES:
+                raise Refused(f"{CONSISTENCY_SETTING} is 'strong' or 'stale', not {value!r}")
+            self._consistency = value.lower()
+            return self._result(pa.table({"Success": pa.array([], pa.bool_())}), ["BOOLEAN"])
+        statement = self._parse(sql, words)
+        if parameters is not None and statement.kind in ddl.DDL_KINDS:
+            raise Unsupported("parameters are not supported in DDL statements")
+        try:
+            return self._fresh_catalog_on_bind_error(
+                lambda: self._dispatch(statement, sql, words, parameters, chosen)
+            )
+        except PortError as error:
+            if isinstance(error, SqlError):
+                raise
+            raise cluster_error(error) from error
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _parse(self, sql: str, words: list[Token]) -> Statement:
+        try:
+            return ddl.parse(sql)
+        except ddl.SqlSyntaxError as error:
+            raise ParseFailed(str(error), "ParserException") from error
+        except ddl.UnsupportedStatement as error:
+            first = words[0].word() if words else ""
+            if first in _TRANSACTION_WORDS:
+                raise Unsupported(
+                    f"{first} is not supported: dcluster has no multi-statement transactions; "
+                    "every statement is atomic on its own"
+                ) from error
+            raise Unsupported(str(error)) from error
+        except ddl.DdlError as error:
+            raise Refused(str(error)) from error
+
+    def _dispatch(
+        self,
+        statement: Statement,
+        sql: str,
+        words: list[Token],
+        parameters: object,
+        consistency: str,
+    ) -> StatementResult:
+        kind = statement.kind
+        ddl_refusals = (Conflict, CatalogChanged)
+        if kind == StatementKind.CREATE_TABLE_AS:
+            return self._retrying(lambda: self._create_table_as(statement, sql), ddl_refusals)
+        if kind in ddl.DDL_KINDS:
+            return self._retrying(lambda: self._ddl(statement, sql, words), ddl_refusals)
+        target = None if kind == StatementKind.SELECT else find_target(words)
+        if target is None:
+            return self._read(statement, words, parameters, consistency)
+        return self._retrying(lambda: self._write(statement, words, target, parameters))
+
+    def _fresh_catalog_on_bind_error(self, attempt: Callable[[], T]) -> T:
+        """A statement DuckDB cannot bind may name what another client just created: when a
+        fresh catalog differs from the one used, run it once more."""
+        try:
+            return attempt()
+        except BindFailed:
+            used = self._port.catalog().catalog_version
+            if self._port.catalog(refresh=True).catalog_version == used:
+                raise
+        return attempt()
+
+    def _retrying(
+        self,
+        attempt: Callable[[], StatementResult],
+        retry_on: tuple[type[PortError], ...] = (Conflict,),
+    ) -> StatementResult:
+        """Run `attempt` again on a fresh catalog while its commit is refused for a reason
+        that planning again may cure (Conflict; for DDL also CatalogChanged, whose second
+        attempt then usually fails to bind, with DuckDB's own message)."""
+        last: PortError | None = None
+        for number in range(WRITE_ATTEMPTS_MAX):
+            try:
+                return attempt()
+            except retry_on as refused:
+                if isinstance(refused, SqlError):
+                    raise
+                last = refused
+            self._port.catalog(refresh=True)
+            if number + 1 < WRITE_ATTEMPTS_MAX:
+                ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**number)
+                self._sleep(self._rng.uniform(0, ceiling))  # full jitter
+        if isinstance(last, CatalogChanged):
+            raise cluster_error(last)
+        raise WriteConflict(
+            f"write conflict: what this statement reads changed before it could commit, "
+            f"{WRITE_ATTEMPTS_MAX} times in a row ({last}); nothing was written, try again"
+        )
+
+    def _result(
+        self, table: pa.Table | None, types: Sequence[str], rowcount: int = -1
+    ) -> StatementResult:
+        return StatementResult(table, types, rowcount, self._converter)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _read(
+        self, statement: Statement, words: list[Token], parameters: object, consistency: str
+    ) -> StatementResult:
+        def keys_for(view: CatalogView) -> list[str]:
+            self._work.prepare(view.catalog)
+            return self._work.tables_named(words)
+
+        gathered = gather(
+            self._port, self._port.catalog(), keys_for, strong=consistency == "strong"
+        )
+        with loaded(self._work, self._port, gathered) as con:
+            table, types = run(con, statement.sql, parameters)
+        return self._result(table, types, _rowcount(statement, words, table))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _write(
+        self, statement: Statement, words: list[Token], target: Target, parameters: object
+    ) -> StatementResult:
+        def keys_for(view: CatalogView) -> tuple[str, ...]:
+            self._work.prepare(view.catalog)
+            plan = plan_write(self._work, statement.kind, words, target)
+            return plan.reads if plan is not None else ()
+
+        gathered = gather(self._port, self._port.catalog(), keys_for, strong=True)
+        with loaded(self._work, self._port, gathered) as con:
+            plan = plan_write(self._work, statement.kind, words, target)
+            if plan is None:  # DuckDB's own error: an unknown table, or a view
+                run(con, statement.sql, parameters)
+                raise BindFailed(f"Catalog Error: no table {target.name!r}", "CatalogException")
+            table, types, changes = run_write(con, plan, statement.sql, parameters)
+        result = self._result(table, types, _rowcount(statement, words, table))
+        if changes.empty():
+            return result
+        batches = stage(self._port, plan.key, changes)
+        expected_schemas: tuple[tuple[str, int], ...] = ()
+        if plan.key not in plan.reads:
+            expected_schemas = ((plan.key, gathered.view.schema_versions[plan.key]),)
+        command = Command(
+            CommandKind.WRITE,
+            writes=(TableWrite(plan.key, batches),),
+            expected_versions=_versions(gathered.versions, plan.reads),
+            expected_schemas=expected_schemas,
+            text=statement.sql[:STATEMENT_TEXT_CHARS_MAX],
+        )
+        self._port.commit(command)
+        return result
+
+    def _raise_duckdb_error(self, statement: Statement, parameters: object) -> None:
+        """Run the statement against empty tables for DuckDB's own error (an unknown table,
+        or one that is a view)."""
+        with self._work.session({}) as con:
+            run(con, statement.sql, parameters)
+
+    # -- DDL ---------------------------------------------------------------------------------
+
+    def _prepare(self, view: CatalogView, sql: str) -> Ddl | None:
+        try:
+            return view.catalog.prepare(sql, len(view.members))
+        except BindError as error:
+            raise BindFailed(str(error), error.duckdb_error) from error
+        except ddl.SqlSyntaxError as error:
+            raise ParseFailed(str(error), "ParserException") from error
+        except ddl.UnsupportedStatement as error:
+            raise Unsupported(str(error)) from error
+        except (ddl.DdlError, CatalogError) as error:
+            raise Refused(str(error)) from error
+
+    def _ddl(self, statement: Statement, sql: str, words: list[Token]) -> StatementResult:
+        view = self._port.catalog()
+        change = self._prepare(view, sql)
+        self._work.prepare(view.catalog)
+        with self._work.session({}) as con:
+            if isinstance(change, AlterTable):
+                _refuse_volatile_default(con, statement, words)
+            table, types = run(con, statement.sql)
+        if change is not None:
+            command = Command(
+                CommandKind.DDL,
+                ddl=msgspec.msgpack.encode(change),
+                expected_schemas=_incarnation(view, change),
+                text=sql[:STATEMENT_TEXT_CHARS_MAX],
+            )
+            self._port.commit(command)
+            self._port.catalog(refresh=True)
+        return self._result(table, types, _rowcount(statement, words, table))
+
+    def _no_op(self, view: CatalogView, statement: Statement) -> StatementResult:
+        """DuckDB's result for a DDL statement that changes nothing now."""
+        self._work.prepare(view.catalog)
+        with self._work.session({}) as con:
+            table, types = run(con, statement.sql)
+        return self._result(table, types)
+
+    def _create_table_as(self, statement: Statement, sql: str) -> StatementResult:
+        assert statement.select_sql is not None
+        select_words = tokens(statement.select_sql)
+
+        def keys_for(view: CatalogView) -> list[str]:
+            self._work.prepare(view.catalog)
+            return self._work.tables_named(select_words)
+
+        first_view = self._port.catalog()
+        try:
+            prepared = self._prepare(first_view, sql)
+        except BindFailed:
+            # The catalog binds the query wrapped in a LIMIT 0; DuckDB's own message for the
+            # statement as written comes from running it over empty tables.
+            self._work.prepare(first_view.catalog)
+            self._raise_duckdb_error(statement, None)
+            raise
+        if prepared is None:
+            return self._no_op(first_view, statement)  # IF NOT EXISTS, and it exists
+        gathered = gather(self._port, first_view, keys_for, strong=True)
+        view = gathered.view
+        with loaded(self._work, self._port, gathered) as con:
+            change = self._prepare(view, sql)  # again: the catalog may have moved
+            table, types = run(con, statement.sql)
+            if change is None:
+                return self._result(table, types)
+            assert isinstance(change, CreateTable), change
+            spec = change.spec
+            rows = export(con, f"SELECT * FROM {qualified(spec)}", spec)
+        key = table_key(spec.schema, spec.name)
+        holders = place(spec, view.members).holders  # the catalog has no placement yet
+        batches = stage(self._port, key, Changes({}, rows), placement=holders)
+        command = Command(
+            CommandKind.DDL,
+            ddl=msgspec.msgpack.encode(change),
+            writes=(TableWrite(key, batches),) if batches else (),
+            expected_versions=_versions(gathered.versions, sorted(gathered.tables)),
+            expected_schemas=_incarnation(view, change),
+            text=sql[:STATEMENT_TEXT_CHARS_MAX],
+        )
+        self._port.commit(command)
+        self._port.catalog(refresh=True)
+        return self._result(table, types, _rowcount(statement, select_words, table))
+
+
+def _checked_consistency(consistency: str) -> str:
+    if consistency.lower() not in CONSISTENCIES:
+        raise ValueError(f"consistency is 'strong' or 'stale', not {consistency!r}")
+    return consistency.lower()
+
+
+def _rowcount(statement: Statement, words: Sequence[Token], table: pa.Table | None) -> int:
+    """DuckDB's cursor rowcount: the Count of a statement that changes or moves rows."""
+    if table is None or statement.kind == StatementKind.SELECT:
+        return -1
+    if any(token.word() == "RETURNING" for token in words):
+        return -1
+    if table.column_names == ["Count"] and table.num_rows == 1:
+        return int(table.column(0)[0].as_py())
+    return -1
+
+
+def _versions(versions: Any, keys: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    missing = [key for key in keys if key not in versions]
+    assert not missing, f"the barrier gave no version for {missing}"
+    return tuple((key, int(versions[key])) for key in keys)
+
+
+def _incarnation(view: CatalogView, change: Ddl) -> tuple[tuple[str, int], ...]:
+    """The schema version of the table a DROP, ALTER or CREATE OR REPLACE TABLE acts on: a
+    table dropped and created again under its name since binding is not the one meant."""
+    if isinstance(change, CreateTable):
+        key = table_key(change.spec.schema, change.spec.name)
+    elif isinstance(change, AlterTable | DropTable):
+        key = table_key(change.schema, change.name)
+    else:
+        return ()
+    version = view.schema_versions.get(key)
+    return () if version is None else ((key, version),)
+
+
+def _refuse_volatile_default(
+    con: duckdb.DuckDBPyConnection, statement: Statement, words: Sequence[Token]
+) -> None:
+    """Every holder computes a new column's DEFAULT for its own rows, so one that may
+    differ between runs would make replicas differ."""
+    if not any(token.word() == "DEFAULT" for token in words):
+        return
+    names = ddl.volatile_functions(statement.sql, con)
+    if names:
+        raise Refused(
+            f"ALTER TABLE … ADD COLUMN with a DEFAULT that calls {', '.join(names)}: each "
+            "holder would compute its own values for the existing rows and replicas would "
+            "differ. Add the column without that DEFAULT, then UPDATE it"
+        )
