@@ -49,7 +49,7 @@ SNAPSHOT_IDLE_MS = 30_000
 SNAPSHOTS_KEPT_MAX = 32
 FETCH_WAIT_MS = 2_000
 """How long the apply lane waits for one fetch of a missing batch before asking again."""
-CHECKPOINT_INTERVAL_MS = 5_000
+CHECKPOINT_INTERVAL_MS = 500
 """At most this often, after applying writes, DuckDB's WAL is checkpointed into the file."""
 NS_PER_MS = 1_000_000
 

@@ -315,7 +315,7 @@ def status(
         _fail(f"cluster {cluster.name} is down (no supervisor running)", EXIT_REFUSED)
 
 
-STATUS_WIDTH_MIN = 150
+STATUS_WIDTH_MIN = 190
 STATUS_COLUMNS = (
     ("node", "id"),
     ("host", "host"),

@@ -26,7 +26,6 @@ import pyarrow as pa
 
 from cluster.client import (
     OPERATION_TIMEOUT_MS,
-    REQUEST_TIMEOUT_MS,
     Client,
     ClientError,
     _backoff_ms,
@@ -76,9 +75,10 @@ SCAN_HEDGE_MS = 400
 """How long one holder has to answer one partition scan before the next is asked."""
 SCAN_ROUNDS_MAX = 3
 """Passes over a partition's holders before the scan gives up."""
-COMMIT_HEDGE_MS = 1_000
+COMMIT_HEDGE_MS = 500
 """How long a node may stay silent about a command before the next node is asked too
 (same request id: the command still applies at most once)."""
+CATALOG_HEDGE_MS = 300
 NS_PER_MS = 1_000_000
 
 
@@ -108,20 +108,32 @@ class TransportPort:
         return self._view
 
     def _fetch_catalog(self) -> CatalogResponse:
-        """From the leader if known; any node whose catalog is at least as new as what this
-        session has seen applied."""
+        """From the leader if known, else any node — whose catalog is at least as new as
+        what this session has seen applied. A node silent for CATALOG_HEDGE_MS is hedged:
+        the next one is asked too."""
         deadline_ns = self._clock.monotonic_ns() + OPERATION_TIMEOUT_MS * NS_PER_MS
         nodes = self._nodes_leader_first()
+        request = CatalogRequest(next(self._ids), self.client._reply_address)
+        found: list[CatalogResponse] = []
+
+        def take(delivery: Any) -> bool:
+            if isinstance(delivery, Received) and isinstance(delivery.message, CatalogResponse):
+                answer = delivery.message
+                if answer.request_id == request.request_id and answer.ok:
+                    if answer.index >= self._known_index:
+                        found.append(answer)
+                        return True
+            return False
+
         for attempt in itertools.count():
-            node = nodes[attempt % len(nodes)]
-            request = CatalogRequest(next(self._ids), self.client._reply_address)
-            answer = self.client._exchange(node, request, CatalogResponse, REQUEST_TIMEOUT_MS)
-            if isinstance(answer, CatalogResponse) and answer.ok:
-                if answer.index >= self._known_index:
-                    return answer
             if self._clock.monotonic_ns() >= deadline_ns:
                 break
-            time.sleep(_backoff_ms(attempt, self._rng) / 1000)
+            self.client._send(nodes[attempt % len(nodes)], request)
+            self._receive(take, CATALOG_HEDGE_MS)
+            if found:
+                return found[0]
+            if attempt >= len(nodes):
+                time.sleep(_backoff_ms(attempt, self._rng) / 1000)
         raise Unavailable(f"no worker served the catalog within {OPERATION_TIMEOUT_MS} ms")
 
     # ---- log commands ----

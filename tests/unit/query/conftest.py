@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import random
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,11 @@ def coordinator(port: FakePort, sleeps: list[float]) -> Iterator[Coordinator]:
     made = Coordinator(port, rng=random.Random(7), sleep=sleeps.append)
     yield made
     made.close()
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A private temporary directory. Not `tmp_path`: concurrent pytest sessions on one
+    host share and clean up its base directory."""
+    with tempfile.TemporaryDirectory(prefix="dcluster-query-") as name:
+        yield Path(name)

@@ -152,15 +152,15 @@ def test_a_table_created_by_another_client_is_found(port: FakePort) -> None:
     theirs.close()
 
 
-def test_copy_to_writes_what_duckdb_writes(pair: Pair, tmp_path: Path) -> None:
+def test_copy_to_writes_what_duckdb_writes(pair: Pair, folder: Path) -> None:
     pair.run("CREATE TABLE t (k INTEGER, v VARCHAR) PARTITION BY HASH(k) PARTITIONS 2")
     pair.run("INSERT INTO t SELECT i, 'v' || i FROM range(10) AS s(i)")
-    ours, theirs = tmp_path / "ours.csv", tmp_path / "theirs.csv"
+    ours, theirs = folder / "ours.csv", folder / "theirs.csv"
     result = pair.coordinator.execute(f"COPY (SELECT * FROM t ORDER BY k) TO '{ours}' (HEADER)")
     assert result.fetchall() == [(10,)] and result.rowcount == 10
     pair.reference.execute(f"COPY (SELECT * FROM t ORDER BY k) TO '{theirs}' (HEADER)").fetchall()
     assert ours.read_text() == theirs.read_text()
-    parquet = tmp_path / "t.parquet"
+    parquet = folder / "t.parquet"
     assert pair.coordinator.execute(f"COPY t TO '{parquet}' (FORMAT parquet)").rowcount == 10
     with duckdb.connect() as check:
         assert check.execute(f"SELECT count(*) FROM '{parquet}'").fetchall() == [(10,)]

@@ -269,12 +269,12 @@ def test_upserts_returning_and_parameters_match_duckdb(pair: Pair) -> None:
     pair.run("SELECT * FROM t ORDER BY k", ordered=True)
 
 
-def test_copy_from_files_matches_duckdb(pair: Pair, tmp_path: Path) -> None:
+def test_copy_from_files_matches_duckdb(pair: Pair, folder: Path) -> None:
     pair.run(
         "CREATE TABLE t (k INTEGER, name VARCHAR, price DECIMAL(10,2), tags VARCHAR[]) PARTITION BY HASH(k) PARTITIONS 3"
     )
-    parquet = tmp_path / "rows.parquet"
-    csv = tmp_path / "rows.csv"
+    parquet = folder / "rows.parquet"
+    csv = folder / "rows.csv"
     pair.reference.execute(
         f"COPY (SELECT i AS k, 'név ' || i AS name, i * 1.25 AS price, ['a', i::VARCHAR] AS tags "
         f"FROM range(500) AS s(i)) TO '{parquet}' (FORMAT parquet)"
@@ -283,7 +283,7 @@ def test_copy_from_files_matches_duckdb(pair: Pair, tmp_path: Path) -> None:
     result = pair.run(f"COPY t FROM '{parquet}' (FORMAT parquet)")
     assert result is not None and result.rowcount == 500
     pair.run(f"COPY t (k, name, price) FROM '{csv}' (HEADER)")
-    pair.run(f"COPY t FROM '{tmp_path / 'missing.csv'}'", fails=True)
+    pair.run(f"COPY t FROM '{folder / 'missing.csv'}'", fails=True)
     pair.run("SELECT count(*), sum(price), count(tags) FROM t")
 
 
