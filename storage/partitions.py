@@ -234,6 +234,9 @@ class PartitionStore:
                     "memory_limit": f"{config.memory_limit_bytes}B",
                     "autoinstall_known_extensions": False,
                     "autoload_known_extensions": False,
+                    # Scans hand rows to coordinators as Arrow: UUID, HUGEINT, TIMETZ and
+                    # BIT keep their DuckDB types instead of decaying to strings/decimals.
+                    "arrow_lossless_conversion": True,
                 },
             )
         try:
