@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,20 +147,45 @@ def _remove_database(database: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def cluster_once(connection: dcluster.Connection, dataset: Path, rows: int, clock: Clock) -> int:
-    """Nanoseconds for `COPY t FROM dataset` into a new table with REPLICAS replicas."""
+def cluster_once(
+    connection: dcluster.Connection, dataset: Path, rows: int, clock: Clock, run_path: Path
+) -> tuple[int, int]:
+    """Nanoseconds for `COPY t FROM dataset` into a new table with REPLICAS replicas to be
+    acknowledged (rows durable on every holder, commit in the log), and until every worker
+    has also applied it into its DuckDB partitions."""
     columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS)
     connection.sql(f"CREATE TABLE {TABLE} ({columns}) REPLICAS {REPLICAS}")
     began_ns = clock.monotonic_ns()
     copied = connection.sql(f"COPY {TABLE} FROM {_literal(dataset)}")
     elapsed_ns = clock.monotonic_ns() - began_ns
+    _until_applied_everywhere(run_path, clock)
+    applied_ns = clock.monotonic_ns() - began_ns
     said = None if copied is None else copied.fetchall()
     if said != [(rows,)]:
         raise RuntimeError(f"dcluster: COPY returned {said}, expected [({rows},)]")
     counted = connection.sql(f"SELECT count(*), sum(id) FROM {TABLE}")
     _check_arrived(None if counted is None else counted.fetchone(), rows, "dcluster")
     connection.sql(f"DROP TABLE {TABLE}")
-    return elapsed_ns
+    return elapsed_ns, applied_ns
+
+
+APPLIED_WAIT_S = 120.0
+
+
+def _until_applied_everywhere(run_path: Path, clock: Clock) -> None:
+    """Wait until every worker's partition store has applied the log as far as the
+    highest applied index any worker reports now."""
+    from cluster.client import Client
+
+    deadline_ns = clock.monotonic_ns() + int(APPLIED_WAIT_S * 1e9)
+    with Client(run_path) as client:
+        target = max(s.applied_index for s in client.status_all().values() if s is not None)
+        while clock.monotonic_ns() < deadline_ns:
+            statuses = client.status_all()
+            if all(s is not None and s.store_applied_index >= target for s in statuses.values()):
+                return
+            time.sleep(0.01)
+    raise RuntimeError(f"the workers did not apply index {target} within {APPLIED_WAIT_S} s")
 
 
 # ---- the run ----
@@ -172,6 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"load_avg_1m_before": os.getloadavg()[0]}
     duckdb_ns: list[int] = []
     cluster_ns: list[int] = []
+    applied_ns: list[int] = []
     with contextlib.ExitStack() as stack:
         base = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
         if args.keep_dir:
@@ -187,12 +214,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         connection = stack.enter_context(dcluster.connect(str(cluster.run.path)))
         for _ in range(args.repeat):
             duckdb_ns.append(duckdb_once(dataset, base / "duckdb.db", args.rows, clock))
-            cluster_ns.append(cluster_once(connection, dataset, args.rows, clock))
+            acknowledged, applied = cluster_once(
+                connection, dataset, args.rows, clock, cluster.run.path
+            )
+            cluster_ns.append(acknowledged)
+            applied_ns.append(applied)
         cluster.note()  # the client's queue too, for the leftover check
     figures["oversubscribe"] = cluster.oversubscribe
     figures["cluster"] = cluster.description()  # all it ever ran, for a leftover check
     figures["load_avg_1m_after"] = os.getloadavg()[0]
     figures["elapsed_s"] = (clock.monotonic_ns() - began_ns) / 1e9
+    figures["cluster_applied_s"] = min(applied_ns) / 1e9
+    figures["cluster_applied_s_all"] = [value / 1e9 for value in applied_ns]
+    figures["applied_ratio"] = figures["cluster_applied_s"] / (min(duckdb_ns) / 1e9)
     return summarize(args, duckdb_ns, cluster_ns) | figures
 
 
@@ -239,6 +273,14 @@ def print_table(f: dict[str, Any]) -> None:
             f"{f['cluster_rows_per_s']:,.0f}",
         ),
     ]
+    if "cluster_applied_s" in f:
+        rows.append(
+            (
+                "  ... and applied into DuckDB on every holder",
+                f"{f['cluster_applied_s']:.3f}",
+                f"{f['rows'] / f['cluster_applied_s']:,.0f}",
+            )
+        )
     widths = [max(len(row[index]) for row in rows) for index in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
@@ -247,6 +289,8 @@ def print_table(f: dict[str, Any]) -> None:
         f"\nratio (cluster time / DuckDB time): {f['ratio']:.2f}x; "
         f"target <= {f['target_ratio']:g}x: {verdict}"
     )
+    if "applied_ratio" in f:
+        print(f"ratio until applied on every holder: {f['applied_ratio']:.2f}x")
     print(
         f"\n{f['rows']:,} rows from one Parquet file of {f['parquet_bytes'] / 2**20:.1f} MiB "
         f"({f['parquet_bytes'] / f['rows']:.1f} bytes/row); best of {f['repeat']}, the sides "

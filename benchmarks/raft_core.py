@@ -32,8 +32,13 @@ class _Group:
         self.storages = {i: MemoryStorage(conf=ConfState(voters=ids)) for i in ids}
         self.nodes = {
             i: RaftNode(
-                RaftConfig(node_id=i, storage=self.storages[i], rng=random.Random(i),
-                           inflight_messages_max=256, entries_per_message_bytes_max=256 * 1024)
+                RaftConfig(
+                    node_id=i,
+                    storage=self.storages[i],
+                    rng=random.Random(i),
+                    inflight_messages_max=256,
+                    entries_per_message_bytes_max=256 * 1024,
+                )
             )
             for i in ids
         }
@@ -121,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(figures))
         return 0
     rows = [
-        ("entries committed/s, 3 voters, no IO", f"{three:,.0f}",
-         f"{one:,.0f} (1 voter)", f"{three / one:.2f}x"),
-        (f"simulated seeds/s, 5 nodes, {STEPS_DEFAULT:,} steps, all faults", f"{faulty:.2f}",
-         f"{calm:.2f} (no faults)", f"{faulty / calm:.2f}x"),
+        (
+            "entries committed/s, 3 voters, no IO",
+            f"{three:,.0f}",
+            f"{one:,.0f} (1 voter)",
+            f"{three / one:.2f}x",
+        ),
+        (
+            f"simulated seeds/s, 5 nodes, {STEPS_DEFAULT:,} steps, all faults",
+            f"{faulty:.2f}",
+            f"{calm:.2f} (no faults)",
+            f"{faulty / calm:.2f}x",
+        ),
     ]
     header = ("figure", "measured", "baseline (same run)", "ratio")
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(4)]

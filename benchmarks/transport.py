@@ -79,6 +79,7 @@ TARGETS = {
     "mq_rtt_vs_raw": 4.0,
 }
 
+
 class Ping(msgspec.Struct, frozen=True, array_like=True):
     seq: int
     payload: bytes = b""
@@ -158,7 +159,10 @@ class _RawMq:
     @staticmethod
     def _create(stack: contextlib.ExitStack, name: str) -> posix_ipc.MessageQueue:
         queue = posix_ipc.MessageQueue(
-            name, posix_ipc.O_CREX, mode=0o600, max_messages=RAW_MQ_MESSAGES_MAX,
+            name,
+            posix_ipc.O_CREX,
+            mode=0o600,
+            max_messages=RAW_MQ_MESSAGES_MAX,
             max_message_size=RAW_MQ_MESSAGE_BYTES_MAX,
         )
         stack.callback(queue.unlink)
@@ -268,8 +272,9 @@ def _columns(start: int, stop: int) -> pa.Table:
     names = pc.binary_join_element_wise(
         pc.cast(ids, pa.string()), pa.scalar("-row-of-the-benchmark"), ""
     )
-    return pa.table({"id": ids, "value": pc.multiply(pc.cast(ids, pa.float64()), 0.5),
-                     "name": names})
+    return pa.table(
+        {"id": ids, "value": pc.multiply(pc.cast(ids, pa.float64()), 0.5), "name": names}
+    )
 
 
 def read_every_column(table: pa.Table) -> int:
@@ -324,7 +329,11 @@ def _make_transport(setup: _Setup, node_id: int, clock: Clock) -> Transport:
         from ipc.local import LocalTransport
 
         transport: Transport = LocalTransport(
-            setup.cluster, node_id, Path(setup.run_dir), clock, incarnation=1,
+            setup.cluster,
+            node_id,
+            Path(setup.run_dir),
+            clock,
+            incarnation=1,
             messages=MESSAGES,
         )
         return transport
@@ -332,8 +341,13 @@ def _make_transport(setup: _Setup, node_id: int, clock: Clock) -> Transport:
     from ipc.tcp import TcpTransport
 
     transport = TcpTransport(
-        setup.cluster, node_id, setup.secret, clock, random.Random(node_id),
-        bind=("127.0.0.1", 0), messages=MESSAGES,
+        setup.cluster,
+        node_id,
+        setup.secret,
+        clock,
+        random.Random(node_id),
+        bind=("127.0.0.1", 0),
+        messages=MESSAGES,
     )
     return transport
 
@@ -483,13 +497,18 @@ class _Peer:
 def _echoes(seq: int) -> Callable[[Any], bool]:
     def accept(delivery: Any) -> bool:
         return isinstance(delivery, Received) and delivery.message == Ping(seq)
+
     return accept
 
 
 def _acknowledges(seq: int) -> Callable[[Any], bool]:
     def accept(delivery: Any) -> bool:
-        return (isinstance(delivery, Received) and isinstance(delivery.message, BulkDone)
-                and delivery.message.seq == seq)
+        return (
+            isinstance(delivery, Received)
+            and isinstance(delivery.message, BulkDone)
+            and delivery.message.seq == seq
+        )
+
     return accept
 
 
@@ -530,8 +549,12 @@ def measure(
     with contextlib.ExitStack() as stack:
         run_dir = stack.enter_context(_run_dir(cluster))
         local, tcp = (
-            _transport_peer(stack, _Setup(kind, f"{cluster}-{kind}", run_dir,
-                                          secrets.token_bytes(32), profile), clock, table)
+            _transport_peer(
+                stack,
+                _Setup(kind, f"{cluster}-{kind}", run_dir, secrets.token_bytes(32), profile),
+                clock,
+                table,
+            )
             for kind in ("local", "tcp")
         )
         memcpy = _Memcpy(bulk_mib << 20, clock)
@@ -545,10 +568,15 @@ def measure(
         rtt = _interleaved_rtt(pingers, pings, rounds)
         transfer = _interleaved_bulk(movers, repeats)
     figures: dict[str, Any] = {
-        "pings": pings, "rounds": rounds, "bulk_mib": bulk_mib, "bulk_repeats": repeats,
-        "ping_frame_bytes": message_bytes, "bulk_table_bytes": table.nbytes,
+        "pings": pings,
+        "rounds": rounds,
+        "bulk_mib": bulk_mib,
+        "bulk_repeats": repeats,
+        "ping_frame_bytes": message_bytes,
+        "bulk_table_bytes": table.nbytes,
         "bulk_table_rows": table.num_rows,
-        "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": os.getloadavg()[0],
     }
     for name, samples in rtt.items():
         figures[f"{name}_rtt_us_p50"] = _percentile(samples, 0.5) / 1e3
@@ -594,8 +622,10 @@ def _with_ratios(figures: dict[str, Any]) -> dict[str, Any]:
     figures["pass_shm_vs_memcpy"] = figures["shm_vs_memcpy"] >= TARGETS["shm_vs_memcpy"]
     figures["pass_mq_rtt_vs_raw"] = figures["mq_rtt_vs_raw"] <= TARGETS["mq_rtt_vs_raw"]
     figures["pass"] = all(figures[f"pass_{key}"] for key in TARGETS)
-    return {key: round(value, 3) if isinstance(value, float) else value
-            for key, value in figures.items()}
+    return {
+        key: round(value, 3) if isinstance(value, float) else value
+        for key, value in figures.items()
+    }
 
 
 def _table(figures: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -606,21 +636,48 @@ def _table(figures: dict[str, Any]) -> list[tuple[str, ...]]:
 
     return [
         ("figure", "measured", "baseline (same run)", "ratio", "target"),
-        ("control round trip p50, LocalTransport (mq)", f"{f['mq_rtt_us_p50']:.1f} us",
-         f"{f['raw_mq_rtt_us_p50']:.1f} us (raw mq)", f"{f['mq_rtt_vs_raw']:.2f}x",
-         f"<= 4x: {verdict('mq_rtt_vs_raw')}"),
-        ("control round trip p99, LocalTransport (mq)", f"{f['mq_rtt_us_p99']:.1f} us",
-         f"{f['raw_mq_rtt_us_p99']:.1f} us (raw mq)", "", ""),
-        ("control round trip p50, TcpTransport", f"{f['tcp_rtt_us_p50']:.1f} us",
-         f"{f['raw_tcp_rtt_us_p50']:.1f} us (raw socket)", f"{f['tcp_rtt_vs_raw']:.2f}x", ""),
-        ("control round trip p99, TcpTransport", f"{f['tcp_rtt_us_p99']:.1f} us",
-         f"{f['raw_tcp_rtt_us_p99']:.1f} us (raw socket)", "", ""),
-        (f"bulk {f['bulk_mib']} MiB Arrow, shm", f"{f['shm_bulk_gbps']:.2f} GB/s",
-         f"{f['tcp_bulk_gbps']:.2f} GB/s (TcpTransport)", f"{f['shm_vs_tcp_bulk']:.2f}x",
-         f">= 2x: {verdict('shm_vs_tcp_bulk')}"),
-        (f"bulk {f['bulk_mib']} MiB Arrow, shm", f"{f['shm_bulk_gbps']:.2f} GB/s",
-         f"{f['memcpy_gbps']:.2f} GB/s (memcpy)", f"{f['shm_vs_memcpy']:.2f}x",
-         f">= 0.33x: {verdict('shm_vs_memcpy')}"),
+        (
+            "control round trip p50, LocalTransport (mq)",
+            f"{f['mq_rtt_us_p50']:.1f} us",
+            f"{f['raw_mq_rtt_us_p50']:.1f} us (raw mq)",
+            f"{f['mq_rtt_vs_raw']:.2f}x",
+            f"<= 4x: {verdict('mq_rtt_vs_raw')}",
+        ),
+        (
+            "control round trip p99, LocalTransport (mq)",
+            f"{f['mq_rtt_us_p99']:.1f} us",
+            f"{f['raw_mq_rtt_us_p99']:.1f} us (raw mq)",
+            "",
+            "",
+        ),
+        (
+            "control round trip p50, TcpTransport",
+            f"{f['tcp_rtt_us_p50']:.1f} us",
+            f"{f['raw_tcp_rtt_us_p50']:.1f} us (raw socket)",
+            f"{f['tcp_rtt_vs_raw']:.2f}x",
+            "",
+        ),
+        (
+            "control round trip p99, TcpTransport",
+            f"{f['tcp_rtt_us_p99']:.1f} us",
+            f"{f['raw_tcp_rtt_us_p99']:.1f} us (raw socket)",
+            "",
+            "",
+        ),
+        (
+            f"bulk {f['bulk_mib']} MiB Arrow, shm",
+            f"{f['shm_bulk_gbps']:.2f} GB/s",
+            f"{f['tcp_bulk_gbps']:.2f} GB/s (TcpTransport)",
+            f"{f['shm_vs_tcp_bulk']:.2f}x",
+            f">= 2x: {verdict('shm_vs_tcp_bulk')}",
+        ),
+        (
+            f"bulk {f['bulk_mib']} MiB Arrow, shm",
+            f"{f['shm_bulk_gbps']:.2f} GB/s",
+            f"{f['memcpy_gbps']:.2f} GB/s (memcpy)",
+            f"{f['shm_vs_memcpy']:.2f}x",
+            f">= 0.33x: {verdict('shm_vs_memcpy')}",
+        ),
     ]
 
 
@@ -628,13 +685,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.transport")
     parser.add_argument("--pings", type=int, default=PINGS_DEFAULT)
     parser.add_argument("--bulk-mib", type=int, default=BULK_MIB_DEFAULT)
-    parser.add_argument("--repeats", type=int, default=BULK_REPEATS_DEFAULT,
-                        help="bulk transfers measured per transport, after warm-up")
-    parser.add_argument("--rounds", type=int, default=ROUNDS_DEFAULT,
-                        help="round-trip measurements alternate between kinds this often")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=BULK_REPEATS_DEFAULT,
+        help="bulk transfers measured per transport, after warm-up",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS_DEFAULT,
+        help="round-trip measurements alternate between kinds this often",
+    )
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile both ends of each transport (stderr); slows every figure")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile both ends of each transport (stderr); slows every figure",
+    )
     args = parser.parse_args(argv)
     figures = measure(args.pings, args.bulk_mib, args.repeats, args.rounds, args.profile)
     if args.json:
@@ -644,11 +712,13 @@ def main(argv: list[str] | None = None) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    print(f"\n{figures['pings']:,} pings per kind in {figures['rounds']} interleaved rounds; "
-          f"bulk: median of {figures['bulk_repeats']}, {figures['bulk_table_rows']:,} rows, "
-          f"{figures['bulk_table_bytes'] / (1 << 20):.0f} MiB; GB/s = 1e9 bytes/s; load "
-          f"average {figures['load_avg_1m_before']:.2f} before, "
-          f"{figures['load_avg_1m_after']:.2f} after")
+    print(
+        f"\n{figures['pings']:,} pings per kind in {figures['rounds']} interleaved rounds; "
+        f"bulk: median of {figures['bulk_repeats']}, {figures['bulk_table_rows']:,} rows, "
+        f"{figures['bulk_table_bytes'] / (1 << 20):.0f} MiB; GB/s = 1e9 bytes/s; load "
+        f"average {figures['load_avg_1m_before']:.2f} before, "
+        f"{figures['load_avg_1m_after']:.2f} after"
+    )
     return 0
 
 
