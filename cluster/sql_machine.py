@@ -33,7 +33,7 @@ import msgspec
 from cluster.sql_protocol import CommandKind, SqlCommand, SqlResult, StagedBatch, table_key
 from storage import catalog as catalog_module
 from storage.catalog import AlterTable, Catalog, CatalogConflict, CreateTable, Ddl, DropTable
-from storage.ddl import added_column_sql, columns_sql
+from storage.ddl import added_column_sql, partition_columns_sql
 from storage.partitions import AddColumn, DropPartition
 from storage.partitions import CreateTable as CreatePartition
 from storage.partitions import DropTable as DropPartitions
@@ -128,7 +128,7 @@ class SqlStateMachine:
         )
 
     def columns_sql(self, table: str) -> str:
-        return columns_sql(self._spec(table).ddl)
+        return partition_columns_sql(self._spec(table).ddl)
 
     # ---- applying ----
 
@@ -257,7 +257,7 @@ class SqlStateMachine:
         self.placements[key] = placement
         self.partition_changed[key] = [index] * len(placement)
         self._touch_schema(index, key)
-        columns = columns_sql(change.spec.ddl)
+        columns = partition_columns_sql(change.spec.ddl)
         for partition, held_by in enumerate(placement):
             if self.node in held_by:
                 ops.append(CreatePartition(key, partition, columns))

@@ -351,7 +351,30 @@ class WorkDatabase:
                         expanded.add((schema, object_name))
                         assert len(expanded) <= VIEW_EXPANSIONS_MAX
                         pending.append(named_words(tokens(view_sql)))
-        return sorted(found)
+        return sorted(self._with_referenced(found))
+
+    def _with_referenced(self, keys: set[str]) -> set[str]:
+        """`keys` and every table they reference by FOREIGN KEY, transitively: rows of a
+        child table can only be loaded into the work database beside its parents'."""
+        references = self.memo.get(("fk", "references"))
+        if references is None:
+            rows = self.con.execute(
+                "SELECT schema_name, table_name, referenced_table FROM duckdb_constraints() "
+                "WHERE constraint_type = 'FOREIGN KEY' AND database_name = current_database()"
+            ).fetchall()
+            references = {}
+            for schema, table, referenced in rows:
+                child = table_key(str(schema), str(table))
+                references.setdefault(child, set()).add(table_key(str(schema), str(referenced)))
+            self.memo[("fk", "references")] = references
+        found = set(keys)
+        pending = list(keys)
+        while pending:
+            for parent in references.get(pending.pop(), ()):
+                if parent not in found:
+                    found.add(parent)
+                    pending.append(parent)
+        return found
 
     def stored_columns(self, spec: TableSpec) -> list[tuple[str, str]]:
         """(name, type) of the table's columns that hold data (not generated), in order."""

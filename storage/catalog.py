@@ -210,17 +210,6 @@ class Catalog:
             create_sql = f"{prefix}SELECT * FROM (\n{statement.select_sql}\n) LIMIT 0"
         self._run_or_bind_error(create_sql)
         canonical_name, table_ddl, columns = self._describe(schema, name)
-        foreign = ddl.one_row(
-            self._con,
-            "SELECT count(*) FROM duckdb_constraints() WHERE constraint_type = 'FOREIGN KEY' "
-            "AND lower(schema_name) = lower(?) AND table_name = ?",
-            [schema, canonical_name],
-        )
-        if foreign[0]:
-            raise ddl.UnsupportedStatement(
-                "FOREIGN KEY constraints are not supported: a partition cannot check rows "
-                "that other workers hold"
-            )
         spec = ddl.table_spec(
             statement,
             schema=schema,

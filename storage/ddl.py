@@ -730,6 +730,26 @@ def columns_sql(table_ddl: str) -> str:
     return table_ddl[tokens[open_at].end : tokens[close_at].start].strip()
 
 
+def partition_columns_sql(table_ddl: str) -> str:
+    """`columns_sql` without FOREIGN KEY constraints: the column list a partition table is
+    created with. A partition cannot check rows other workers hold; the coordinator checks
+    foreign keys instead, over whole tables (it reads the referenced tables)."""
+    inner = columns_sql(table_ddl)
+    wrapped = f"({inner})"
+    tokens = _tokens(wrapped)
+    kept = []
+    for first, last in _split_commas(tokens, 0, _matching_paren(tokens, 0)):
+        if first == last:
+            continue
+        words = [token.word() for token in tokens[first : first + 4]]
+        foreign = words[:2] == ["FOREIGN", "KEY"] or (
+            words[:1] == ["CONSTRAINT"] and words[2:4] == ["FOREIGN", "KEY"]
+        )
+        if not foreign:
+            kept.append(wrapped[tokens[first].start : tokens[last - 1].end])
+    return ", ".join(kept)
+
+
 _ADDED_CONSTRAINT_WORDS = frozenset({"CONSTRAINT", "PRIMARY", "UNIQUE", "FOREIGN", "CHECK"})
 
 

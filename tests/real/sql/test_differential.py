@@ -155,6 +155,24 @@ def test_create_table_as_select_from_a_table_matches_duckdb(three: CliCluster) -
             mirror.close()
 
 
+def test_foreign_keys_are_checked_over_whole_tables_like_duckdb(three: CliCluster) -> None:
+    """Partitions cannot check a foreign key (the referenced rows live on other workers);
+    the coordinator does, over the whole tables, with DuckDB's own messages."""
+    with connect(three) as con:
+        mirror = Mirror(con)
+        try:
+            mirror.create("parent", "id INTEGER PRIMARY KEY", "PARTITION BY HASH(id)")
+            mirror.create("child", "id INTEGER, pid INTEGER REFERENCES parent(id)", "")
+            mirror.write("INSERT INTO parent SELECT i FROM range(20) t(i)")
+            mirror.write("INSERT INTO child SELECT i, i % 10 FROM range(30) t(i)")
+            mirror.run("INSERT INTO child VALUES (99, 42)")  # both refuse, same message
+            mirror.run("DELETE FROM parent WHERE id = 3")  # still referenced: refused
+            mirror.write("DELETE FROM parent WHERE id >= 10")
+            mirror.check_tables()
+        finally:
+            mirror.close()
+
+
 def test_create_table_as_select_of_constants_matches_duckdb(three: CliCluster) -> None:
     with connect(three) as con:
         mirror = Mirror(con)

@@ -169,13 +169,3 @@ def test_snapshots_are_deterministic_and_restore_exactly() -> None:
 
 def test_a_different_history_gives_a_different_snapshot() -> None:
     assert build(SCRIPT[:3]).snapshot() != build(SCRIPT[:2]).snapshot()
-
-
-def test_a_foreign_key_is_refused_because_partitions_cannot_check_it() -> None:
-    catalog = Catalog()
-    change = catalog.prepare("CREATE TABLE parent (id INTEGER PRIMARY KEY)", 3)
-    assert change is not None
-    catalog.apply_ddl(change)
-    with pytest.raises(ddl.UnsupportedStatement, match="FOREIGN KEY"):
-        catalog.prepare("CREATE TABLE child (id INTEGER REFERENCES parent (id))", 3)
-    assert [spec.name for spec in catalog.tables()] == ["parent"]

@@ -9,7 +9,12 @@ from collections.abc import Iterator
 import duckdb
 import pytest
 
-from storage.ddl import added_column_sql, columns_sql, volatile_functions
+from storage.ddl import (
+    added_column_sql,
+    columns_sql,
+    partition_columns_sql,
+    volatile_functions,
+)
 
 
 @pytest.fixture
@@ -259,3 +264,29 @@ def test_macros_are_judged_by_what_they_call(con: duckdb.DuckDBPyConnection) -> 
     other = duckdb.connect()  # the macros belong to `con`'s catalog only
     assert volatile_functions(sql, other) == []
     other.close()
+
+
+def test_partition_columns_drop_foreign_keys_and_keep_everything_else() -> None:
+    con = duckdb.connect()
+    con.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY, k INTEGER UNIQUE)")
+    con.execute(
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent(id), "
+        "k INTEGER, note VARCHAR DEFAULT('a, b'), FOREIGN KEY (k) REFERENCES parent (k), "
+        "CHECK (id > 0))"
+    )
+    table_ddl = con.execute(
+        "SELECT sql FROM duckdb_tables() WHERE table_name = 'child'"
+    ).fetchall()[0][0]
+    columns = partition_columns_sql(table_ddl)
+    assert "FOREIGN" not in columns.upper() and "REFERENCES" not in columns.upper()
+    con.execute(f"CREATE TABLE alone ({columns})")  # no parent needed
+    described = con.execute("DESCRIBE alone").fetchall()
+    assert [row[:2] for row in described] == [
+        ("id", "INTEGER"),
+        ("parent_id", "INTEGER"),
+        ("k", "INTEGER"),
+        ("note", "VARCHAR"),
+    ]
+    with pytest.raises(duckdb.ConstraintException):
+        con.execute("INSERT INTO alone VALUES (0, 1, 1, 'x')")  # the CHECK stayed
+    assert partition_columns_sql("CREATE TABLE t(a INTEGER);") == "a INTEGER"
