@@ -92,7 +92,6 @@ class TransportPort:
         self._known_index = 0
         """The highest log index this session has seen applied (commit or barrier)."""
         self._held: dict[int, list[BulkReceived]] = {}
-        self._stage_ids: dict[int, str] = {}
         """Barrier index -> scan deliveries whose memory the coordinator may still read."""
 
     # ---- catalog ----
@@ -249,8 +248,8 @@ class TransportPort:
             first_round.append((partition, first, tuple(rest)))
         largest = max((rows.nbytes for rows in rows_by_partition.values()), default=0)
         first_wait_ms = STAGE_FIRST_ROUND_MS + largest * STAGE_MS_PER_MIB // (1 << 20)
-        self._stage_round(table, rows_by_partition, stage_ids, first_round, acks, pending)
-        self._await_stages(holders_of, acks, pending, first_wait_ms, all_holders=True)
+        self._stage_round(table, rows_by_partition, stage_ids, first_round, pending)
+        self._await_stages(holders_of, stage_ids, acks, pending, first_wait_ms, all_holders=True)
         short = [
             (partition, holder, ())
             for partition in sorted(rows_by_partition)
@@ -259,8 +258,10 @@ class TransportPort:
             if holder not in acks[partition]
         ]
         if short:
-            self._stage_round(table, rows_by_partition, stage_ids, short, acks, pending)
-            self._await_stages(holders_of, acks, pending, STAGE_TIMEOUT_MS, all_holders=False)
+            self._stage_round(table, rows_by_partition, stage_ids, short, pending)
+            self._await_stages(
+                holders_of, stage_ids, acks, pending, STAGE_TIMEOUT_MS, all_holders=False
+            )
         batches = []
         for partition, rows in sorted(rows_by_partition.items()):
             batches.append(self._batch(table, partition, rows, holders_of, acks, delete))
@@ -272,7 +273,6 @@ class TransportPort:
         rows_by_partition: Mapping[int, pa.Table],
         stage_ids: dict[int, str],
         sends: Sequence[tuple[int, int, tuple[int, ...]]],
-        acks: dict[int, dict[int, StageAck]],
         pending: dict[int, int],
     ) -> None:
         """Send (partition, holder, forward_to) transfers, all in flight together."""
@@ -288,11 +288,11 @@ class TransportPort:
             )
             if self._send_bulk(holder, header, rows_by_partition[partition]):
                 pending[request_id] = partition
-        self._stage_ids = stage_ids
 
     def _await_stages(
         self,
         holders_of: tuple[tuple[int, ...], ...],
+        stage_ids: dict[int, str],
         acks: dict[int, dict[int, StageAck]],
         pending: dict[int, int],
         timeout_ms: int,
@@ -300,7 +300,6 @@ class TransportPort:
     ) -> None:
         """Record every holder each answer says stored the rows, until every partition has
         all its holders (`all_holders`) or a quorum, nothing is pending, or time is up."""
-        stage_ids = self._stage_ids
 
         def enough(partition: int) -> bool:
             holders = holders_of[partition]
@@ -403,13 +402,13 @@ class TransportPort:
                     errors[partition] = delivery.message.error
                     if delivery.message.retryable and ask(partition):
                         errors.pop(partition, None)
-            return all(p in results or p in errors for p in partitions)
+            return _answered_all(partitions, results, errors)
 
         # A holder that is slow, paused or dead (a dead one's frames wait for its next
         # incarnation) is hedged: after SCAN_HEDGE_MS the next holder is asked too, and
         # the first answer wins.
         deadline_ns = self._clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
-        while not take_done(partitions, results, errors):
+        while not _answered_all(partitions, results, errors):
             now = self._clock.monotonic_ns()
             if now >= deadline_ns:
                 break
@@ -496,7 +495,7 @@ class TransportPort:
             client._selector.select(wait_ns / 1e9)
 
 
-def take_done(
+def _answered_all(
     partitions: Sequence[int], results: Mapping[int, Any], errors: Mapping[int, str]
 ) -> bool:
     return all(p in results or p in errors for p in partitions)
