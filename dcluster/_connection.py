@@ -40,8 +40,11 @@ def connect(
         raise ValueError("connect() needs a cluster name or address")
     from cluster.session import open_port  # Lazily: importing dcluster needs no cluster.
 
+    target = name_or_address
+    if isinstance(target, str) and "/" in target:
+        target = Path(target)  # a run directory, not a cluster name
     try:
-        opened = open_port(name_or_address, data_dir=None if data_dir is None else Path(data_dir))
+        opened = open_port(target, data_dir=None if data_dir is None else Path(data_dir))
     except PortError as error:
         raise cluster_error(error) from error
     try:
