@@ -45,7 +45,7 @@ from query.port import (
     WriteRefused,
 )
 from storage.catalog import Catalog
-from storage.ddl import TableSpec, quote_identifier
+from storage.ddl import TableSpec, Token, lex, quote_identifier
 
 BARRIER_ATTEMPTS_MAX = 8
 """Read barriers taken before giving up on a catalog that keeps changing under them."""
@@ -149,52 +149,12 @@ def from_duckdb(error: duckdb.Error) -> DuckDBError:
 # Statement text
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
-    text: str
-    kind: str  # "keyword", "identifier", "string_const", "numeric_const", "operator"
-    start: int
-    end: int
-
-    def word(self) -> str:
-        """Upper-cased text of an unquoted word, "" for anything else."""
-        if self.kind in ("keyword", "identifier") and not self.text.startswith('"'):
-            return self.text.upper()
-        return ""
-
-    def name(self) -> str | None:
-        """The lower-cased name a word stands for (DuckDB matches names case-insensitively,
-        quoted or not); None for anything but a word."""
-        if self.kind not in ("keyword", "identifier"):
-            return None
-        if self.text.startswith('"'):
-            return self.text[1:-1].replace('""', '"').lower()
-        return self.text.lower()
-
-
 def tokens(sql: str) -> list[Token]:
-    """DuckDB's lexer's tokens without comments; runs of punctuation are split into single
-    characters so that '(' ')' ',' ';' are tokens of their own."""
+    """`storage.ddl.lex`, with the lexer's refusal as dcluster's error."""
     try:
-        raw = duckdb.tokenize(sql)
+        return lex(sql)
     except duckdb.Error as error:
         raise from_duckdb(error) from error
-    result: list[Token] = []
-    for position, (start, token_type) in enumerate(raw):
-        limit = raw[position + 1][0] if position + 1 < len(raw) else len(sql)
-        text = sql[start:limit].rstrip()
-        kind = str(token_type).rsplit(".", 1)[-1]
-        if kind == "comment":
-            continue
-        if kind == "operator" and len(text) > 1 and any(c in text for c in "(),;"):
-            result.extend(
-                Token(character, "operator", start + offset, start + offset + 1)
-                for offset, character in enumerate(text)
-                if not character.isspace()
-            )
-            continue
-        result.append(Token(text, kind, start, start + len(text)))
-    return result
 
 
 def split_script(sql: str) -> list[str]:

@@ -179,7 +179,7 @@ class TableSpec(msgspec.Struct, frozen=True):
 
 
 @dataclass(frozen=True, slots=True)
-class _Token:
+class Token:
     text: str
     kind: str  # "keyword", "identifier", "string_const", "numeric_const", "operator"
     start: int
@@ -191,40 +191,51 @@ class _Token:
             return self.text.upper()
         return ""
 
+    def name(self) -> str | None:
+        """The lower-cased name a word stands for (DuckDB matches names case-insensitively,
+        quoted or not); None for anything but a word."""
+        if self.kind not in ("keyword", "identifier"):
+            return None
+        if self.text.startswith('"'):
+            return self.text[1:-1].replace('""', '"').lower()
+        return self.text.lower()
 
-def _tokens(sql: str) -> list[_Token]:
-    """DuckDB's lexer's tokens without comments; each token's text is its exact span."""
+
+def lex(sql: str) -> list[Token]:
+    """DuckDB's lexer's tokens without comments; each token's text is its exact span, and
+    runs of punctuation holding '(' ')' ',' ';' are split into single characters.
+    Raises duckdb.Error for text the lexer refuses."""
     raw = duckdb.tokenize(sql)
-    tokens: list[_Token] = []
+    tokens: list[Token] = []
     for position, (start, token_type) in enumerate(raw):
         limit = raw[position + 1][0] if position + 1 < len(raw) else len(sql)
         text = sql[start:limit].rstrip()
         kind = str(token_type).rsplit(".", 1)[-1]
         if kind == "comment":
             continue
-        if kind == "operator" and len(text) > 1 and text[0] in "(),;":
-            # The lexer reports runs like ")," as one operator; split them into characters.
+        if kind == "operator" and len(text) > 1 and any(c in text for c in "(),;"):
+            # The lexer reports runs like ")," or "-(" as one operator; split them.
             tokens.extend(
-                _Token(character, "operator", start + offset, start + offset + 1)
+                Token(character, "operator", start + offset, start + offset + 1)
                 for offset, character in enumerate(text)
                 if not character.isspace()
             )
             continue
-        tokens.append(_Token(text, kind, start, start + len(text)))
+        tokens.append(Token(text, kind, start, start + len(text)))
     return tokens
 
 
-def _unquote(token: _Token) -> str:
+def _unquote(token: Token) -> str:
     if token.text.startswith('"'):
         return token.text[1:-1].replace('""', '"')
     return token.text
 
 
-def _is_name(token: _Token) -> bool:
+def _is_name(token: Token) -> bool:
     return token.kind in ("keyword", "identifier")
 
 
-def _qualified_name(tokens: Sequence[_Token], at: int) -> tuple[list[str], int]:
+def _qualified_name(tokens: Sequence[Token], at: int) -> tuple[list[str], int]:
     """The dotted name starting at tokens[at] and the index after it."""
     parts: list[str] = []
     while at < len(tokens) and _is_name(tokens[at]):
@@ -237,7 +248,7 @@ def _qualified_name(tokens: Sequence[_Token], at: int) -> tuple[list[str], int]:
     return parts, at
 
 
-def _matching_paren(tokens: Sequence[_Token], at: int) -> int:
+def _matching_paren(tokens: Sequence[Token], at: int) -> int:
     """Index of the ')' that closes the '(' at tokens[at]."""
     assert tokens[at].text == "("
     depth = 0
@@ -251,7 +262,7 @@ def _matching_paren(tokens: Sequence[_Token], at: int) -> int:
     raise ClauseError("unbalanced parentheses")
 
 
-def _split_commas(tokens: Sequence[_Token], open_at: int, close_at: int) -> list[tuple[int, int]]:
+def _split_commas(tokens: Sequence[Token], open_at: int, close_at: int) -> list[tuple[int, int]]:
     """Spans [first, last) of the comma-separated items between two matching parens."""
     items: list[tuple[int, int]] = []
     depth = 0
@@ -280,7 +291,7 @@ def parse(sql: str) -> Statement:
     if len(sql) > STATEMENT_CHARS_MAX:
         raise UnsupportedStatement(f"statement longer than {STATEMENT_CHARS_MAX} characters")
     try:
-        tokens = _tokens(sql)
+        tokens = lex(sql)
     except duckdb.Error as error:
         raise SqlSyntaxError(str(error)) from error
     while tokens and tokens[-1].text == ";":
@@ -309,7 +320,7 @@ def _check_duckdb_parses(sql: str) -> None:
     assert len(statements) == 1, statements
 
 
-def _parse_create(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
+def _parse_create(sql: str, tokens: list[Token], words: list[str]) -> Statement:
     at = 1
     or_replace = words[at : at + 2] == ["OR", "REPLACE"]
     if or_replace:
@@ -368,7 +379,7 @@ def _parse_create(sql: str, tokens: list[_Token], words: list[str]) -> Statement
 
 
 def _first_top_level(
-    tokens: Sequence[_Token], words: Sequence[str], at: int, word: str
+    tokens: Sequence[Token], words: Sequence[str], at: int, word: str
 ) -> int | None:
     depth = 0
     for index in range(at, len(tokens)):
@@ -389,7 +400,7 @@ def _split_name(parts: list[str]) -> tuple[str | None, str | None]:
     return parts[-2], parts[-1]
 
 
-def _parse_clauses(tokens: Sequence[_Token], words: Sequence[str]) -> Clauses:
+def _parse_clauses(tokens: Sequence[Token], words: Sequence[str]) -> Clauses:
     """The clause region: any order, each clause at most once."""
     fields: dict[str, object] = {}
     at = 0
@@ -426,7 +437,7 @@ def _parse_clauses(tokens: Sequence[_Token], words: Sequence[str]) -> Clauses:
 
 
 def _parse_partition_by(
-    tokens: Sequence[_Token], words: Sequence[str], at: int, claim: Callable[[str, object], None]
+    tokens: Sequence[Token], words: Sequence[str], at: int, claim: Callable[[str, object], None]
 ) -> int:
     if words[at + 1 : at + 2] != ["BY"] or at + 2 >= len(tokens):
         raise ClauseError("PARTITION must be followed by BY HASH|RANGE|LIST(col)")
@@ -463,7 +474,7 @@ def _parse_partition_by(
     return close_at + 1
 
 
-def _span_text(tokens: Sequence[_Token]) -> Callable[[int, int], str]:
+def _span_text(tokens: Sequence[Token]) -> Callable[[int, int], str]:
     def text(first: int, last: int) -> str:
         if first >= last:
             raise ClauseError("empty value in a RANGE or LIST clause")
@@ -472,7 +483,7 @@ def _span_text(tokens: Sequence[_Token]) -> Callable[[int, int], str]:
     return text
 
 
-def _parse_drop(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
+def _parse_drop(sql: str, tokens: list[Token], words: list[str]) -> Statement:
     if words[1:2] not in (["TABLE"], ["VIEW"]):
         raise UnsupportedStatement(f"dcluster drops tables and views, not {tokens[1].text}")
     if_exists = words[2:4] == ["IF", "EXISTS"]
@@ -482,7 +493,7 @@ def _parse_drop(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
     return Statement(kind=kind, sql=sql, name=name, schema=schema, if_exists=if_exists)
 
 
-def _parse_alter(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
+def _parse_alter(sql: str, tokens: list[Token], words: list[str]) -> Statement:
     if words[1:2] != ["TABLE"]:
         raise UnsupportedStatement(f"dcluster alters tables only, not {tokens[1].text}")
     if_exists = words[2:4] == ["IF", "EXISTS"]
@@ -508,7 +519,7 @@ def _parse_alter(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
 _DML_NAME_AFTER = {"INSERT": "INTO", "DELETE": "FROM"}
 
 
-def _parse_other(sql: str, tokens: list[_Token], words: list[str]) -> Statement:
+def _parse_other(sql: str, tokens: list[Token], words: list[str]) -> Statement:
     statement_type = duckdb.extract_statements(sql)[0].type
     kinds = {
         duckdb.StatementType.SELECT: StatementKind.SELECT,
@@ -715,7 +726,7 @@ def columns_sql(table_ddl: str) -> str:
     constraints), e.g. of DuckDB's canonical `duckdb_tables().sql`, exactly as written.
 
     Raises ValueError for text that is not CREATE TABLE with a column list."""
-    tokens = _tokens(table_ddl)
+    tokens = lex(table_ddl)
     words = [token.word() for token in tokens]
     table_at = _first_top_level(tokens, words, 0, "TABLE")
     if words[:1] != ["CREATE"] or table_at is None:
@@ -736,7 +747,7 @@ def partition_columns_sql(table_ddl: str) -> str:
     foreign keys instead, over whole tables (it reads the referenced tables)."""
     inner = columns_sql(table_ddl)
     wrapped = f"({inner})"
-    tokens = _tokens(wrapped)
+    tokens = lex(wrapped)
     kept = []
     for first, last in _split_commas(tokens, 0, _matching_paren(tokens, 0)):
         if first == last:
@@ -759,7 +770,7 @@ def added_column_sql(alter_sql: str) -> str:
     `ALTER TABLE <partition> ADD COLUMN <this>`.
 
     Raises ValueError for any other statement."""
-    tokens = _tokens(alter_sql)
+    tokens = lex(alter_sql)
     while tokens and tokens[-1].text == ";":
         tokens.pop()
     words = [token.word() for token in tokens]
@@ -842,7 +853,7 @@ def _judged_as(name: str) -> str:
 
 def _called_functions(sql: str) -> set[str]:
     """Lower-cased names of everything `sql` calls, with or without parentheses."""
-    tokens = _tokens(sql)
+    tokens = lex(sql)
     words = [token.word() for token in tokens]
     called: set[str] = set()
     for at, token in enumerate(tokens):
@@ -858,7 +869,7 @@ def _called_functions(sql: str) -> set[str]:
     return called
 
 
-def _names_table(tokens: Sequence[_Token], words: Sequence[str], at: int) -> bool:
+def _names_table(tokens: Sequence[Token], words: Sequence[str], at: int) -> bool:
     """Whether the (possibly dotted) name ending at tokens[at] follows an _OBJECT_WORDS."""
     while at >= 2 and tokens[at - 1].text == "." and _is_name(tokens[at - 2]):
         at -= 2
