@@ -592,8 +592,8 @@ class Worker:
 
     def _on_caught_up(self, index: int, ok: bool) -> None:
         catch_up = self._catch_up
-        if catch_up is None or catch_up.barrier != index:
-            return
+        if catch_up is None or catch_up.barrier != index or self._stopping:
+            return  # (when stopping, the restart finds the store behind and copies again)
         if not ok:  # no replica could serve the copy: try again at a new barrier
             self.log.event("catch_up_retry", index=index)
             self._catch_up = _CatchUp(catch_up.floor, next(self._barrier_ids))
@@ -772,6 +772,7 @@ def serve(
                 return EXIT_WAL_FAILED
             if worker.failure is not None:
                 return EXIT_STORE_FAILED
+            worker.sql.close()  # the lanes' last results land before "stopped" is said
             log.event("stopped", **worker.stats_fields())
             return EXIT_OK
         finally:

@@ -155,6 +155,7 @@ class SqlService:
         self._partition_fetches: dict[int, PartitionAnswer] = {}
         """Request id of a catch-up ScanRequest this node sent -> where the rows go."""
         self.mailbox = Mailbox()
+        self._closed = False
         staging_dir = run.staging_dir(node)
         staging_dir.mkdir(parents=True, exist_ok=True)
         self.store = PartitionStore.open(run.store_file(node))
@@ -299,6 +300,10 @@ class SqlService:
             self._collect_staging()
 
     def close(self) -> None:
+        """Finish the lanes' work, run what they posted back, close the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.applier.close()
         self.run_mailbox()
         self.store.close()

@@ -66,13 +66,39 @@ def test_a_worker_down_past_compaction_copies_from_replicas(
     three_compacting: CliCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     three = three_compacting
-    down = _down_while_the_cluster_moves_on(three, monkeypatch)
+    down = _down_while_the_cluster_moves_on(three, monkeypatch, compacted=True)
     log = three.run.worker_log(down).read_text()
     assert '"snapshot_installed"' in log, "the log was not compacted past the down worker"
-    assert '"catch_up_copying"' in log and '"catch_up_done"' in log
+    assert '"catch_up_copying"' in log and '"catch_up_done"' in log, _story(three)
 
 
-def _down_while_the_cluster_moves_on(three: CliCluster, monkeypatch: pytest.MonkeyPatch) -> int:
+def _compacted_through(three: CliCluster, node: int) -> int:
+    through = [
+        int(event["compacted_through"])
+        for event in map(json.loads, three.run.worker_log(node).read_text().splitlines())
+        if event["event"] == "snapshot_taken"
+    ]
+    return max(through, default=0)
+
+
+def _story(three: CliCluster) -> str:
+    """Every worker's snapshot and catch-up events, for a failure's message."""
+    lines = []
+    for node in range(3):
+        for line in three.run.worker_log(node).read_text().splitlines():
+            event = json.loads(line)
+            if event["event"].startswith(("snapshot", "catch_up", "started", "stopped")):
+                fields = {k: v for k, v in event.items() if k not in ("wall_ns", "level", "pid")}
+                lines.append(json.dumps(fields))
+    return "\n".join(lines)
+
+
+def _down_while_the_cluster_moves_on(
+    three: CliCluster, monkeypatch: pytest.MonkeyPatch, compacted: bool = False
+) -> int:
+    """`compacted`: before the down worker restarts, wait until both live workers have
+    compacted their logs past every SQL write (else it may catch up on those from the log
+    and only the key-value tail from the snapshot, which needs no copy)."""
     # Each write waits this long for the dead holder's ack before going on with the other
     # two (30 s by default): shortened so the test stays short.
     monkeypatch.setattr(cluster.session, "STAGE_TIMEOUT_MS", 1_500)
@@ -101,8 +127,15 @@ def _down_while_the_cluster_moves_on(three: CliCluster, monkeypatch: pytest.Monk
             con.execute("INSERT INTO d SELECT i, 'v' || i FROM range(300) t(i)")
             con.execute("DROP TABLE gone")
             with three.client() as client:
-                for number in range(KV_ENTRIES):
-                    client.put(f"while-down-{number}", str(number))
+                written = min(
+                    client.put(f"while-down-{number}", str(number)) for number in range(KV_ENTRIES)
+                )  # the first put's index: every SQL write is below it
+                if compacted:
+                    live = [node for node in range(3) if node != down]
+                    three.wait_for(
+                        lambda: all(_compacted_through(three, node) >= written for node in live),
+                        "the live workers to compact their logs past the SQL writes",
+                    )
         finally:
             os.kill(supervisor, signal.SIGCONT)
         three.wait_for(lambda: three.info().nodes[down].restarts == 1, "the worker restarted")
