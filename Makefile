@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run sim test lint bench clean
+.PHONY: run sim test lint bench bench-tpch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.transport
 	$(BIN)/python -m benchmarks.raft
 	$(BIN)/python -m benchmarks.ingest
+
+# TPC-H sf 1 on a 2-worker cluster beside DuckDB; the data is generated once and cached.
+bench-tpch: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.tpch --sf 1
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,9 @@
   holds corrupt, is fetched from another holder through the loop before the entry is
   applied); opens a read snapshot when it applies a read barrier; runs checkpoints. It
   alone opens and closes snapshots.
-- scan lane: reads partitions inside those snapshots and hands the rows to the loop.
+- scan lane: reads partitions, and runs fragments (one read-only SELECT over the physical
+  partition tables, checked by DuckDB's own parser to be exactly one SELECT), inside those
+  snapshots and hands the rows to the loop.
 - stage lane: writes staged rows durably (fsync) and tells the loop to acknowledge.
 
 Exactly once: the store skips any entry at or below its applied index (committed in the
@@ -14,7 +16,10 @@ nor skips an entry; staged rows are not even read for a skipped entry.
 
 Read snapshots live until released, until idle for `SNAPSHOT_IDLE_MS`, or until
 `SNAPSHOTS_KEPT_MAX` newer ones push them out; a scan of a vanished snapshot is refused
-as retryable (the client takes a new barrier).
+as retryable (the client takes a new barrier). DuckDB aborts a transaction when a
+statement fails while running (a bad cast in a fragment), so a snapshot a failed read
+left unusable is dropped at once: later reads at its barrier are refused as retryable
+here and served by another holder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import duckdb
 import pyarrow as pa
 
 from clock import Clock
@@ -42,6 +48,8 @@ from storage.partitions import (
     PartitionStoreError,
     ReadSnapshot,
     StoreFailed,
+    partition_table_sql,
+    quote_identifier,
 )
 from storage.staging import StagedFile, StagingArea, StagingError
 
@@ -51,6 +59,8 @@ FETCH_WAIT_MS = 2_000
 """How long the apply lane waits for one fetch of a missing batch before asking again."""
 CHECKPOINT_INTERVAL_MS = 500
 """At most this often, after applying writes, DuckDB's WAL is checkpointed into the file."""
+FRAGMENT_SQL_CHARS_MAX = 1 << 20
+"""A fragment's SQL longer than this is refused before it is parsed."""
 NS_PER_MS = 1_000_000
 
 
@@ -116,6 +126,55 @@ class ScanRefused(Exception):
     """The scan cannot be served here (no snapshot, partition not held); retryable."""
 
 
+class FragmentRefused(Exception):
+    """The fragment's SQL is not exactly one SELECT, or DuckDB refused it while running:
+    every holder would do the same, so it is not retryable. `duckdb_error` is DuckDB's
+    exception class name when DuckDB raised (`str(error)` is then DuckDB's message)."""
+
+    def __init__(self, message: str, duckdb_error: str = "") -> None:
+        super().__init__(message)
+        self.duckdb_error = duckdb_error
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFailure:
+    """Why a scan or a fragment was not answered with rows."""
+
+    error: str
+    retryable: bool = True
+    """True: another holder (or a new barrier) may serve it."""
+    duckdb_error: str = ""
+    """DuckDB's exception class name when DuckDB refused a fragment's SQL."""
+
+
+ReadDone = Callable[[pa.Table | None, int, ReadFailure | None], None]
+"""`done(rows, index, None)` or `done(None, 0, failure)`; called from a lane."""
+Read = Callable[[ReadSnapshot], pa.Table]
+"""What a scan or a fragment does inside a snapshot (on the scan lane)."""
+
+
+def select_refusal(parser: duckdb.DuckDBPyConnection, sql: str) -> FragmentRefused | None:
+    """Why `sql` may not run as a fragment, or None when DuckDB's parser finds exactly one
+    SELECT statement in it. `parser` only parses (any connection; it runs nothing)."""
+    if len(sql) > FRAGMENT_SQL_CHARS_MAX:
+        return FragmentRefused(
+            f"a fragment's SQL may be at most {FRAGMENT_SQL_CHARS_MAX} characters long, "
+            f"this one is {len(sql)}"
+        )
+    try:
+        statements = parser.extract_statements(sql)
+    except duckdb.Error as error:
+        return FragmentRefused(str(error), type(error).__name__)
+    if len(statements) != 1:
+        return FragmentRefused(
+            f"a fragment must be exactly one SELECT statement, not {len(statements)} statements"
+        )
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        return FragmentRefused(f"a fragment must be a SELECT statement, not {kind.name}")
+    return None
+
+
 class Applier:
     def __init__(
         self, store: PartitionStore, staging: StagingArea, host: Host, clock: Clock
@@ -137,6 +196,8 @@ class Applier:
         self.rejected = 0
         self._checkpointed_ns = clock.monotonic_ns()
         self._dirty = False
+        self._parser: duckdb.DuckDBPyConnection | None = None
+        """Parses fragments' SQL (never runs any); the scan lane's alone."""
 
     # ---- from the loop ----
 
@@ -175,14 +236,35 @@ class Applier:
         table: str,
         partition: int,
         columns: tuple[str, ...] | None,
-        done: Callable[[pa.Table | None, int, str | None], None],
+        done: ReadDone,
     ) -> None:
-        """Read one partition at barrier `index` (0: now); `done(rows, index, None)` or
-        `done(None, 0, why)`. Barrier scans must only be asked once `done_index >= index`."""
+        """Read one partition at barrier `index` (0: now). Barrier scans must only be asked
+        once `done_index >= index`. Every failure is retryable."""
+
+        def read(snapshot: ReadSnapshot) -> pa.Table:
+            return _scan_rows(snapshot, table, partition, columns)
+
+        self._submit_read(index, read, done)
+
+    def fragment(
+        self, index: int, sql: str, reads: tuple[tuple[str, int], ...], done: ReadDone
+    ) -> None:
+        """Run `sql`, which must be exactly one SELECT, in the snapshot at barrier `index`
+        (0: now) once every (table, partition) of `reads` is found held there; only once
+        `done_index >= index`, like scans. SQL that is not one SELECT, or that DuckDB
+        refuses while running, fails as not retryable (with DuckDB's class and message);
+        a partition not held or a snapshot that is gone fails as retryable."""
+
+        def read(snapshot: ReadSnapshot) -> pa.Table:
+            return self._run_fragment(snapshot, sql, reads)
+
+        self._submit_read(index, read, done)
+
+    def _submit_read(self, index: int, read: Read, done: ReadDone) -> None:
         if index == 0:
-            self._apply.submit(lambda: self._open_for_stale(table, partition, columns, done))
+            self._apply.submit(lambda: self._open_for_stale(read, done))
             return
-        self._scan.submit(lambda: self._read(index, table, partition, columns, done))
+        self._scan.submit(lambda: self._read(index, read, done))
 
     def submit_catch_up(
         self, index: int, items: list[CatchUpItem], keep: set[tuple[str, int]]
@@ -209,6 +291,9 @@ class Applier:
             self._arrived.notify_all()
         for lane in (self._stage, self._scan, self._apply):
             lane.close()
+        if self._parser is not None:
+            self._parser.close()
+            self._parser = None
         with self._snapshots_lock:
             snapshots = list(self._snapshots.values())
             self._snapshots.clear()
@@ -386,27 +471,19 @@ class Applier:
     def store_holds_anything(self) -> bool:
         return bool(self.store.partitions())
 
-    def _open_for_stale(
-        self,
-        table: str,
-        partition: int,
-        columns: tuple[str, ...] | None,
-        done: Callable[[pa.Table | None, int, str | None], None],
-    ) -> None:
+    def _open_for_stale(self, read: Read, done: ReadDone) -> None:
         try:
             snapshot = self.store.snapshot()
         except PartitionStoreError as error:
-            done(None, 0, str(error))
+            done(None, 0, ReadFailure(str(error)))
             return
 
         def read_and_close() -> None:
             try:
-                rows = _scan_rows(snapshot, table, partition, columns)
-                done(rows, snapshot.applied_index, None)
-            except (PartitionStoreError, ScanRefused) as error:
-                done(None, 0, str(error))
+                rows, failure = _attempt(snapshot, read)
             finally:
                 self._apply.submit(snapshot.close)
+            done(rows, snapshot.applied_index if rows is not None else 0, failure)
 
         self._scan.submit(read_and_close)
 
@@ -438,31 +515,74 @@ class Applier:
 
     # ---- scan lane ----
 
-    def _read(
-        self,
-        index: int,
-        table: str,
-        partition: int,
-        columns: tuple[str, ...] | None,
-        done: Callable[[pa.Table | None, int, str | None], None],
-    ) -> None:
+    def _read(self, index: int, read: Read, done: ReadDone) -> None:
         with self._snapshots_lock:
             held = self._snapshots.get(index)
             if held is not None:
                 held.readers += 1
                 held.last_used_ns = self._clock.monotonic_ns()
         if held is None:
-            done(None, 0, f"no read snapshot at index {index} here (expired or never opened)")
+            why = f"no read snapshot at index {index} here (expired or never opened)"
+            done(None, 0, ReadFailure(why))
             return
         try:
-            rows = _scan_rows(held.snapshot, table, partition, columns)
-        except (PartitionStoreError, ScanRefused) as error:
-            done(None, 0, str(error))
-            return
+            rows, failure = _attempt(held.snapshot, read)
+            if failure is not None and not _still_open(held.snapshot):
+                self._drop_snapshot(index, held)
         finally:
             with self._snapshots_lock:
                 held.readers -= 1
-        done(rows, index, None)
+        done(rows, index if rows is not None else 0, failure)
+
+    def _drop_snapshot(self, index: int, held: _Snapshot) -> None:
+        """Forget a snapshot whose transaction DuckDB aborted; the apply lane closes it."""
+        with self._snapshots_lock:
+            if self._snapshots.get(index) is not held:
+                return  # closing: the applier closes every snapshot itself
+            del self._snapshots[index]
+        self._host.log_event("snapshot_aborted", index=index)
+        self._apply.submit(held.snapshot.close)
+
+    def _run_fragment(
+        self, snapshot: ReadSnapshot, sql: str, reads: tuple[tuple[str, int], ...]
+    ) -> pa.Table:
+        if self._parser is None:
+            self._parser = duckdb.connect(":memory:", config={"threads": 1})
+        refusal = select_refusal(self._parser, sql)
+        if refusal is not None:
+            raise refusal
+        held = set(snapshot.partitions())
+        for table, partition in reads:
+            if (table, partition) not in held:
+                raise ScanRefused(f"partition {partition} of {table} is not held here")
+        try:
+            return snapshot.query(sql)
+        except OperationRejected as error:  # DuckDB's deterministic errors: a cast, a binder
+            cause = error.__cause__
+            name = type(cause).__name__ if isinstance(cause, duckdb.Error) else ""
+            raise FragmentRefused(str(error), name) from error
+        except pa.ArrowException as error:  # rows DuckDB made but Arrow cannot hold
+            raise FragmentRefused(f"the fragment's rows cannot be sent: {error}") from error
+
+
+def _attempt(snapshot: ReadSnapshot, read: Read) -> tuple[pa.Table | None, ReadFailure | None]:
+    """Run `read`; a failure DuckDB's environment caused (StoreFailed: memory, IO, an
+    aborted transaction) is retryable — another holder may well succeed."""
+    try:
+        return read(snapshot), None
+    except FragmentRefused as error:
+        return None, ReadFailure(str(error), retryable=False, duckdb_error=error.duckdb_error)
+    except (PartitionStoreError, ScanRefused) as error:
+        return None, ReadFailure(str(error))
+
+
+def _still_open(snapshot: ReadSnapshot) -> bool:
+    """False when a failed statement left the snapshot's transaction aborted."""
+    try:
+        snapshot.query("SELECT 1")
+    except PartitionStoreError:
+        return False
+    return True
 
 
 def _scan_rows(
@@ -472,7 +592,5 @@ def _scan_rows(
         raise ScanRefused(f"partition {partition} of {table} is not held here")
     if columns is None:
         return snapshot.scan(table, partition)
-    from storage.partitions import partition_table_sql, quote_identifier
-
     projection = ", ".join(quote_identifier(column) for column in columns) or "*"
     return snapshot.query(f"SELECT {projection} FROM {partition_table_sql(table, partition)}")

@@ -9,12 +9,16 @@ answers come back through the mailbox (see cluster._threads). Requests it serves
 - `ScanRequest`: at barrier index b, parked until the store has applied b (bounded by
   `SCAN_WAIT_MS`), then read on the scan lane from the snapshot opened at b and sent back as
   bulk; index 0 reads what is applied now.
+- `FragmentRequest`: parked and answered like a scan, but what runs in the snapshot is the
+  request's SQL — refused unless DuckDB's parser finds exactly one SELECT, and unless every
+  partition it names is held here (see `Applier.fragment`).
 - `CatalogRequest`: the applied catalog, placements and versions.
 - `FetchStage` from another worker: the staged rows, if this node has a good copy.
 - `ReleaseRead`: the client is done with a barrier's snapshots.
 
-Invariant: a stage is acknowledged only after its rows are on disk; a scan at barrier b is
-answered only from the snapshot taken when b was applied, never from later state.
+Invariant: a stage is acknowledged only after its rows are on disk; a scan or fragment at
+barrier b is answered only from the snapshot taken when b was applied, never from later
+state.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import msgspec
 import pyarrow as pa
 
 from clock import Clock
-from cluster._applier import Applier, PartitionAnswer
+from cluster._applier import Applier, PartitionAnswer, ReadFailure
 from cluster._threads import Mailbox
 from cluster._worker_log import EventLog
 from cluster.protocol import CLIENT_ID_MIN, PartitionInfo, raft_id
@@ -37,6 +41,8 @@ from cluster.sql_protocol import (
     CatalogRequest,
     CatalogResponse,
     FetchStage,
+    FragmentHeader,
+    FragmentRequest,
     ReleaseRead,
     ScanError,
     ScanHeader,
@@ -53,7 +59,8 @@ from storage.partitions import PartitionStore
 from storage.staging import StagedFile, StagingArea
 
 SCAN_WAIT_MS = 5_000
-"""A scan at a barrier this node has not applied yet waits this long, then is refused."""
+"""A scan or fragment at a barrier this node has not applied yet waits this long, then is
+refused."""
 OUTBOX_RETRY_MS = 5_000
 """A reply the transport pushed back on is retried for this long, then dropped."""
 STATS_REFRESH_MS = 500
@@ -71,10 +78,13 @@ copy's time) for the rest: a slow or paused holder fetches the batch when it app
 NS_PER_MS = 1_000_000
 
 
+ReadRequest = ScanRequest | FragmentRequest
+
+
 @dataclass(slots=True)
-class _ParkedScan:
+class _ParkedRead:
     source: int
-    request: ScanRequest
+    request: ReadRequest
     deadline_ns: int
 
 
@@ -126,6 +136,9 @@ class SqlStats:
     stage_failures: int = 0
     scans: int = 0
     scan_refusals: int = 0
+    fragments: int = 0
+    fragment_refusals: int = 0
+    """Fragments answered with an error (retryable or not)."""
     fetches_sent: int = 0
     fetches_served: int = 0
     replies_dropped: int = 0
@@ -162,7 +175,7 @@ class SqlService:
         self.staging = StagingArea(staging_dir)
         self.applier = Applier(self.store, self.staging, self, clock)
         self.stats = SqlStats()
-        self._parked: list[_ParkedScan] = []
+        self._parked: list[_ParkedRead] = []
         self._outbox: list[_Outgoing] = []
         self._fetch_ids = itertools.count(1)
         self._forwards: dict[int, _Forward] = {}
@@ -215,8 +228,8 @@ class SqlService:
 
     def on_message(self, source: int, message: msgspec.Struct) -> bool:
         """Handle an SQL message; False if it is not one."""
-        if isinstance(message, ScanRequest):
-            self._on_scan(source, message)
+        if isinstance(message, ScanRequest | FragmentRequest):
+            self._on_read(source, message)
         elif isinstance(message, CatalogRequest):
             self._reply(source, self._catalog_response(message.request_id))
         elif isinstance(message, ReleaseRead):
@@ -418,36 +431,57 @@ class SqlService:
             self._partition_fetches.pop(request_id, None)
             answer.set(None)
 
-    # ---- scans ----
+    # ---- scans and fragments ----
 
-    def _on_scan(self, source: int, request: ScanRequest) -> None:
-        self.stats.scans += 1
+    def _on_read(self, source: int, request: ReadRequest) -> None:
+        if isinstance(request, ScanRequest):
+            self.stats.scans += 1
+        else:
+            self.stats.fragments += 1
         if request.index > self.applier.done_index:
             deadline = self._clock.monotonic_ns() + SCAN_WAIT_MS * NS_PER_MS
-            self._parked.append(_ParkedScan(source, request, deadline))
+            self._parked.append(_ParkedRead(source, request, deadline))
             return
-        self._start_scan(source, request)
+        self._start_read(source, request)
 
-    def _start_scan(self, source: int, request: ScanRequest) -> None:
-        def done(rows: pa.Table | None, index: int, error: str | None) -> None:
-            self.mailbox.post(lambda: self._scanned(source, request, rows, index, error))
+    def _start_read(self, source: int, request: ReadRequest) -> None:
+        def done(rows: pa.Table | None, index: int, failure: ReadFailure | None) -> None:
+            self.mailbox.post(lambda: self._read_done(source, request, rows, index, failure))
 
-        self.applier.scan(request.index, request.table, request.partition, request.columns, done)
+        if isinstance(request, ScanRequest):
+            self.applier.scan(
+                request.index, request.table, request.partition, request.columns, done
+            )
+        else:
+            self.applier.fragment(request.index, request.sql, request.reads, done)
 
-    def _scanned(
+    def _read_done(
         self,
         source: int,
-        request: ScanRequest,
+        request: ReadRequest,
         rows: pa.Table | None,
         index: int,
-        error: str | None,
+        failure: ReadFailure | None,
     ) -> None:
         if rows is None:
-            self.stats.scan_refusals += 1
-            self._reply(source, ScanError(request.request_id, error or "scan failed"))
+            self._refuse_read(source, request, failure or ReadFailure("read failed"))
             return
-        header = ScanHeader(request.request_id, request.table, request.partition, index)
+        header: msgspec.Struct
+        if isinstance(request, ScanRequest):
+            header = ScanHeader(request.request_id, request.table, request.partition, index)
+        else:
+            header = FragmentHeader(request.request_id, index)
         self._send_bulk(source, header, rows)
+
+    def _refuse_read(self, source: int, request: ReadRequest, failure: ReadFailure) -> None:
+        if isinstance(request, ScanRequest):
+            self.stats.scan_refusals += 1
+        else:
+            self.stats.fragment_refusals += 1
+        error = ScanError(
+            request.request_id, failure.error, failure.retryable, failure.duckdb_error
+        )
+        self._reply(source, error)
 
     def _serve_parked(self, applied: int) -> None:
         if not self._parked:
@@ -457,7 +491,7 @@ class SqlService:
             return
         self._parked = [parked for parked in self._parked if parked.request.index > applied]
         for parked in ready:
-            self._start_scan(parked.source, parked.request)
+            self._start_read(parked.source, parked.request)
 
     def _expire_parked(self, now: int) -> None:
         expired = [parked for parked in self._parked if parked.deadline_ns <= now]
@@ -465,9 +499,8 @@ class SqlService:
             return
         self._parked = [parked for parked in self._parked if parked.deadline_ns > now]
         for parked in expired:
-            self.stats.scan_refusals += 1
             why = f"node {self.node} has not applied index {parked.request.index} yet"
-            self._reply(parked.source, ScanError(parked.request.request_id, why))
+            self._refuse_read(parked.source, parked.request, ReadFailure(why))
 
     # ---- catalog ----
 

@@ -4,12 +4,15 @@ transport session.
 One `TransportPort` per client session. It keeps the catalog it last fetched (and refetches
 when a barrier or commit shows a newer one), sends the log commands through the leader
 (following leader hints, retrying with the same request id so a command applies once),
-stages rows on every holder of a partition in parallel, and reads partitions from one
-holder each, moving to the next holder when one fails or is slow.
+stages rows on every holder of a partition in parallel, and reads — partitions (`scan`)
+and fragments, the coordinator's SELECTs over physical partition tables (`fragments`) —
+from one holder each, all in flight together, moving to the next holder when one fails
+or is slow (one loop, `_HedgedReads`, serves both).
 
 Guarantees: `stage` returns only batches that a write quorum of holders acknowledged
-durably; `commit` returns only after the leader applied the command; scan results at a
-barrier all come from snapshots taken at that barrier. Every wait is bounded.
+durably; `commit` returns only after the leader applied the command; scan and fragment
+results at a barrier all come from snapshots taken at that barrier, and stay valid until
+`release(index)`. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,8 @@ from cluster.sql_protocol import (
     CatalogRequest,
     CatalogResponse,
     CommandKind,
+    FragmentHeader,
+    FragmentRequest,
     ReleaseRead,
     ScanError,
     ScanHeader,
@@ -57,6 +63,9 @@ from query.port import (
     CommandRefused,
     Committed,
     Conflict,
+    Fragment,
+    FragmentFailed,
+    FragmentResult,
     Unavailable,
     WriteRefused,
     write_quorum,
@@ -70,16 +79,49 @@ STAGE_MS_PER_MIB = 20
 """The first round (first holder stores and forwards) waits STAGE_FIRST_ROUND_MS plus this
 per MiB of the largest batch before sending to the holders that have not answered."""
 SCAN_TIMEOUT_MS = 3_000
+"""How long one holder has to answer one read (a partition scan, a fragment) before it is
+asked again; the whole read gives up after SCAN_ROUNDS_MAX times this."""
 SCAN_HEDGE_MS = 400
-"""A partition not answered this long is asked of its next holder too."""
-"""How long one holder has to answer one partition scan before the next is asked."""
+"""A read not answered this long is asked of its next holder too."""
 SCAN_ROUNDS_MAX = 3
-"""Passes over a partition's holders before the scan gives up."""
+"""Passes over a read's holders before the read gives up."""
 COMMIT_HEDGE_MS = 500
 """How long a node may stay silent about a command before the next node is asked too
 (same request id: the command still applies at most once)."""
 CATALOG_HEDGE_MS = 300
 NS_PER_MS = 1_000_000
+
+
+@dataclass(eq=False)
+class _HedgedRead:
+    """One read asked of its holders in turn (primary first) until one answers with rows."""
+
+    holders: tuple[int, ...]
+    request: ScanRequest | FragmentRequest
+    """Sent with a fresh request id each time."""
+    sends: int = 0
+    turn: int = 0
+    """Position in `holders` of the next holder to ask."""
+    asked_ns: int = 0
+    in_flight: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Request id -> (holder, when sent), for requests not answered yet."""
+    rows: pa.Table | None = None
+    node: int = -1
+    """The holder whose rows these are."""
+    error: str | None = None
+    """The last retryable error (or unreachable holder)."""
+    refusal: ScanError | None = None
+    """A holder refused it for good (not retryable): every holder would."""
+    gave_up: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.rows is not None or self.refusal is not None or self.gave_up
+
+    def why(self) -> str:
+        if self.refusal is not None:
+            return self.refusal.error
+        return self.error or "no answer"
 
 
 class TransportPort:
@@ -362,72 +404,45 @@ class TransportPort:
         if holders_of is None:
             raise CommandRefused(f"no placement known for table {table}")
         wanted = tuple(columns) if columns is not None else None
-        results: dict[int, pa.Table] = {}
-        tries = {p: 0 for p in partitions}
-        errors: dict[int, str] = {}
-        pending: dict[int, int] = {}
-        """request id -> partition; several per partition once a slow holder is hedged."""
-        asked_ns: dict[int, int] = {}
-
-        def ask(partition: int) -> bool:
-            """Ask the partition's next holder (primary first); False when every holder has
-            been asked SCAN_ROUNDS_MAX times."""
-            holders = holders_of[partition]
-            while tries[partition] < len(holders) * SCAN_ROUNDS_MAX:
-                holder = holders[tries[partition] % len(holders)]
-                tries[partition] += 1
-                request_id = next(self._ids)
-                request = ScanRequest(
-                    request_id, index, table, partition, wanted, self.client._reply_address
-                )
-                if self.client._send(holder, request):
-                    pending[request_id] = partition
-                    asked_ns[partition] = self._clock.monotonic_ns()
-                    return True
-            return False
-
-        for partition in partitions:
-            if not ask(partition):
-                errors[partition] = "no holder could be reached"
-
-        def take(delivery: Any) -> bool:
-            if isinstance(delivery, BulkReceived) and isinstance(delivery.header, ScanHeader):
-                partition = pending.pop(delivery.header.request_id, None)
-                if partition is not None and partition not in results:
-                    self._held.setdefault(index, []).append(delivery)
-                    results[partition] = delivery.table
-            elif isinstance(delivery, Received) and isinstance(delivery.message, ScanError):
-                partition = pending.pop(delivery.message.request_id, None)
-                if partition is not None and partition not in results:
-                    errors[partition] = delivery.message.error
-                    if delivery.message.retryable and ask(partition):
-                        errors.pop(partition, None)
-            return _answered_all(partitions, results, errors)
-
-        # A holder that is slow, paused or dead (a dead one's frames wait for its next
-        # incarnation) is hedged: after SCAN_HEDGE_MS the next holder is asked too, and
-        # the first answer wins.
-        deadline_ns = self._clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
-        while not _answered_all(partitions, results, errors):
-            now = self._clock.monotonic_ns()
-            if now >= deadline_ns:
-                break
-            self._receive(take, SCAN_HEDGE_MS)
-            now = self._clock.monotonic_ns()
-            for partition in partitions:
-                if partition in results or partition in errors:
-                    continue
-                if now - asked_ns.get(partition, 0) >= SCAN_HEDGE_MS * NS_PER_MS:
-                    if not ask(partition) and partition not in pending.values():
-                        errors[partition] = "no holder answered"
-        missing = sorted(set(partitions) - set(results))
+        reply = self.client._reply_address
+        reads = {
+            partition: _HedgedRead(
+                holders_of[partition], ScanRequest(0, index, table, partition, wanted, reply)
+            )
+            for partition in partitions
+        }
+        _HedgedReads(self, index, list(reads.values())).run()
+        missing = sorted(p for p, read in reads.items() if read.rows is None)
         if missing:
-            detail = "; ".join(f"partition {p}: {errors.get(p, 'no answer')}" for p in missing)
+            detail = "; ".join(f"partition {p}: {reads[p].why()}" for p in missing)
             raise Unavailable(f"could not read {table} at index {index}: {detail}")
-        tables = [results[p] for p in partitions]
+        tables = [reads[p].rows for p in partitions]
         if not tables:
             raise CommandRefused(f"no partitions of {table} were asked for")
         return pa.concat_tables(tables)
+
+    def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        reply = self.client._reply_address
+        reads = []
+        for fragment in fragments:
+            assert fragment.holders, f"a fragment without holders: {fragment.sql}"
+            request = FragmentRequest(0, index, fragment.sql, tuple(fragment.reads), reply)
+            reads.append(_HedgedRead(tuple(fragment.holders), request))
+        _HedgedReads(self, index, reads).run()
+        for read in reads:
+            if read.refusal is not None:
+                raise FragmentFailed(read.refusal.error, read.refusal.duckdb_error)
+        missing = [number for number, read in enumerate(reads) if read.rows is None]
+        if missing:
+            detail = "; ".join(f"fragment {n}: {reads[n].why()}" for n in missing)
+            raise Unavailable(
+                f"{len(missing)} of {len(reads)} fragments at index {index} got no answer: {detail}"
+            )
+        results = []
+        for read in reads:
+            assert read.rows is not None
+            results.append(FragmentResult(read.rows, read.node))
+        return results
 
     def release(self, index: int) -> None:
         for delivery in self._held.pop(index, []):
@@ -473,18 +488,20 @@ class TransportPort:
 
     def _receive(self, take: Callable[[Any], bool], timeout_ms: int) -> None:
         """Poll until `take` says it has what it wanted or `timeout_ms` passes. Bulk data
-        `take` does not keep is released."""
+        `take` does not keep is released — also what arrived in the same poll after `take`
+        was done: every request id is one call's own, so no later call wants it."""
         client = self.client
         transport = client._transport
         deadline_ns = self._clock.monotonic_ns() + timeout_ms * NS_PER_MS
+        done = False
         while True:
             for delivery in transport.poll():
                 kept_before = _held_count(self._held)
-                done = take(delivery)
+                done = done or take(delivery)
                 if isinstance(delivery, BulkReceived) and _held_count(self._held) == kept_before:
                     delivery.release()
-                if done:
-                    return
+            if done:
+                return
             now = self._clock.monotonic_ns()
             if now >= deadline_ns:
                 return
@@ -495,10 +512,98 @@ class TransportPort:
             client._selector.select(wait_ns / 1e9)
 
 
-def _answered_all(
-    partitions: Sequence[int], results: Mapping[int, Any], errors: Mapping[int, str]
-) -> bool:
-    return all(p in results or p in errors for p in partitions)
+class _HedgedReads:
+    """One round of reads in flight together (`TransportPort.scan` and `.fragments`).
+
+    A read not answered for SCAN_HEDGE_MS is asked of its next holder too, and the first
+    answer wins: a holder that is slow, paused or dead (a dead one's frames wait for its
+    next incarnation) is not waited out. A retryable error or an unreachable holder moves
+    the read on at once. A holder is asked the same read again only once its last request
+    is SCAN_TIMEOUT_MS old (so a slow fragment is not queued up on it again and again);
+    after SCAN_ROUNDS_MAX passes over its holders a read gives up. `run` returns when
+    every read has rows or gave up, when one is refused for good (the caller fails), or
+    after SCAN_TIMEOUT_MS × SCAN_ROUNDS_MAX in all. Rows kept are held in the port until
+    `release(index)`; answers that come too late are released by the port's `_receive`."""
+
+    def __init__(self, port: TransportPort, index: int, reads: Sequence[_HedgedRead]) -> None:
+        self.port = port
+        self.index = index
+        self.reads = reads
+        self.pending: dict[int, _HedgedRead] = {}
+        """Request id -> its read, for every request not answered yet."""
+
+    def run(self) -> None:
+        clock = self.port._clock
+        for read in self.reads:
+            self.move_on(read)
+        deadline_ns = clock.monotonic_ns() + SCAN_TIMEOUT_MS * NS_PER_MS * SCAN_ROUNDS_MAX
+        while not self.settled():
+            if clock.monotonic_ns() >= deadline_ns:
+                return
+            self.port._receive(self.take, SCAN_HEDGE_MS)
+            now = clock.monotonic_ns()
+            for read in self.reads:
+                if not read.finished and now - read.asked_ns >= SCAN_HEDGE_MS * NS_PER_MS:
+                    self.move_on(read)
+
+    def settled(self) -> bool:
+        reads = self.reads
+        return all(read.finished for read in reads) or any(r.refusal is not None for r in reads)
+
+    def move_on(self, read: _HedgedRead) -> None:
+        """Ask the next holder; give up when there is none and nothing is in flight."""
+        if not self.ask(read, self.port._clock.monotonic_ns()) and not read.in_flight:
+            read.gave_up = True
+
+    def ask(self, read: _HedgedRead, now: int) -> bool:
+        """Send to the next holder in turn (primary first) that has no fresh request of
+        this read; False if there is none or the read has used its rounds."""
+        holders = read.holders
+        for _ in holders:
+            if read.sends >= len(holders) * SCAN_ROUNDS_MAX:
+                return False
+            holder = holders[read.turn % len(holders)]
+            read.turn += 1
+            if any(
+                node == holder and now - sent_ns < SCAN_TIMEOUT_MS * NS_PER_MS
+                for node, sent_ns in read.in_flight.values()
+            ):
+                continue
+            read.sends += 1
+            request_id = next(self.port._ids)
+            request = msgspec.structs.replace(read.request, request_id=request_id)
+            if self.port.client._send(holder, request):
+                self.pending[request_id] = read
+                read.in_flight[request_id] = (holder, now)
+                read.asked_ns = now
+                return True
+            read.error = f"node {holder} could not be reached"
+        return False
+
+    def take(self, delivery: Any) -> bool:
+        if isinstance(delivery, BulkReceived) and isinstance(
+            delivery.header, ScanHeader | FragmentHeader
+        ):
+            read = self.pending.pop(delivery.header.request_id, None)
+            if read is not None:
+                read.in_flight.pop(delivery.header.request_id, None)
+                if not read.finished:
+                    self.port._held.setdefault(self.index, []).append(delivery)
+                    read.rows = delivery.table
+                    read.node = node_of(delivery.source)
+        elif isinstance(delivery, Received) and isinstance(delivery.message, ScanError):
+            error = delivery.message
+            read = self.pending.pop(error.request_id, None)
+            if read is not None:
+                holder, _ = read.in_flight.pop(error.request_id)
+                if read.finished:
+                    pass
+                elif not error.retryable:
+                    read.refusal = error
+                else:
+                    read.error = f"node {holder}: {error.error}"
+                    self.move_on(read)
+        return self.settled()
 
 
 def _held_count(held: dict[int, list[BulkReceived]]) -> int:

@@ -20,6 +20,10 @@ Messages (client -> worker unless said otherwise; every request carries `request
   and fsynced them; only then is the ack sent.
 - `ScanRequest` -> bulk `ScanHeader` + rows, or `ScanError`: one partition's rows at the
   read barrier `index` (0: what is applied now, the 'stale' consistency).
+- `FragmentRequest` -> bulk `FragmentHeader` + rows, or `ScanError`: the rows of one
+  read-only SELECT over the physical partition tables `reads` names, run inside the
+  snapshot of barrier `index` (0: what is applied now). A `ScanError` with `duckdb_error`
+  set (and `retryable` False) means DuckDB refused the SQL: every holder would.
 - `ReleaseRead(index)`: the client is done with the barrier's snapshots (they also expire).
 - worker -> worker `FetchStage` -> bulk `StageHeader` + rows, or `StageAck(ok=False)`: a
   holder that missed a staged batch fetches it from another holder before applying.
@@ -198,10 +202,35 @@ class ScanHeader(msgspec.Struct, frozen=True):
 
 
 class ScanError(msgspec.Struct, frozen=True):
+    """A scan or fragment this node did not answer with rows."""
+
     request_id: int
     error: str
     retryable: bool = True
     """True: another holder (or a new barrier) may serve it."""
+    duckdb_error: str = ""
+    """Fragments: DuckDB's exception class name when DuckDB refused the SQL itself (then
+    `error` is DuckDB's message unchanged and `retryable` is False)."""
+
+
+class FragmentRequest(msgspec.Struct, frozen=True):
+    request_id: int
+    index: int
+    """The read barrier's log index; 0 runs on what is applied now (stale)."""
+    sql: str
+    """Exactly one SELECT statement over physical partition tables (see
+    `storage.partitions.partition_table_sql`); anything else is refused."""
+    reads: tuple[tuple[str, int], ...]
+    """Every (table key, partition) the SQL reads: each must be held here."""
+    reply_address: Address | None = None
+
+
+class FragmentHeader(msgspec.Struct, frozen=True):
+    """Header of a fragment's rows (worker -> client)."""
+
+    request_id: int
+    index: int
+    """The barrier index the fragment ran at (or the applied index, for stale)."""
 
 
 class ReleaseRead(msgspec.Struct, frozen=True):
@@ -219,6 +248,8 @@ SQL_MESSAGES: dict[str, type[msgspec.Struct]] = {
     "sql.scan": ScanRequest,
     "sql.scan_header": ScanHeader,
     "sql.scan_error": ScanError,
+    "sql.fragment": FragmentRequest,
+    "sql.fragment_header": FragmentHeader,
     "sql.release": ReleaseRead,
 }
 

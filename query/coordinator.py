@@ -35,6 +35,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from clock import Clock, SystemClock
 from cluster.sql_protocol import (
     STATEMENT_TEXT_CHARS_MAX,
     CommandKind,
@@ -68,7 +69,16 @@ from query._reads import (
     tokens,
 )
 from query._writes import Changes, Target, export, find_target, plan_write, run_write, stage
-from query.port import CatalogChanged, CatalogView, ClusterPort, Command, Conflict, PortError
+from query.planner import FRAGMENTS_RELATION, Distributed, Gather, plan_select
+from query.port import (
+    CatalogChanged,
+    CatalogView,
+    ClusterPort,
+    Command,
+    Conflict,
+    FragmentFailed,
+    PortError,
+)
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
@@ -212,12 +222,16 @@ class Coordinator:
         consistency: str = "strong",
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Clock | None = None,
     ) -> None:
         self._port = port
+        self._clock = clock or SystemClock()
         self._consistency = _checked_consistency(consistency)
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._work = WorkDatabase()
+        self._shape: pa.Schema | None = None
+        """The Arrow schema of the last planned query's result (from its run on no rows)."""
         self._converter = _Converter()
 
     @property
@@ -251,6 +265,8 @@ class Coordinator:
         subclasses that are also instances of the port's own error classes)."""
         chosen = _checked_consistency(consistency or self._consistency)
         words = tokens(sql)
+        if words and words[0].word() == "EXPLAIN":
+            return self._explain(sql, words, parameters, chosen)
         value = setting_assignment(words, CONSISTENCY_SETTING)
         if value is not None:
             if value.lower() not in CONSISTENCIES:
@@ -354,6 +370,97 @@ class Coordinator:
     def _read(
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
     ) -> StatementResult:
+        if statement.kind == StatementKind.SELECT and parameters is None:
+            distributed = self._distributed_read(statement.sql, consistency, None)
+            if distributed is not None:
+                table, types, _ = distributed
+                return self._result(table, types)
+        return self._gathered_read(statement, words, parameters, consistency)
+
+    def _plan(
+        self, view: CatalogView, sql: str
+    ) -> tuple[Distributed | Gather, list[str], list[str]]:
+        """The query's plan, result column names and types (DuckDB binds it over the empty
+        work database: its own errors for bad SQL)."""
+        self._work.prepare(view.catalog)
+        with self._work.session({}) as con:
+            empty, types = run(con, sql)
+        names = [] if empty is None else list(empty.column_names)
+        self._shape = None if empty is None else empty.schema
+        work = self._work
+        plan = plan_select(
+            work.con,
+            sql,
+            view,
+            work.specs,
+            lambda spec: [name for name, _ in work.stored_columns(spec)],
+            names,
+        )
+        return plan, names, types
+
+    def _distributed_read(
+        self, sql: str, consistency: str, trace: list[tuple[str, ...]] | None
+    ) -> tuple[pa.Table, list[str], Distributed | Gather] | None:
+        """Run a SELECT as planned on the partitions; None when the plan is to gather (or a
+        fragment raised, so the query is run as written for DuckDB's own error).
+        `trace` (EXPLAIN ANALYZE) receives each fragment's node, rows and bytes."""
+        view = self._port.catalog()
+        plan, names, types = self._plan(view, sql)
+        if not isinstance(plan, Distributed):
+            return None
+        shape = self._shape
+        index = 0
+        if consistency == "strong":
+            barrier = self._port.barrier()
+            index = barrier.index
+            if barrier.catalog_version != view.catalog_version:
+                self._port.release(index)
+                return None  # the catalog moved: the gather path re-reads it at a barrier
+        try:
+            results = self._port.fragments(index, plan.fragments)
+            parts = [
+                result.rows.rename_columns([f"c{i}" for i in range(result.rows.num_columns)])
+                for result in results
+            ]
+            rows = pa.concat_tables(parts, promote_options="permissive")
+            if trace is not None:
+                for result in results:
+                    trace.append(
+                        (str(result.node), str(result.rows.num_rows), str(result.rows.nbytes))
+                    )
+            con = self._work.con
+            raw = f"{FRAGMENTS_RELATION}_raw"
+            con.register(raw, rows)
+            try:
+                found = con.sql(f"SELECT * FROM {raw}").types
+                typed = ", ".join(
+                    (f"c{i}" if str(found[i]) == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
+                    for i, wanted in enumerate(plan.fragment_types)
+                )
+                merged, merged_types = run(
+                    con,
+                    f"WITH {FRAGMENTS_RELATION} AS (SELECT {typed} FROM {raw}) {plan.merge_sql}",
+                )
+            finally:
+                con.unregister(raw)
+        except FragmentFailed:
+            # DuckDB's message quotes the statement it ran: the gather path runs the
+            # query as written, for the same error in the same words.
+            return None
+        finally:
+            self._port.release(index)
+        assert merged is not None
+        table = _cast(self._work.con, merged, merged_types, names, types)
+        if shape is not None and table.schema != shape:
+            try:  # the Arrow single-node DuckDB gives (an ENUM comes back a dictionary)
+                table = table.cast(shape)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                return None
+        return table, types, plan
+
+    def _gathered_read(
+        self, statement: Statement, words: list[Token], parameters: object, consistency: str
+    ) -> StatementResult:
         def keys_for(view: CatalogView) -> list[str]:
             self._work.prepare(view.catalog)
             return self._work.tables_named(words)
@@ -364,6 +471,64 @@ class Coordinator:
         with loaded(self._work, self._port, gathered) as con:
             table, types = run(con, statement.sql, parameters)
         return self._result(table, types, _rowcount(statement, words, table))
+
+    # -- EXPLAIN -----------------------------------------------------------------------------
+
+    def _explain(
+        self, sql: str, words: list[Token], parameters: object, consistency: str
+    ) -> StatementResult:
+        """EXPLAIN [ANALYZE] SELECT …: the distributed plan, one row per step: what runs,
+        where, its SQL, and (ANALYZE) the rows and bytes each step moved."""
+        analyze = len(words) > 1 and words[1].word() == "ANALYZE"
+        query = sql[words[2 if analyze else 1].start :] if len(words) > 1 + analyze else ""
+        statement = self._parse(query, tokens(query)) if query else None
+        if statement is None or statement.kind != StatementKind.SELECT or parameters is not None:
+            raise Unsupported("EXPLAIN [ANALYZE] takes one SELECT, without parameters")
+        view = self._port.catalog()
+        plan, _, _ = self._plan(view, statement.sql)
+        steps: list[tuple[str, str, str, str | None, str | None]] = []
+        if isinstance(plan, Gather):
+            steps.append(("gather", "coordinator", f"gathered: {plan.reason}", None, None))
+            keys = self._work.tables_named(tokens(statement.sql))
+            for key in keys:
+                steps.append((f"scan {key}", "every partition", "all rows", None, None))
+            if analyze:
+                started = self._clock.monotonic_ns()
+                result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
+                elapsed = (self._clock.monotonic_ns() - started) / 1e9
+                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(len(result)), None))
+        else:
+            where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
+            steps.append(("plan", "coordinator", plan.tier, None, None))
+            steps.append(("fragment", where, plan.fragment_sql, None, None))
+            trace: list[tuple[str, ...]] = [] if analyze else []
+            if analyze:
+                started = self._clock.monotonic_ns()
+                outcome = self._distributed_read(statement.sql, consistency, trace)
+                elapsed = (self._clock.monotonic_ns() - started) / 1e9
+                if outcome is None:
+                    steps.append(("gather", "coordinator", "the catalog moved", None, None))
+                for (node, rows, size), partition in zip(trace, plan.partitions, strict=False):
+                    steps.append((f"partition {partition}", f"node {node}", "", rows, size))
+            else:
+                for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
+                    holders = ", ".join(str(node) for node in fragment.holders)
+                    steps.append(
+                        (f"partition {partition}", f"one of nodes {holders}", "", None, None)
+                    )
+            steps.append(("merge", "coordinator", plan.merge_sql, None, None))
+            if analyze and outcome is not None:
+                steps.append(
+                    ("result", "coordinator", f"{elapsed:.6f} s", str(outcome[0].num_rows), None)
+                )
+        columns = ["step", "runs_on", "detail", "rows", "bytes"]
+        table = pa.table(
+            {
+                name: pa.array([step[i] for step in steps], pa.string())
+                for i, name in enumerate(columns)
+            }
+        )
+        return self._result(table, ["VARCHAR"] * len(columns))
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -488,6 +653,41 @@ class Coordinator:
         self._port.commit(command)
         self._port.catalog(refresh=True)
         return self._result(table, types, _rowcount(statement, select_words, table))
+
+
+def _cast(
+    con: duckdb.DuckDBPyConnection,
+    table: pa.Table,
+    found: Sequence[str],
+    names: Sequence[str],
+    types: Sequence[str],
+) -> pa.Table:
+    """The merged rows with the query's own column names and DuckDB types."""
+    assert len(found) == len(types) == len(names), (found, types, names)
+    renamed = table.rename_columns([f"m{i}" for i in range(table.num_columns)])
+    con.register("dcluster_merged", renamed)
+    try:
+        select = ", ".join(
+            (f"m{i}" if found[i] == types[i] else f"CAST(m{i} AS {types[i]})")
+            + f" AS {quote_identifier(name)}"
+            for i, name in enumerate(names)
+        )
+        result, _ = run(con, f"SELECT {select} FROM dcluster_merged")
+    finally:
+        con.unregister("dcluster_merged")
+    assert result is not None
+    return result
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """1,2,3,5 -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and spans[-1][1] == number - 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _checked_consistency(consistency: str) -> str:

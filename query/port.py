@@ -16,6 +16,11 @@ Contract of every implementation:
   partition from one live holder (another holder on failure). The rows may point into
   transport memory: they stay valid until `release(index)`, which the coordinator calls
   once it has loaded them (for stale reads too, with index 0).
+- `fragments(index, fragments)` runs each `Fragment` — one read-only SELECT over physical
+  partition tables — on one live node of its `holders` at barrier `index` (0: what that
+  node has applied now), all in parallel, retrying another holder when one dies or is
+  slow, and returns their results in order (valid until `release(index)`, like scans).
+  A fragment DuckDB refuses raises `FragmentFailed` with DuckDB's message and class name.
 - `stage(table, rows_by_partition, delete)` writes each partition's rows durably on every
   live holder of the partition and returns the batches to name in the commit. It raises
   `WriteRefused` (nothing is committed) when a partition has fewer acknowledging holders
@@ -63,6 +68,16 @@ class Unavailable(PortError):
     """No worker could serve the request within the time bounds."""
 
 
+class FragmentFailed(PortError):
+    """DuckDB raised while a worker ran a fragment (a cast, a division by zero, …): the
+    message is DuckDB's and `duckdb_error` its exception class name. Retrying elsewhere
+    would raise it again."""
+
+    def __init__(self, message: str, duckdb_error: str) -> None:
+        super().__init__(message)
+        self.duckdb_error = duckdb_error
+
+
 @dataclass(frozen=True)
 class CatalogView:
     """The shadow catalog at `index` and what the coordinator needs beside it. The
@@ -99,6 +114,27 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Fragment:
+    """One piece of a distributed query, run on one node.
+
+    `sql` is a single read-only SELECT whose base tables are physical partition tables,
+    named as `storage.partitions.partition_table_sql(table, partition)` spells them (e.g.
+    `"main.lineitem__p3"`); `reads` lists every (table key, partition) it reads, and every
+    node in `holders` (in order of preference) holds all of them."""
+
+    sql: str
+    reads: tuple[tuple[str, int], ...]
+    holders: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FragmentResult:
+    rows: pa.Table
+    node: int
+    """The node whose answer was used."""
+
+
+@dataclass(frozen=True)
 class Committed:
     index: int
     catalog_version: int = 0
@@ -117,6 +153,8 @@ class ClusterPort(Protocol):
         partitions: Sequence[int],
         columns: Sequence[str] | None = None,
     ) -> pa.Table: ...
+
+    def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]: ...
 
     def stage(
         self,

@@ -10,10 +10,18 @@ bytes with a CRC, as they would over the bulk transport. A commit is refused wit
 partition's new rows are computed by DuckDB from a real table built from the table's DDL
 (deletes by equality on every column, IS NOT DISTINCT FROM), then swapped in together.
 
+Fragments run as a worker runs them: refused unless DuckDB's parser finds exactly one
+SELECT (the worker's own check), then run in a scratch DuckDB where each partition the
+fragment reads — and only those — is a table in schema main under its physical name
+(`"main.t__p0"`), created from the table's DDL at the index as a worker creates it, holding
+the partition's rows at the index; DuckDB's errors become `FragmentFailed` with DuckDB's
+message and class. The answer is the first holder's.
+
 Test hooks: `refuse_stages` (the next N stage calls raise WriteRefused), `before_commit`
 (runs at the start of every commit, e.g. to land a competing write first), `before_scan`
 (runs before every scan), `log` (every command committed), `scans` (every (index, table)
-scanned), `releases` (every index released). `client()` gives another session over the same cluster with its own cached
+scanned), `fragment_calls` (every (index, fragments) run), `releases` (every index
+released). `client()` gives another session over the same cluster with its own cached
 catalog view, as a second client process would have.
 
 Not modelled: replicas (a partition is stored once; every holder of the real cluster
@@ -31,6 +39,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
+from cluster._applier import select_refusal
 from cluster.sql_protocol import CommandKind, StagedBatch, table_key
 from query.port import (
     Barrier,
@@ -39,6 +48,9 @@ from query.port import (
     Command,
     Committed,
     Conflict,
+    Fragment,
+    FragmentFailed,
+    FragmentResult,
     PortError,
     WriteRefused,
     write_quorum,
@@ -51,7 +63,8 @@ from storage.catalog import (
     Ddl,
     DropTable,
 )
-from storage.ddl import TableSpec, quote_identifier
+from storage.ddl import TableSpec, partition_columns_sql, quote_identifier
+from storage.partitions import partition_table_sql
 from storage.placement import place
 
 Partitions = tuple[pa.Table, ...]
@@ -77,10 +90,11 @@ class FakePort:
         self._placements: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._specs: dict[str, TableSpec] = {}
         self._data: dict[str, Partitions] = {}
-        self._barriers: dict[int, tuple[dict[str, Partitions], dict[str, int]]] = {}
+        self._barriers: dict[int, tuple[dict[str, Partitions], dict[str, TableSpec]]] = {}
         self._staged: dict[str, _Staged] = {}
         self._stage_ids = itertools.count(1)
         self._engine = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
+        self._scratch: duckdb.DuckDBPyConnection | None = None
         self._view: CatalogView | None = None
         self._columns: dict[str, list[str]] = {}
         self.refuse_stages = 0
@@ -88,9 +102,12 @@ class FakePort:
         self.before_scan: Callable[[int, str], None] | None = None
         self.log: list[Command] = []
         self.scans: list[tuple[int, str]] = []
+        self.fragment_calls: list[tuple[int, list[Fragment]]] = []
         self.releases: list[int] = []
 
     def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.close()
         self._engine.close()
         self._catalog.close()
 
@@ -117,7 +134,7 @@ class FakePort:
 
     def barrier(self) -> Barrier:
         self.index += 1
-        self._barriers[self.index] = (dict(self._data), dict(self._versions))
+        self._barriers[self.index] = (dict(self._data), dict(self._specs))
         return Barrier(self.index, dict(self._versions), self.catalog_version)
 
     def release(self, index: int) -> None:
@@ -134,18 +151,17 @@ class FakePort:
         if self.before_scan is not None:
             self.before_scan(index, table)
         self.scans.append((index, table))
-        if index == 0:
-            data = self._data
-        elif index in self._barriers:
-            data = self._barriers[index][0]
-        else:
-            raise PortError(f"no read snapshot at index {index} (released or expired)")
-        if table not in data:
-            raise PortError(f"no table {table} at index {index}")
-        parts = data[table]
+        parts = self._partitions_at(index, table)
         assert all(0 <= p < len(parts) for p in partitions), (partitions, len(parts))
         result = pa.concat_tables([parts[p] for p in partitions])
         return result.select(list(columns)) if columns is not None else result
+
+    def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        self.fragment_calls.append((index, list(fragments)))
+        return [
+            FragmentResult(self._run_fragment(index, fragment), fragment.holders[0])
+            for fragment in fragments
+        ]
 
     def stage(
         self,
@@ -208,6 +224,47 @@ class FakePort:
         self.index = index
         self.log.append(command)
         return Committed(index, self.catalog_version, dict(self._versions))
+
+    def _partitions_at(self, index: int, table: str) -> Partitions:
+        """The table's partitions at barrier `index` (0: now)."""
+        return self._table_at(index, table)[0]
+
+    def _table_at(self, index: int, table: str) -> tuple[Partitions, TableSpec]:
+        if index == 0:
+            data, specs = self._data, self._specs
+        elif index in self._barriers:
+            data, specs = self._barriers[index]
+        else:
+            raise PortError(f"no read snapshot at index {index} (released or expired)")
+        if table not in data:
+            raise PortError(f"no table {table} at index {index}")
+        return data[table], specs[table]
+
+    def _run_fragment(self, index: int, fragment: Fragment) -> pa.Table:
+        assert fragment.holders, f"a fragment without holders: {fragment.sql}"
+        if self._scratch is None:  # one connection; each fragment's tables are rolled back
+            self._scratch = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
+        scratch = self._scratch
+        scratch.execute("BEGIN TRANSACTION")
+        try:
+            refusal = select_refusal(scratch, fragment.sql)
+            if refusal is not None:
+                raise FragmentFailed(str(refusal), refusal.duckdb_error)
+            for table, partition in fragment.reads:
+                parts, spec = self._table_at(index, table)
+                assert 0 <= partition < len(parts), (table, partition, len(parts))
+                placed = self._placements.get(table)
+                if placed is not None:  # every holder named must hold the partition
+                    assert set(fragment.holders) <= set(placed[partition]), (fragment, placed)
+                _load_partition(
+                    scratch, partition_table_sql(table, partition), spec, parts[partition]
+                )
+            try:
+                return scratch.sql(fragment.sql).to_arrow_table()
+            except duckdb.Error as error:
+                raise FragmentFailed(str(error), type(error).__name__) from error
+        finally:
+            scratch.execute("ROLLBACK")
 
     # -- what tests look at ------------------------------------------------------------------
 
@@ -357,6 +414,22 @@ class FakePort:
             self._engine.unregister("inserted_rows")
 
 
+def _load_partition(
+    con: duckdb.DuckDBPyConnection, physical: str, spec: TableSpec, rows: pa.Table
+) -> None:
+    """Table `main.<physical>` as a worker creates a partition (the spec's columns and
+    constraints), holding `rows`."""
+    con.execute(f"CREATE TABLE main.{physical} ({partition_columns_sql(spec.ddl)})").fetchall()
+    columns = ", ".join(map(quote_identifier, rows.column_names))
+    con.register("partition_rows", rows)
+    try:
+        con.execute(
+            f"INSERT INTO main.{physical} ({columns}) SELECT {columns} FROM partition_rows"
+        ).fetchall()
+    finally:
+        con.unregister("partition_rows")
+
+
 class FakeClient:
     """Another client of the same fake cluster: its own cached catalog view, everything
     else shared."""
@@ -384,6 +457,9 @@ class FakeClient:
         columns: Sequence[str] | None = None,
     ) -> pa.Table:
         return self.port.scan(index, table, partitions, columns)
+
+    def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        return self.port.fragments(index, fragments)
 
     def stage(
         self,

@@ -132,12 +132,12 @@ def test_session_consistency_is_set_by_sql(coordinator: Coordinator, port: FakeP
     result = coordinator.execute("SET dcluster_consistency = 'STALE'")
     assert result.columns == ["Success"] and result.types == ["BOOLEAN"] and len(result) == 0
     assert coordinator.consistency == "stale"
-    port.scans.clear()
+    port.fragment_calls.clear()
     coordinator.execute("SELECT * FROM t")
-    assert [index for index, _ in port.scans] == [0]
+    assert [index for index, _ in port.fragment_calls] == [0]
     coordinator.execute("SET SESSION dcluster_consistency TO strong")
     coordinator.execute("SELECT * FROM t")
-    assert port.scans[-1][0] > 0
+    assert port.fragment_calls[-1][0] > 0
 
 
 def test_a_table_created_by_another_client_is_found(port: FakePort) -> None:

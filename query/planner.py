@@ -1,0 +1,855 @@
+"""The distributed plan of a SELECT: what runs on the partitions, what the coordinator merges.
+
+`plan_select(con, sql, view, specs, columns_of)` reads DuckDB's parse tree of the query
+(query._ast) and picks the cheapest tier that is exactly right:
+
+- **pushdown**: the query is correct run per partition and concatenated — its base tables
+  are one group of co-located partitioned tables (same partitioning, same holders, joined
+  by equality on their partition keys) plus reference tables, with no aggregation across
+  partitions (none, or grouped by the partition key). DISTINCT runs on the partitions and
+  again on the merge; ORDER BY … LIMIT k runs as a top-k on each partition (LIMIT k +
+  OFFSET) and once more on the merge.
+- **two-phase aggregation**: the same FROM/WHERE, aggregated on each partition into
+  partial states per group (COUNT, SUM, MIN, MAX, AVG as sum and count, BOOL_AND/OR,
+  STDDEV/VARIANCE as count, sum and sum of squares), merged by a final GROUP BY on the
+  coordinator, with GROUPING SETS/ROLLUP/CUBE, HAVING, ORDER BY and LIMIT applied there.
+  FILTER clauses stay on the partials.
+- **router**: either of the above restricted to the partitions the WHERE clause pins by
+  the partition key (`key = c`, `key IN (c, …)`).
+- otherwise **gather** (the caller's fallback): `plan_select` returns a `Gather` saying
+  why, and the coordinator pulls the base tables and runs the query itself.
+
+Guarantee: a `Distributed` plan's merge over its fragments' rows returns what the query
+returns on the whole data (rows as a multiset; in order where ORDER BY fixes it); any
+shape this module is not sure of becomes `Gather`. Fragments name physical partition
+tables (`storage.partitions.partition_table_sql`), so a worker runs them as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import duckdb
+
+from query import _ast
+from query._ast import Node
+from query.port import CatalogView, Fragment
+from storage import ddl
+from storage.ddl import TableSpec, quote_identifier
+from storage.partitions import partition_table_name
+from storage.placement import partition_expression
+
+FRAGMENTS_RELATION = "dcluster_fragments"
+"""The name the merge SQL reads the fragments' concatenated rows by."""
+PINNED_VALUES_MAX = 1_000
+"""IN-lists longer than this are not used to route (every partition is read)."""
+
+AGGREGATE_NAMES_CACHED_MAX = 10_000
+_AGGREGATE_NAMES: dict[str, bool] = {}
+"""Function name -> is it an aggregate, for every DuckDB connection of this process (the
+built-in functions are the same for all; a user macro's name is looked up each time)."""
+_SIMPLE_AGGREGATES = {"min": "min", "max": "max", "bool_and": "bool_and", "bool_or": "bool_or"}
+_VARIANCES = {
+    "var_samp": "samp",
+    "variance": "samp",
+    "stddev": "samp",
+    "stddev_samp": "samp",
+    "var_pop": "pop",
+    "stddev_pop": "pop",
+}
+
+
+@dataclass(frozen=True)
+class Gather:
+    """No distributed plan: the coordinator gathers the tables. `reason` says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Distributed:
+    tier: str
+    """'pushdown' or 'two_phase' (with ' + router' when partitions were pruned)."""
+    fragments: tuple[Fragment, ...]
+    fragment_sql: str
+    """The fragment's SQL with logical table names (for EXPLAIN)."""
+    merge_sql: str
+    """Runs over FRAGMENTS_RELATION, whose columns are c0, c1, …"""
+    fragment_types: tuple[str, ...]
+    """DuckDB's types of the fragment's columns (Arrow loses some, e.g. ENUM's order)."""
+    partitions: tuple[int, ...]
+    """The partitions read (all of them unless routed)."""
+    partitions_total: int
+    tables: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+
+class _NotDistributable(Exception):
+    pass
+
+
+@dataclass
+class _Leaf:
+    node: Node
+    key: str
+    spec: TableSpec
+    alias: str
+
+
+def plan_select(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    view: CatalogView,
+    specs: Mapping[str, TableSpec],
+    columns_of: Callable[[TableSpec], Sequence[str]],
+    output_names: Sequence[str],
+) -> Distributed | Gather:
+    """The plan of one SELECT bound against `con` (the work database, whose tables match
+    `specs`); `columns_of(spec)` lists a table's columns, `output_names` the query's result
+    columns as DuckDB binds them."""
+    try:
+        return _Planner(con, view, specs, columns_of, output_names).plan(sql)
+    except _NotDistributable as why:
+        return Gather(str(why))
+    except _ast.NotATree as error:
+        return Gather(f"DuckDB cannot print its parse tree back ({error})")
+
+
+class _Planner:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        view: CatalogView,
+        specs: Mapping[str, TableSpec],
+        columns_of: Callable[[TableSpec], Sequence[str]],
+        output_names: Sequence[str] = (),
+    ) -> None:
+        self.output_names = [name.lower() for name in output_names]
+        self._aggregate_names: dict[str, bool] = {}
+        self.con = con
+        self.view = view
+        self.specs = specs
+        self.columns_of = columns_of
+        self.by_name: dict[str, list[str]] = {}
+        for key, spec in specs.items():
+            self.by_name.setdefault(spec.name.lower(), []).append(key)
+
+    # ---- the whole query ----
+
+    def plan(self, sql: str) -> Distributed | Gather:
+        node = _ast.parse(self.con, sql)
+        if node.get("type") != "SELECT_NODE":
+            raise _NotDistributable("a set operation (UNION/INTERSECT/EXCEPT) at the top")
+        if node.get("cte_map", {}).get("map"):
+            raise _NotDistributable("a WITH clause")
+        if ddl.volatile_functions(sql, self.con):
+            raise _NotDistributable("a volatile function must be evaluated once")
+        for key in ("qualify", "sample"):
+            if node.get(key) is not None:
+                raise _NotDistributable(f"{key.upper()}")
+        if any(
+            n.get("type") == "DISTINCT_MODIFIER" and n.get("distinct_on_targets")
+            for n in node["modifiers"]
+        ):
+            raise _NotDistributable("DISTINCT ON")
+        for item in _ast.walk(node):
+            if item.get("class") == "PARAMETER":
+                raise _NotDistributable("a prepared parameter")
+        leaves = self._leaves(node["from_table"])
+        partitioned = [leaf for leaf in leaves if not leaf.spec.reference]
+        self._check_expressions(node, leaves)
+        if not partitioned:
+            return self._on_one_node(node, leaves)
+        self._check_co_located(node, partitioned)
+        partitions = self._routed(node, partitioned)
+        if self._aggregates(node) or node.get("group_expressions"):
+            if self._grouped_by_key(node, partitioned):
+                return self._pushdown(node, leaves, partitioned, partitions, "grouped by the key")
+            return self._two_phase(node, leaves, partitioned, partitions)
+        return self._pushdown(node, leaves, partitioned, partitions, "")
+
+    # ---- FROM ----
+
+    def _leaves(self, ref: Node) -> list[_Leaf]:
+        kind = ref.get("type")
+        if kind == "BASE_TABLE":
+            return [self._leaf(ref)]
+        if kind == "JOIN":
+            if ref.get("ref_type") not in ("REGULAR", "CROSS", "INNER"):
+                raise _NotDistributable(f"a {ref.get('ref_type')} join")
+            if ref.get("using_columns"):
+                raise _NotDistributable("JOIN … USING")
+            left, right = self._leaves(ref["left"]), self._leaves(ref["right"])
+            join_type = ref.get("join_type")
+            sides = {"LEFT": right, "RIGHT": left}
+            if join_type in sides and any(not leaf.spec.reference for leaf in sides[join_type]):
+                # rows of the preserved side would meet only one partition of the other
+                if not all(
+                    leaf.spec.reference for leaf in (left if join_type == "RIGHT" else right)
+                ) and not self._keys_joined(ref.get("condition"), left, right):
+                    raise _NotDistributable(f"a {join_type} JOIN not on the partition keys")
+            elif join_type == "OUTER":
+                if not self._keys_joined(ref.get("condition"), left, right):
+                    raise _NotDistributable("a FULL JOIN not on the partition keys")
+            elif join_type not in ("INNER", "LEFT", "RIGHT"):
+                raise _NotDistributable(f"a {join_type} join")
+            if (
+                join_type == "LEFT"
+                and all(leaf.spec.reference for leaf in left)
+                and any(not leaf.spec.reference for leaf in right)
+            ):
+                raise _NotDistributable("a reference table LEFT JOIN a partitioned table")
+            if (
+                join_type == "RIGHT"
+                and all(leaf.spec.reference for leaf in right)
+                and any(not leaf.spec.reference for leaf in left)
+            ):
+                raise _NotDistributable("a partitioned table RIGHT JOIN a reference table")
+            return left + right
+        raise _NotDistributable(f"a {kind} in FROM")
+
+    def _leaf(self, ref: Node) -> _Leaf:
+        if ref.get("sample") is not None or ref.get("at_clause") is not None:
+            raise _NotDistributable("TABLESAMPLE or AT on a table")
+        if ref.get("catalog_name"):
+            raise _NotDistributable("a table of another database")
+        name = str(ref["table_name"]).lower()
+        schema = str(ref.get("schema_name") or "").lower()
+        keys = [
+            key for key in self.by_name.get(name, []) if not schema or key == f"{schema}.{name}"
+        ]
+        if not schema:
+            keys = [key for key in keys if key.startswith("main.")]
+        if len(keys) != 1:
+            raise _NotDistributable(f"{ref['table_name']} is not one cluster table (a view?)")
+        key = keys[0]
+        alias = str(ref.get("alias") or ref["table_name"])
+        return _Leaf(ref, key, self.specs[key], alias)
+
+    def _keys_joined(self, condition: Node | None, left: list[_Leaf], right: list[_Leaf]) -> bool:
+        left_keys = {id(leaf) for leaf in left if not leaf.spec.reference}
+        right_keys = {id(leaf) for leaf in right if not leaf.spec.reference}
+        for term in _ast.conjuncts(condition):
+            pair = self._key_equality(term, left + right)
+            if pair is not None:
+                a, b = pair
+                if (id(a) in left_keys and id(b) in right_keys) or (
+                    id(b) in left_keys and id(a) in right_keys
+                ):
+                    return True
+        return False
+
+    def _check_co_located(self, node: Node, partitioned: list[_Leaf]) -> None:
+        first = partitioned[0]
+        for leaf in partitioned[1:]:
+            if not _same_distribution(first.spec, leaf.spec) or (
+                self.view.placements.get(first.key) != self.view.placements.get(leaf.key)
+            ):
+                raise _NotDistributable(
+                    f"{first.key} and {leaf.key} are not partitioned alike (not co-located)"
+                )
+        if len(partitioned) == 1:
+            return
+        # Every partitioned table must be tied to the first by key equalities.
+        terms = _ast.conjuncts(node.get("where_clause"))
+        terms += [
+            t
+            for j in _ast.walk(node["from_table"])
+            if j.get("type") == "JOIN" and j.get("join_type") == "INNER"
+            for t in _ast.conjuncts(j.get("condition"))
+        ]
+        linked = {id(first)}
+        changed = True
+        while changed:
+            changed = False
+            for term in terms:
+                pair = self._key_equality(term, partitioned)
+                if pair is None:
+                    continue
+                a, b = pair
+                if (id(a) in linked) != (id(b) in linked):
+                    linked |= {id(a), id(b)}
+                    changed = True
+        # outer joins on keys were checked in _leaves; their tables count as linked
+        for join in _ast.walk(node["from_table"]):
+            if join.get("type") == "JOIN" and join.get("join_type") in ("LEFT", "RIGHT", "OUTER"):
+                for term in _ast.conjuncts(join.get("condition")):
+                    pair = self._key_equality(term, partitioned)
+                    if pair is not None:
+                        linked |= {id(pair[0]), id(pair[1])}
+        missing = [leaf.key for leaf in partitioned if id(leaf) not in linked]
+        if missing:
+            raise _NotDistributable(f"{', '.join(missing)} not joined on the partition key")
+
+    def _key_equality(self, term: Node, leaves: list[_Leaf]) -> tuple[_Leaf, _Leaf] | None:
+        if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
+            return None
+        a = self._key_leaf(term["left"], leaves)
+        b = self._key_leaf(term["right"], leaves)
+        if a is None or b is None or a is b:
+            return None
+        return a, b
+
+    def _key_leaf(self, expr: Node, leaves: list[_Leaf]) -> _Leaf | None:
+        """The leaf whose partition key `expr` is (a plain column reference), if any."""
+        if not _ast.is_column_ref(expr):
+            return None
+        leaf = self._owner(expr, leaves)
+        if leaf is None or leaf.spec.reference or leaf.spec.key is None:
+            return None
+        return leaf if expr["column_names"][-1].lower() == leaf.spec.key.lower() else None
+
+    def _owner(self, ref: Node, leaves: list[_Leaf]) -> _Leaf | None:
+        names = [str(name) for name in ref["column_names"]]
+        if len(names) == 2:
+            matches = [leaf for leaf in leaves if leaf.alias.lower() == names[0].lower()]
+        elif len(names) == 1:
+            matches = [
+                leaf
+                for leaf in leaves
+                if names[0].lower() in (c.lower() for c in self.columns_of(leaf.spec))
+            ]
+        else:
+            return None
+        return matches[0] if len(matches) == 1 else None
+
+    # ---- expressions ----
+
+    def _check_expressions(self, node: Node, leaves: list[_Leaf]) -> None:
+        for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"}):
+            cls = item.get("class")
+            if cls == "SUBQUERY":
+                raise _NotDistributable("a subquery")
+            if cls == "WINDOW":
+                raise _NotDistributable("a window function")
+            if cls == "STAR" or cls == "COLUMNS":
+                if item.get("columns") or item.get("expr") is not None:
+                    raise _NotDistributable("COLUMNS(…)")
+        for join in _ast.walk(node["from_table"]):
+            if join.get("type") == "JOIN":
+                for item in _ast.walk(join.get("condition")):
+                    if item.get("class") in ("SUBQUERY", "WINDOW"):
+                        raise _NotDistributable("a subquery in a join condition")
+
+    def _aggregates(self, node: Node) -> list[Node]:
+        found = []
+        for item in _ast.walk([node["select_list"], node.get("having"), node["modifiers"]]):
+            if item.get("class") == "FUNCTION" and self._is_aggregate(item):
+                found.append(item)
+        return found
+
+    def _is_aggregate(self, function: Node) -> bool:
+        name = str(function["function_name"]).lower()
+        known = _AGGREGATE_NAMES.get(name)
+        if known is not None:
+            return known
+        if name not in self._aggregate_names:
+            rows = self.con.execute(
+                "SELECT count(*) FROM duckdb_functions() WHERE function_name = ? "
+                "AND function_type = 'aggregate'",
+                [name],
+            ).fetchall()
+            self._aggregate_names[name] = bool(rows[0][0])
+            if len(_AGGREGATE_NAMES) < AGGREGATE_NAMES_CACHED_MAX:
+                _AGGREGATE_NAMES[name] = self._aggregate_names[name]
+        return self._aggregate_names[name]
+
+    def _grouped_by_key(self, node: Node, partitioned: list[_Leaf]) -> bool:
+        groups = node.get("group_expressions") or []
+        if node.get("aggregate_handling") != "STANDARD_HANDLING":
+            return False
+        key_groups = {i for i, g in enumerate(groups) if self._key_leaf(g, partitioned) is not None}
+        sets = node.get("group_sets") or []
+        return bool(key_groups) and bool(sets) and all(set(s) & key_groups for s in sets)
+
+    # ---- routing ----
+
+    def _routed(self, node: Node, partitioned: list[_Leaf]) -> tuple[int, ...]:
+        total = partitioned[0].spec.partitions
+        every = tuple(range(total))
+        pinned: set[int] | None = None
+        for term in _ast.conjuncts(node.get("where_clause")):
+            found = self._pinned_by(term, partitioned)
+            if found is not None:
+                pinned = found if pinned is None else pinned & found
+        return every if pinned is None else tuple(sorted(pinned))
+
+    def _pinned_by(self, term: Node, partitioned: list[_Leaf]) -> set[int] | None:
+        constants: list[Node]
+        if term.get("class") == "COMPARISON" and term.get("type") == "COMPARE_EQUAL":
+            pairs = [(term["left"], term["right"]), (term["right"], term["left"])]
+            matches = [
+                (c, v)
+                for c, v in pairs
+                if self._key_leaf(c, partitioned) and v.get("class") == "CONSTANT"
+            ]
+            if not matches:
+                return None
+            column, constant = matches[0]
+            constants = [constant]
+        elif term.get("class") == "OPERATOR" and term.get("type") == "COMPARE_IN":
+            column, *constants = term["children"]
+            if not self._key_leaf(column, partitioned) or len(constants) > PINNED_VALUES_MAX:
+                return None
+            if not all(c.get("class") == "CONSTANT" for c in constants):
+                return None
+        else:
+            return None
+        leaf = self._key_leaf(column, partitioned)
+        assert leaf is not None and leaf.spec.key_type is not None
+        found: set[int] = set()
+        for constant in constants:
+            value = _ast.expression_sql(self.con, constant)
+            typed = f"CAST({value} AS {leaf.spec.key_type})"
+            try:
+                rows = self.con.execute(
+                    f"SELECT ({value}) = {typed}, {partition_expression(leaf.spec, value)}"
+                ).fetchall()
+            except duckdb.Error:
+                return None  # a constant that does not cast: let every partition answer
+            same, partition = rows[0]
+            if same is None:  # NULL never matches
+                continue
+            if not same:
+                return None
+            found.add(int(partition))
+        return found
+
+    # ---- plans ----
+
+    def _fragments(
+        self, node: Node, leaves: list[_Leaf], partitions: Sequence[int]
+    ) -> tuple[Fragment, ...]:
+        fragments = []
+        for partition in partitions:
+            reads = []
+            holders: list[int] | None = None
+            for leaf in leaves:
+                part = 0 if leaf.spec.reference else partition
+                reads.append((leaf.key, part))
+                held = self.view.placements[leaf.key][part]
+                holders = list(held) if holders is None else [n for n in holders if n in held]
+            if not holders:
+                raise _NotDistributable(f"no node holds every table of partition {partition}")
+            physical = _physical(node, self._leaves(node["from_table"]), partition)
+            fragments.append(
+                Fragment(_ast.to_sql(self.con, physical), tuple(sorted(set(reads))), tuple(holders))
+            )
+        return tuple(fragments)
+
+    def _pushdown(
+        self,
+        node: Node,
+        leaves: list[_Leaf],
+        partitioned: list[_Leaf],
+        partitions: tuple[int, ...],
+        why: str,
+    ) -> Distributed:
+        fragment = copy.deepcopy(node)
+        fragment["modifiers"] = []
+        outputs = len(self.output_names)
+        merge_orders: list[str] = []
+        distinct = False
+        limit: Node | None = None
+        for modifier in node["modifiers"]:
+            if modifier["type"] == "DISTINCT_MODIFIER":
+                distinct = True
+                fragment["modifiers"].append(modifier)
+            elif modifier["type"] == "ORDER_MODIFIER":
+                for order in modifier["orders"]:
+                    position = self._output_position(node, order["expression"])
+                    if position is None:
+                        if distinct:
+                            raise _NotDistributable(
+                                "ORDER BY an expression not selected, with DISTINCT"
+                            )
+                        position = outputs + len(fragment["select_list"]) - len(node["select_list"])
+                        fragment["select_list"].append(
+                            dict(order["expression"], alias=f"dcluster_sort_{position}")
+                        )
+                    merge_orders.append(_order_sql(f"c{position}", order))
+            elif modifier["type"] == "LIMIT_MODIFIER":
+                limit = modifier
+            else:
+                raise _NotDistributable(f"a {modifier['type']}")
+        limit_sql = ""
+        if limit is not None:
+            limit_sql, pushed = self._limit(limit, bool(merge_orders))
+            if pushed is not None:
+                if merge_orders:
+                    order_modifier = next(
+                        m for m in node["modifiers"] if m["type"] == "ORDER_MODIFIER"
+                    )
+                    fragment["modifiers"].append(
+                        self._fragment_orders(order_modifier, node, fragment)
+                    )
+                fragment["modifiers"].append(pushed)
+        columns = ", ".join(f"c{i}" for i in range(outputs))
+        merge = f"SELECT {'DISTINCT ' if distinct else ''}{columns} FROM {FRAGMENTS_RELATION}"
+        if merge_orders:
+            merge += " ORDER BY " + ", ".join(merge_orders)
+        merge += limit_sql
+        tier = "pushdown" + (f" ({why})" if why else "")
+        return self._distributed(tier, node, fragment, leaves, partitioned, partitions, merge)
+
+    def _on_one_node(self, node: Node, leaves: list[_Leaf]) -> Distributed:
+        """Only reference tables: any one node answers the whole query."""
+        columns = ", ".join(f"c{i}" for i in range(len(self.output_names)))
+        fragments = self._fragments(node, leaves, (0,))
+        return Distributed(
+            tier="pushdown (reference tables only: one node)",
+            fragments=fragments,
+            fragment_sql=_ast.to_sql(self.con, node),
+            fragment_types=self._types(node),
+            merge_sql=f"SELECT {columns} FROM {FRAGMENTS_RELATION}",
+            partitions=(0,),
+            partitions_total=1,
+            tables=tuple(sorted({leaf.key for leaf in leaves})),
+        )
+
+    def _types(self, node: Node) -> tuple[str, ...]:
+        """The result types of a (logical) query, bound over the empty work tables."""
+        relation = self.con.sql(_ast.to_sql(self.con, node))
+        assert relation is not None
+        return tuple(str(type_name) for type_name in relation.types)
+
+    def _fragment_orders(self, order_modifier: Node, node: Node, fragment: Node) -> Node:
+        """The ORDER BY for a top-k fragment: by output position, so aliases still work."""
+        orders = []
+        for order in order_modifier["orders"]:
+            position = self._output_position(node, order["expression"])
+            if position is None:
+                position = next(
+                    int(str(item["alias"]).rsplit("_", 1)[1])
+                    for item in fragment["select_list"]
+                    if str(item.get("alias")).startswith("dcluster_sort_")
+                    and _ast.same(item, order["expression"])
+                )
+            expression = _ast.expression(self.con, str(position + 1))
+            orders.append(dict(order, expression=expression))
+        return dict(order_modifier, orders=orders)
+
+    def _limit(self, limit: Node, ordered: bool) -> tuple[str, Node | None]:
+        """(the merge's LIMIT/OFFSET SQL, the fragments' LIMIT modifier or None)."""
+        if (
+            limit.get("limit_type", "ROW_COUNT") != "ROW_COUNT"
+            or limit.get("type") != "LIMIT_MODIFIER"
+        ):
+            raise _NotDistributable("a LIMIT that is not a row count")
+        values: list[int | None] = []
+        for part in ("limit", "offset"):
+            expr = limit.get(part)
+            if expr is None:
+                values.append(None)
+                continue
+            if expr.get("class") != "CONSTANT" or expr["literal"].get("kind") not in (
+                "INTEGER",
+                "BIGINT",
+            ):
+                raise _NotDistributable("a LIMIT or OFFSET that is not a constant")
+            values.append(int(expr["literal"]["text"]))
+        count, offset = values
+        sql = (f" LIMIT {count}" if count is not None else "") + (
+            f" OFFSET {offset}" if offset else ""
+        )
+        if count is None:
+            return sql, None
+        pushed = copy.deepcopy(limit)
+        pushed["limit"] = _ast.expression(self.con, str(count + (offset or 0)))
+        pushed["offset"] = None
+        return sql, pushed  # unordered: any `count` rows of any partitions will do
+
+    def _output_position(self, node: Node, expr: Node) -> int | None:
+        """Which result column an ORDER BY item is: a position, a result column's name, or
+        a selected expression (None: some other expression)."""
+        items = node["select_list"]
+        starred = any(item.get("class") in ("STAR", "COLUMNS") for item in items)
+        if expr.get("class") == "CONSTANT" and expr["literal"].get("kind") in ("INTEGER", "BIGINT"):
+            position = int(expr["literal"]["text"]) - 1
+            return position if 0 <= position < len(self.output_names) else None
+        if _ast.is_column_ref(expr) and len(expr["column_names"]) == 1:
+            name = str(expr["column_names"][0]).lower()
+            named = [i for i, output in enumerate(self.output_names) if output == name]
+            if len(named) == 1:
+                return named[0]
+            if named:
+                raise _NotDistributable(f"ORDER BY {name}, a name two result columns share")
+        if starred:
+            return None
+        for i, item in enumerate(items):
+            if _ast.same(item, expr):
+                return i
+        return None
+
+    def _two_phase(
+        self,
+        node: Node,
+        leaves: list[_Leaf],
+        partitioned: list[_Leaf],
+        partitions: tuple[int, ...],
+    ) -> Distributed:
+        if node.get("aggregate_handling") != "STANDARD_HANDLING":
+            raise _NotDistributable("GROUP BY ALL")
+        if any(item.get("class") in ("STAR", "COLUMNS") for item in _ast.walk(node["select_list"])):
+            raise _NotDistributable("* beside aggregates")
+        groups = [self._group_expression(node, g) for g in node.get("group_expressions") or []]
+        distinct = self._distinct_argument(node)
+        partials: list[Node] = []
+
+        def partial(sql: str, function: Node) -> str:
+            expr = _ast.expression(self.con, sql)
+            if function.get("filter") is not None:
+                expr["filter"] = copy.deepcopy(function["filter"])
+            partials.append(expr)
+            return f"a{len(partials) - 1}"
+
+        def swap(item: Node) -> Node | None:
+            for i, group in enumerate(groups):
+                if _ast.same(item, group):
+                    return _ast.column_ref(f"g{i}")
+            if item.get("class") == "FUNCTION" and self._is_aggregate(item):
+                if distinct is not None:  # the same aggregate over the distinct values
+                    argument = {"name": "", "expression": _ast.column_ref("a0")}
+                    return dict(item, arguments=[argument])
+                return _ast.expression(self.con, self._final(item, partial))
+            if item.get("class") in ("WINDOW", "SUBQUERY"):
+                raise _NotDistributable("a window or subquery beside aggregates")
+            if _ast.is_column_ref(item):
+                raise _NotDistributable("a column outside GROUP BY (functionally dependent?)")
+            return None
+
+        if distinct is not None:
+            partials.append(copy.deepcopy(distinct))
+        final = copy.deepcopy(node)
+        final["select_list"] = [
+            dict(_ast.replaced(item, swap), alias=item.get("alias") or "")
+            for item in node["select_list"]
+        ]
+        final["having"] = _ast.replaced(node.get("having"), swap)
+        modifiers = []
+        for modifier in node["modifiers"]:
+            if modifier["type"] == "ORDER_MODIFIER":
+                orders = []
+                for order in modifier["orders"]:
+                    position = self._output_position(node, order["expression"])
+                    expression = (
+                        _ast.expression(self.con, str(position + 1))
+                        if position is not None
+                        else _ast.replaced(order["expression"], swap)
+                    )
+                    orders.append(dict(order, expression=expression))
+                modifiers.append(dict(modifier, orders=orders))
+            elif modifier["type"] in ("LIMIT_MODIFIER", "DISTINCT_MODIFIER"):
+                if modifier["type"] == "LIMIT_MODIFIER":
+                    self._limit(modifier, True)  # constants only
+                modifiers.append(modifier)
+            else:
+                raise _NotDistributable(f"a {modifier['type']}")
+        final["modifiers"] = modifiers
+        final["from_table"] = {
+            "type": "BASE_TABLE",
+            "alias": "",
+            "sample": None,
+            "query_location": 0,
+            "query_location_length": 0,
+            "schema_name": "",
+            "table_name": FRAGMENTS_RELATION,
+            "column_name_alias": [],
+            "catalog_name": "",
+            "at_clause": None,
+            "qualified_name": {"path": [FRAGMENTS_RELATION]},
+        }
+        final["where_clause"] = None
+        final["group_expressions"] = [_ast.column_ref(f"g{i}") for i in range(len(groups))]
+        fragment = copy.deepcopy(node)
+        fragment["select_list"] = [
+            dict(copy.deepcopy(g), alias=f"g{i}") for i, g in enumerate(groups)
+        ] + [dict(p, alias=f"a{i}") for i, p in enumerate(partials)]
+        fragment["having"] = None
+        fragment["modifiers"] = []
+        fragment["group_expressions"] = [copy.deepcopy(g) for g in groups]
+        fragment["group_sets"] = [list(range(len(groups)))] if groups else []
+        if distinct is not None:  # distinct pre-aggregation: the groups' distinct values
+            fragment["group_expressions"].append(copy.deepcopy(distinct))
+            fragment["group_sets"] = [list(range(len(groups) + 1))]
+        # the merge names fragment columns c0, c1, …: the final reads them as g…/a…
+        names = [f"g{i}" for i in range(len(groups))] + [f"a{i}" for i in range(len(partials))]
+        renamed = ", ".join(f"c{i} AS {name}" for i, name in enumerate(names))
+        final_sql = _ast.to_sql(self.con, final).replace(
+            f"FROM {FRAGMENTS_RELATION}",
+            f"FROM (SELECT {renamed} FROM {FRAGMENTS_RELATION}) AS {FRAGMENTS_RELATION}",
+            1,
+        )
+        return self._distributed(
+            "two_phase", node, fragment, leaves, partitioned, partitions, final_sql
+        )
+
+    def _distinct_argument(self, node: Node) -> Node | None:
+        """X when every aggregate is f(DISTINCT X), approx_count_distinct(X), min(X) or
+        max(X) for one X (none FILTERed): the partitions then send each group's distinct
+        X values, and the coordinator aggregates those. None when no aggregate is DISTINCT."""
+        functions = self._aggregates(node)
+        if not any(
+            f.get("distinct") or str(f["function_name"]).lower() == "approx_count_distinct"
+            for f in functions
+        ):
+            return None
+        argument: Node | None = None
+        for function in functions:
+            name = str(function["function_name"]).lower()
+            arguments = function.get("arguments") or []
+            insensitive = name in ("min", "max", "approx_count_distinct")
+            if (
+                len(arguments) != 1
+                or function.get("filter") is not None
+                or function.get("order_bys", {}).get("orders")
+                or not (function.get("distinct") or insensitive)
+            ):
+                raise _NotDistributable("DISTINCT aggregates beside others")
+            expression = arguments[0].get("expression", arguments[0])
+            if argument is not None and not _ast.same(argument, expression):
+                raise _NotDistributable("DISTINCT aggregates of different arguments")
+            argument = expression
+        return argument
+
+    def _group_expression(self, node: Node, group: Node) -> Node:
+        if group.get("class") == "CONSTANT" and group["literal"].get("kind") in (
+            "INTEGER",
+            "BIGINT",
+        ):
+            position = int(group["literal"]["text"]) - 1
+            if 0 <= position < len(node["select_list"]):
+                return dict(node["select_list"][position], alias="")
+        if _ast.is_column_ref(group) and len(group["column_names"]) == 1:
+            name = str(group["column_names"][0]).lower()
+            for item in node["select_list"]:
+                if str(item.get("alias") or "").lower() == name:
+                    raise _NotDistributable("GROUP BY a select alias")
+        return group
+
+    def _final(self, function: Node, partial: Callable[[str, Node], str]) -> str:
+        name = str(function["function_name"]).lower()
+        args = [a["expression"] if "expression" in a else a for a in function.get("arguments", [])]
+        if (
+            function.get("distinct")
+            or function.get("order_bys", {}).get("orders")
+            or function.get("export_state")
+        ):
+            raise _NotDistributable(f"{name}(DISTINCT …) or an ordered aggregate")
+        if function.get("schema") or function.get("catalog"):
+            raise _NotDistributable(f"a qualified aggregate {name}")
+        arg = [_ast.expression_sql(self.con, a) for a in args]
+        if name == "count_star" or (name == "count" and not arg):
+            return f"coalesce(sum({partial('count_star()', function)}), 0)"
+        if len(arg) != 1:
+            raise _NotDistributable(f"the aggregate {name} with {len(arg)} arguments")
+        x = arg[0]
+        if name == "count":
+            return f"coalesce(sum({partial(f'count({x})', function)}), 0)"
+        if name == "sum":
+            return f"sum({partial(f'sum({x})', function)})"
+        if name in _SIMPLE_AGGREGATES:
+            return f"{name}({partial(f'{name}({x})', function)})"
+        if name in ("avg", "mean"):
+            total, count = partial(f"sum({x})", function), partial(f"count({x})", function)
+            return f"CAST(sum({total}) AS DOUBLE) / sum({count})"
+        if name in _VARIANCES:
+            n = partial(f"count({x})", function)
+            s = partial(f"sum(CAST({x} AS DOUBLE))", function)
+            q = partial(f"sum(CAST({x} AS DOUBLE) * CAST({x} AS DOUBLE))", function)
+            denominator = f"sum({n})" if _VARIANCES[name] == "pop" else f"(sum({n}) - 1)"
+            variance = (
+                f"CASE WHEN {denominator} > 0 THEN "
+                f"greatest(sum({q}) - sum({s}) * sum({s}) / sum({n}), 0) / {denominator} END"
+            )
+            return f"sqrt({variance})" if name.startswith("stddev") else variance
+        raise _NotDistributable(f"the aggregate {name} is not split into partials")
+
+    def _distributed(
+        self,
+        tier: str,
+        node: Node,
+        fragment: Node,
+        leaves: list[_Leaf],
+        partitioned: list[_Leaf],
+        partitions: tuple[int, ...],
+        merge: str,
+    ) -> Distributed:
+        total = partitioned[0].spec.partitions
+        if len(partitions) < total:
+            tier += " + router"
+        if not partitions:  # nothing can match: one partition still answers (the shape)
+            partitions = (0,)
+        return Distributed(
+            tier=tier,
+            fragments=self._fragments(fragment, leaves, partitions),
+            fragment_sql=_ast.to_sql(self.con, fragment),
+            fragment_types=self._types(fragment),
+            merge_sql=merge,
+            partitions=partitions,
+            partitions_total=total,
+            tables=tuple(sorted({leaf.key for leaf in leaves})),
+        )
+
+
+def _same_distribution(a: TableSpec, b: TableSpec) -> bool:
+    return (
+        a.kind == b.kind
+        and a.partitions == b.partitions
+        and (a.key_type or "").upper() == (b.key_type or "").upper()
+        and a.bounds == b.bounds
+        and a.lists == b.lists
+    )
+
+
+def _physical(node: Node, leaves: list[_Leaf], partition: int) -> Node:
+    """`node` with each leaf's table replaced by its physical partition table (the name the
+    query used stays as the alias, so qualified column references still bind)."""
+    targets = {id(leaf.node): leaf for leaf in leaves}
+
+    def swap(item: Node) -> Node | None:
+        leaf = targets.get(id(item))
+        if leaf is None:
+            return None
+        part = 0 if leaf.spec.reference else partition
+        physical = partition_table_name(leaf.key, part)
+        return dict(
+            item,
+            schema_name="main",
+            table_name=physical,
+            alias=leaf.alias,
+            catalog_name="",
+            qualified_name={"path": ["main", physical]},
+        )
+
+    result = _identity_replaced(node, swap)
+    assert isinstance(result, dict)
+    return result
+
+
+def _identity_replaced(value: object, swap: Callable[[Node], Node | None]) -> object:
+    if isinstance(value, dict):
+        new = swap(value)
+        if new is not None:
+            return new
+        return {key: _identity_replaced(child, swap) for key, child in value.items()}
+    if isinstance(value, list):
+        return [_identity_replaced(child, swap) for child in value]
+    return value
+
+
+def _order_sql(column: str, order: Node) -> str:
+    direction = {"ASCENDING": " ASC", "DESCENDING": " DESC"}.get(order["type"], "")
+    nulls = {
+        "NULLS_FIRST": " NULLS FIRST",
+        "NULLS FIRST": " NULLS FIRST",
+        "NULLS_LAST": " NULLS LAST",
+        "NULLS LAST": " NULLS LAST",
+    }.get(order["null_order"], "")
+    return f"{column}{direction}{nulls}"
+
+
+def quoted_relation() -> str:
+    return quote_identifier(FRAGMENTS_RELATION)

@@ -1,0 +1,193 @@
+"""Fragments on a real cluster of three workers: the coordinator's SELECTs over physical
+partition tables, each run by one holder inside its snapshot of a read barrier (DESIGN
+§5.2–5.4), in parallel, moving to another holder when one refuses or is silent.
+
+What is checked: one fragment per partition adds up to the table at the barrier, not to
+rows written after it; stale fragments (index 0) see what is applied now; DuckDB's errors
+come back with DuckDB's message and class, and a fragment that fails while running does
+not leave its holder answering later reads at that barrier from a broken snapshot;
+anything but one SELECT is refused before it runs; a holder that does not hold a partition
+passes the fragment on; a paused first holder is hedged, not waited out."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from cluster import control
+from cluster.session import SCAN_TIMEOUT_MS, TransportPort, open_port
+from query.port import Fragment, FragmentFailed, Unavailable
+from tests.real.cluster.conftest import CliCluster
+from tests.real.sql.support import connect
+
+TABLE = "main.t"
+ROWS = 1_000
+HEDGED_BOUND_S = SCAN_TIMEOUT_MS / 1000
+"""A fragment whose first holder is paused is answered well within one holder's timeout."""
+
+
+def _count_and_sum(partition: int, table: str = "t") -> str:
+    return f'SELECT count(*) AS n, sum(x)::BIGINT AS total FROM "main.{table}__p{partition}"'
+
+
+def _values(rows: pa.Table) -> list[tuple[Any, ...]]:
+    """The rows as DuckDB reads them (DuckDB's Arrow extension types included)."""
+    con = duckdb.connect(config={"arrow_lossless_conversion": True})
+    try:
+        return con.sql("SELECT * FROM rows").fetchall()
+    finally:
+        con.close()
+
+
+def _totals(results: list[Any]) -> tuple[int, int]:
+    rows = [_values(result.rows)[0] for result in results]
+    return sum(row[0] for row in rows), sum(row[1] or 0 for row in rows)
+
+
+@pytest.fixture
+def port(three: CliCluster) -> Iterator[TransportPort]:
+    """A session of the cluster, whose table `t` (3 partitions, 3 replicas) holds x = 0..999."""
+    with connect(three) as con:
+        con.execute("CREATE TABLE t (x BIGINT) PARTITION BY HASH(x) PARTITIONS 3")
+        con.execute(f"INSERT INTO t SELECT i FROM range({ROWS}) r(i)")
+    opened = open_port(three.run_dir)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _per_partition(port: TransportPort, sql_of: Any = _count_and_sum) -> list[Fragment]:
+    holders_of = port.catalog(refresh=True).placements[TABLE]
+    return [
+        Fragment(sql_of(partition), ((TABLE, partition),), holders)
+        for partition, holders in enumerate(holders_of)
+    ]
+
+
+def test_fragments_add_up_at_their_barrier_and_stale_sees_now(
+    three: CliCluster, port: TransportPort
+) -> None:
+    fragments = _per_partition(port)
+    barrier = port.barrier()
+    with connect(three) as con:
+        con.execute("INSERT INTO t VALUES (5000), (6000)")
+    results = port.fragments(barrier.index, fragments)
+    assert _totals(results) == (ROWS, ROWS * (ROWS - 1) // 2)
+    for result, fragment in zip(results, fragments, strict=True):
+        assert result.node in fragment.holders
+    port.release(barrier.index)
+
+    stale = port.fragments(0, fragments)
+    assert _totals(stale) == (ROWS + 2, ROWS * (ROWS - 1) // 2 + 11_000)
+    port.release(0)
+
+
+def test_a_holder_without_the_partition_passes_it_on(
+    three: CliCluster, port: TransportPort
+) -> None:
+    with connect(three) as con:
+        con.execute("CREATE TABLE r (x BIGINT) PARTITION BY HASH(x) PARTITIONS 3 REPLICAS 1")
+        con.execute("INSERT INTO r SELECT i FROM range(300) r(i)")
+    view = port.catalog(refresh=True)
+    barrier = port.barrier()
+    fragments = []
+    for partition, (holder,) in enumerate(view.placements["main.r"]):
+        stranger = next(node for node in view.members if node != holder)
+        sql = _count_and_sum(partition, "r")
+        fragments.append(Fragment(sql, (("main.r", partition),), (stranger, holder)))
+    results = port.fragments(barrier.index, fragments)
+    assert _totals(results) == (300, 299 * 300 // 2)
+    assert [result.node for result in results] == [f.holders[1] for f in fragments]
+    port.release(barrier.index)
+
+
+def test_duckdb_errors_come_back_as_duckdb_said_them(port: TransportPort) -> None:
+    barrier = port.barrier()
+    first, *_ = _per_partition(port)
+    alone = first.holders[:1]
+    plain = duckdb.connect()
+    plain.execute('CREATE TABLE "main.t__p0" (x BIGINT)')
+
+    # Refused while binding: the holder's snapshot is still good afterwards.
+    unbound = 'SELECT nope FROM "main.t__p0"'
+    with pytest.raises(duckdb.BinderException) as expected:
+        plain.sql(unbound)
+    with pytest.raises(FragmentFailed) as refused:
+        port.fragments(barrier.index, [Fragment(unbound, first.reads, alone)])
+    assert (str(refused.value), refused.value.duckdb_error) == (
+        str(expected.value),
+        "BinderException",
+    )
+    (result,) = port.fragments(barrier.index, [Fragment(first.sql, first.reads, alone)])
+    assert result.node == alone[0]
+
+    # Failed while running: DuckDB aborts the snapshot's transaction, so that holder
+    # refuses later reads at this barrier (retryably) and the next holder serves them.
+    failing = "SELECT 'x'::INTEGER + count(*) FROM \"main.t__p0\""
+    with pytest.raises(duckdb.ConversionException) as expected_conversion:
+        plain.sql(failing).fetchall()
+    with pytest.raises(FragmentFailed) as refused:
+        port.fragments(barrier.index, [Fragment(failing, first.reads, alone)])
+    assert (str(refused.value), refused.value.duckdb_error) == (
+        str(expected_conversion.value),
+        "ConversionException",
+    )
+    with pytest.raises(Unavailable, match=f"no read snapshot at index {barrier.index}"):
+        port.fragments(barrier.index, [Fragment(first.sql, first.reads, alone)])
+    (result,) = port.fragments(barrier.index, [first])
+    assert result.node != alone[0]
+    assert _values(result.rows)[0][0] == port.scan(barrier.index, TABLE, [0]).num_rows
+    port.release(barrier.index)
+
+
+NOT_ONE_SELECT = (
+    "COPY (SELECT * FROM \"main.t__p0\") TO '{folder}/out.csv'",
+    'CREATE TABLE u AS SELECT * FROM "main.t__p0"',
+    'SELECT 1; SELECT count(*) FROM "main.t__p0"',
+    "ATTACH '{folder}/other.db' AS other",
+    "SET threads = 4",
+)
+
+
+def test_only_one_select_is_run(port: TransportPort) -> None:
+    first, *_ = _per_partition(port)
+    with tempfile.TemporaryDirectory(prefix="dcluster-fragments-") as name:
+        folder = Path(name)
+        for sql in NOT_ONE_SELECT:
+            fragment = Fragment(sql.format(folder=folder), first.reads, first.holders)
+            with pytest.raises(FragmentFailed, match="a fragment must be") as refused:
+                port.fragments(0, [fragment])
+            assert refused.value.duckdb_error == "", sql
+        assert list(folder.iterdir()) == [], "nothing was written"
+    with pytest.raises(FragmentFailed, match="syntax error") as refused:
+        port.fragments(0, [Fragment("SELEC 1", first.reads, first.holders)])
+    assert refused.value.duckdb_error == "ParserException"
+    port.release(0)
+
+
+def test_a_paused_first_holder_is_hedged(three: CliCluster, port: TransportPort) -> None:
+    fragments = _per_partition(port)
+    barrier = port.barrier()
+    with three.client() as client:
+        leader = client.leader()
+    victim = next(f.holders[0] for f in fragments if f.holders[0] != leader)
+    control.signal_node(three.info(), victim, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        results = port.fragments(barrier.index, fragments)
+        elapsed = time.monotonic() - started
+    finally:
+        control.signal_node(three.info(), victim, signal.SIGCONT)
+    assert _totals(results) == (ROWS, ROWS * (ROWS - 1) // 2)
+    assert victim not in {result.node for result in results}
+    assert elapsed < HEDGED_BOUND_S, f"the fragments took {elapsed:.1f} s"
+    port.release(barrier.index)
