@@ -206,6 +206,15 @@ def lex(sql: str) -> list[Token]:
     runs of punctuation holding '(' ')' ',' ';' are split into single characters.
     Raises duckdb.Error for text the lexer refuses."""
     raw = duckdb.tokenize(sql)
+    if not sql.isascii():  # the lexer counts UTF-8 bytes; the spans here count characters
+        characters = [0] * (len(sql.encode()) + 1)
+        at = 0
+        for index, character in enumerate(sql):
+            width = len(character.encode())
+            characters[at : at + width] = [index] * width
+            at += width
+        characters[at] = len(sql)
+        raw = [(characters[start], token_type) for start, token_type in raw]
     tokens: list[Token] = []
     for position, (start, token_type) in enumerate(raw):
         limit = raw[position + 1][0] if position + 1 < len(raw) else len(sql)

@@ -322,11 +322,6 @@ class Query:
     """A known coordinator bug: the reason (the test is xfail(strict=True))."""
 
 
-LEX_BYTE_OFFSETS = (
-    "storage.ddl.lex slices the statement at duckdb.tokenize's offsets, which count bytes, "
-    "not characters: after a non-ASCII character the words are misread, tables named after "
-    "it are not read, and the cluster answers as if they were empty"
-)
 PIVOT_IS_MULTI = (
     "PIVOT (even inside a SELECT) is a MULTI statement to duckdb.extract_statements, so "
     "storage.ddl.parse refuses it: 'dcluster does not run MULTI statements'"
@@ -769,7 +764,6 @@ def _queries() -> list[Query]:
             "avg(d18) FILTER (WHERE s LIKE '%α%'), count(DISTINCT grp) FILTER (WHERE i < 0), "
             "max(s) FILTER (WHERE NOT flag) FROM f",
             approx=True,
-            xfail=LEX_BYTE_OFFSETS,
         ),
         q(
             "two_phase_group_by_other",
@@ -1616,20 +1610,17 @@ def _queries() -> list[Query]:
             "gather_unicode_literals_union",
             "gather",
             "SELECT id, 'α' FROM f WHERE k = 7 UNION ALL SELECT id, 'β' FROM g WHERE k = 7",
-            xfail=LEX_BYTE_OFFSETS,
         ),
         q(
             "gather_unicode_literals_union_params",
             "gather",
             "SELECT id, 'α' FROM f WHERE k = $1 UNION ALL SELECT id, 'β' FROM g WHERE k = $1",
             params=(7,),
-            xfail=LEX_BYTE_OFFSETS,
         ),
         q(
             "join_reference_unicode_literal_before_join",
             "join_reference",
             "SELECT '日本語 🦆' AS tag, f.id, d.name FROM f JOIN d USING (grp) WHERE f.k = 7",
-            xfail=LEX_BYTE_OFFSETS,
         ),
         q("gather_from_first", "gather", "FROM f SELECT id, s WHERE k = 3"),
         q(
@@ -1649,7 +1640,6 @@ def _queries() -> list[Query]:
             "router",
             "SELECT CAST('α' || k::VARCHAR AS INTEGER) FROM f WHERE k = 7",
             fails=True,
-            xfail=LEX_BYTE_OFFSETS,
         ),
         q(
             "error_cast_out_of_range",

@@ -215,11 +215,6 @@ def test_cluster_answers_as_duckdb(query: Query, cluster: Pair) -> None:
     assert_same_answer(ours, expected, query)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage.ddl.lex slices the text at duckdb.tokenize's offsets, which count "
-    "bytes, not characters: a non-ASCII literal in the LIST clause breaks the clause",
-)
 def test_list_partition_values_may_be_unicode() -> None:
     pair = Pair()
     try:
