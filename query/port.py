@@ -70,8 +70,9 @@ class Unavailable(PortError):
 
 class FragmentFailed(PortError):
     """DuckDB raised while a worker ran a fragment (a cast, a division by zero, …): the
-    message is DuckDB's and `duckdb_error` its exception class name. Retrying elsewhere
-    would raise it again."""
+    message is DuckDB's and `duckdb_error` its exception class name (empty: the worker
+    refused the SQL's shape, e.g. not exactly one SELECT). Retrying elsewhere would raise
+    it again."""
 
     def __init__(self, message: str, duckdb_error: str) -> None:
         super().__init__(message)
