@@ -501,7 +501,7 @@ class Coordinator:
             where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
             steps.append(("plan", "coordinator", plan.tier, None, None))
             steps.append(("fragment", where, plan.fragment_sql, None, None))
-            trace: list[tuple[str, ...]] = [] if analyze else []
+            trace: list[tuple[str, ...]] = []
             if analyze:
                 started = self._clock.monotonic_ns()
                 outcome = self._distributed_read(statement.sql, consistency, trace)

@@ -37,7 +37,7 @@ from query import _ast
 from query._ast import Node
 from query.port import CatalogView, Fragment
 from storage import ddl
-from storage.ddl import TableSpec, quote_identifier
+from storage.ddl import TableSpec
 from storage.partitions import partition_table_name
 from storage.placement import partition_expression
 
@@ -824,20 +824,8 @@ def _physical(node: Node, leaves: list[_Leaf], partition: int) -> Node:
             qualified_name={"path": ["main", physical]},
         )
 
-    result = _identity_replaced(node, swap)
-    assert isinstance(result, dict)
+    result: Node = _ast.replaced(node, swap)
     return result
-
-
-def _identity_replaced(value: object, swap: Callable[[Node], Node | None]) -> object:
-    if isinstance(value, dict):
-        new = swap(value)
-        if new is not None:
-            return new
-        return {key: _identity_replaced(child, swap) for key, child in value.items()}
-    if isinstance(value, list):
-        return [_identity_replaced(child, swap) for child in value]
-    return value
 
 
 def _order_sql(column: str, order: Node) -> str:
@@ -849,7 +837,3 @@ def _order_sql(column: str, order: Node) -> str:
         "NULLS LAST": " NULLS LAST",
     }.get(order["null_order"], "")
     return f"{column}{direction}{nulls}"
-
-
-def quoted_relation() -> str:
-    return quote_identifier(FRAGMENTS_RELATION)
