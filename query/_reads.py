@@ -401,6 +401,53 @@ class WorkDatabase:
             raise
 
 
+class ReadDatabase:
+    """A second DuckDB for SELECTs over narrowed tables (query.scans): each table is created
+    with just the columns scanned, typed as in the catalog and without constraints (a
+    SELECT cannot see them), loaded, queried and dropped again. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self._con = None
+
+    @contextmanager
+    def session(
+        self, tables: Sequence[tuple[TableSpec, Sequence[tuple[str, str]], pa.Table]]
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Each (spec, columns, rows) as a table named like the cluster's; materialise every
+        result inside the block."""
+        if self._con is None:
+            self._con = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
+        con = self._con
+        created: list[str] = []
+        try:
+            for spec, columns, rows in tables:
+                name = qualified(spec)
+                if spec.schema.lower() != "main":
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(spec.schema)}")
+                listed = ", ".join(f"{quote_identifier(c)} {kind}" for c, kind in columns)
+                con.execute(f"CREATE TABLE {name} ({listed})").fetchall()
+                created.append(name)
+                if rows.num_rows:
+                    source = "dcluster_scanned"
+                    con.register(source, rows)
+                    try:
+                        con.execute(f"INSERT INTO {name} SELECT * FROM {source}").fetchall()
+                    finally:
+                        con.unregister(source)
+            yield con
+        finally:
+            try:
+                for name in reversed(created):
+                    con.execute(f"DROP TABLE {name}").fetchall()
+            except duckdb.Error:
+                self.close()  # opened afresh next time rather than trusted half-emptied
+
+
 def _create_views(con: duckdb.DuckDBPyConnection, pending: list[str]) -> None:
     for _ in range(VIEW_ROUNDS_MAX):
         if not pending:

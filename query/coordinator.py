@@ -52,6 +52,7 @@ from query._reads import (
     ExecutionFailed,
     NotPlaceable,
     ParseFailed,
+    ReadDatabase,
     Refused,
     SqlError,
     StageRefused,
@@ -79,6 +80,7 @@ from query.port import (
     FragmentFailed,
     PortError,
 )
+from query.scans import ScanPlan, plan_scans
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
@@ -230,6 +232,7 @@ class Coordinator:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._work = WorkDatabase()
+        self._narrow = ReadDatabase()
         self._shape: pa.Schema | None = None
         """The Arrow schema of the last planned query's result (from its run on no rows)."""
         self._converter = _Converter()
@@ -240,6 +243,7 @@ class Coordinator:
 
     def close(self) -> None:
         self._work.close()
+        self._narrow.close()
         self._converter.close()
 
     def execute_script(
@@ -370,12 +374,91 @@ class Coordinator:
     def _read(
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
     ) -> StatementResult:
-        if statement.kind == StatementKind.SELECT and parameters is None:
-            distributed = self._distributed_read(statement.sql, consistency, None)
-            if distributed is not None:
-                table, types, _ = distributed
-                return self._result(table, types)
+        if statement.kind == StatementKind.SELECT:
+            if parameters is None:
+                distributed = self._distributed_read(statement.sql, consistency, None)
+                if distributed is not None:
+                    table, types, _ = distributed
+                    return self._result(table, types)
+            else:
+                self._bind(statement.sql, parameters)
+            scanned = self._scanned_read(statement.sql, parameters, consistency, None)
+            if scanned is not None:
+                table, types = scanned
+                return self._result(table, types, _rowcount(statement, words, table))
         return self._gathered_read(statement, words, parameters, consistency)
+
+    def _bind(self, sql: str, parameters: object) -> None:
+        """DuckDB's own errors for a statement that does not bind (run over no rows)."""
+        self._work.prepare(self._port.catalog().catalog)
+        with self._work.session({}) as con:
+            run(con, sql, parameters)
+
+    def _scan_plan(self, view: CatalogView, sql: str) -> ScanPlan | str:
+        work = self._work
+        work.prepare(view.catalog)
+        generated = work.memo.get(("scans", "generated"))
+        if generated is None:
+            rows = work.con.execute(
+                "SELECT DISTINCT schema_name, table_name FROM duckdb_columns() "
+                "WHERE is_generated AND database_name = current_database()"
+            ).fetchall()
+            generated = {table_key(str(schema), str(name)) for schema, name in rows}
+            work.memo[("scans", "generated")] = generated
+        return plan_scans(
+            work.con,
+            sql,
+            view,
+            work.specs,
+            work.stored_columns,
+            lambda spec: table_key(spec.schema, spec.name) in generated,
+        )
+
+    def _scanned_read(
+        self,
+        sql: str,
+        parameters: object,
+        consistency: str,
+        trace: list[tuple[str, ...]] | None,
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """Run a SELECT over just the columns and rows of each table it can use (query.
+        scans), read on the partitions; None when there is no such plan, the catalog moved,
+        or a scan raised (the caller then gathers whole tables, for DuckDB's own error).
+        `trace` (EXPLAIN ANALYZE) receives each scan fragment's node, rows and bytes."""
+        view = self._port.catalog()
+        plan = self._scan_plan(view, sql)
+        if isinstance(plan, str):
+            return None
+        index = 0
+        if consistency == "strong":
+            barrier = self._port.barrier()
+            index = barrier.index
+            if barrier.catalog_version != view.catalog_version:
+                self._port.release(index)
+                return None
+        try:
+            results = iter(self._port.fragments(index, plan.fragments))
+            tables = []
+            for scan in plan.scans:
+                parts = [next(results) for _ in scan.fragments]
+                if trace is not None:
+                    for part in parts:
+                        trace.append(
+                            (
+                                scan.key,
+                                str(part.node),
+                                str(part.rows.num_rows),
+                                str(part.rows.nbytes),
+                            )
+                        )
+                rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
+                tables.append((scan.spec, scan.columns, rows))
+            with self._narrow.session(tables) as con:
+                return run(con, sql, parameters)
+        except FragmentFailed:
+            return None
+        finally:
+            self._port.release(index)
 
     def _plan(
         self, view: CatalogView, sql: str
@@ -489,14 +572,34 @@ class Coordinator:
         steps: list[tuple[str, str, str, str | None, str | None]] = []
         if isinstance(plan, Gather):
             steps.append(("gather", "coordinator", f"gathered: {plan.reason}", None, None))
-            keys = self._work.tables_named(tokens(statement.sql))
-            for key in keys:
-                steps.append((f"scan {key}", "every partition", "all rows", None, None))
+            scans = self._scan_plan(view, statement.sql)
+            if isinstance(scans, str):
+                steps.append(("whole tables", "coordinator", scans, None, None))
+                keys = self._work.tables_named(tokens(statement.sql))
+                for key in keys:
+                    steps.append((f"scan {key}", "every partition", "all rows", None, None))
+            else:
+                for scan in scans.scans:
+                    where = "one node" if scan.spec.reference else "every partition"
+                    steps.append((f"scan {scan.key}", where, scan.select_sql, None, None))
             if analyze:
                 started = self._clock.monotonic_ns()
-                result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
+                trace: list[tuple[str, ...]] = []
+                scanned = None
+                if not isinstance(scans, str):
+                    scanned = self._scanned_read(statement.sql, None, consistency, trace)
+                if scanned is None:
+                    trace = []
+                    result = self._gathered_read(
+                        statement, tokens(statement.sql), None, consistency
+                    )
+                    rows = len(result)
+                else:
+                    rows = 0 if scanned[0] is None else scanned[0].num_rows
                 elapsed = (self._clock.monotonic_ns() - started) / 1e9
-                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(len(result)), None))
+                for key, node, count, size in trace:
+                    steps.append((f"scanned {key}", f"node {node}", "", count, size))
+                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(rows), None))
         else:
             where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
             steps.append(("plan", "coordinator", plan.tier, None, None))

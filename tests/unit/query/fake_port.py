@@ -19,9 +19,9 @@ message and class. The answer is the first holder's.
 
 Test hooks: `refuse_stages` (the next N stage calls raise WriteRefused), `before_commit`
 (runs at the start of every commit, e.g. to land a competing write first), `before_scan`
-(runs before every scan), `log` (every command committed), `scans` (every (index, table)
-scanned), `fragment_calls` (every (index, fragments) run), `releases` (every index
-released). `client()` gives another session over the same cluster with its own cached
+(runs before every scan, and before each fragment for every table it reads), `log` (every
+command committed), `scans` (every (index, table) scanned), `fragment_calls` (every (index,
+fragments) run), `releases` (every index released). `client()` gives another session over the same cluster with its own cached
 catalog view, as a second client process would have.
 
 Not modelled: replicas (a partition is stored once; every holder of the real cluster
@@ -158,10 +158,13 @@ class FakePort:
 
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
         self.fragment_calls.append((index, list(fragments)))
-        return [
-            FragmentResult(self._run_fragment(index, fragment), fragment.holders[0])
-            for fragment in fragments
-        ]
+        results = []
+        for fragment in fragments:
+            if self.before_scan is not None:
+                for table in sorted({table for table, _ in fragment.reads}):
+                    self.before_scan(index, table)
+            results.append(FragmentResult(self._run_fragment(index, fragment), fragment.holders[0]))
+        return results
 
     def stage(
         self,

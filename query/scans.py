@@ -1,0 +1,352 @@
+"""Narrow gathers: which columns and rows of each table a query can possibly use.
+
+When a query has no distributed plan (query.planner returns `Gather`), the coordinator
+still runs it on its own DuckDB over the tables' rows. `plan_scans(con, sql, …)` reads
+DuckDB's parse tree of the query (query._ast) and says, for every cluster table it reads:
+
+- **columns**: the table's stored columns whose name the query mentions anywhere (in any
+  column reference, USING list or subquery). `*`, `COLUMNS(…)`, a whole-row reference
+  (`SELECT t FROM t`), renamed columns (`t AS x(a, b)`) or a NATURAL join keep them all.
+  Matching by name alone over-approximates (a name used for another table's column keeps
+  this one's too), which costs bytes, never correctness.
+- **filter**: the conditions every row of the table must meet to affect the result. A
+  conjunct of a WHERE clause, or of an inner join's ON, that refers to one table only,
+  where that table is not on the NULL-supplying side of an outer join under it (an ON of a
+  LEFT JOIN also filters its right side, whose failing rows can never match). A table read
+  in several places gets the OR of each place's conditions, and none when one place has
+  none. Conditions with a subquery or a parameter stay behind, and no condition moves when
+  the query calls a volatile function (it must run once, on the coordinator).
+
+The query itself is then run unchanged over tables that hold just those columns and rows,
+so its answer is the one over whole tables: every row left out fails a condition that the
+query applies to every result row it could have produced.
+
+`plan_scans` returns a reason (str) instead of a plan when it cannot be sure: a view, a
+table function (which may name a table in a string), `rowid`, a table with generated
+columns, a name that is both a CTE and a table, or a parse tree DuckDB cannot print back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import duckdb
+
+from query import _ast
+from query._ast import Node
+from query.port import CatalogView, Fragment
+from storage import ddl
+from storage.ddl import TableSpec, quote_identifier
+from storage.partitions import partition_table_name
+
+_TRANSPARENT_JOINS = frozenset({"REGULAR", "CROSS", "NATURAL"})
+"""Join reference types whose rows are pairs of input rows (no position or nearest match)."""
+_FROM_KINDS = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EMPTY", "EXPRESSION_LIST"})
+
+
+@dataclass(frozen=True)
+class TableScan:
+    """The part of one table a query reads."""
+
+    key: str
+    spec: TableSpec
+    columns: tuple[tuple[str, str], ...]
+    """(name, DuckDB type) of the columns kept, in the table's order."""
+    filter: str | None
+    """A condition over the unqualified column names; None: every row."""
+    fragments: tuple[Fragment, ...]
+    """One per partition (one for a reference table)."""
+
+    @property
+    def select_sql(self) -> str:
+        """The scan with the table's logical name (for EXPLAIN)."""
+        return self._sql(f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}")
+
+    def _sql(self, table: str) -> str:
+        names = ", ".join(quote_identifier(name) for name, _ in self.columns)
+        where = "" if self.filter is None else f" WHERE {self.filter}"
+        return f"SELECT {names} FROM {table}{where}"
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    scans: tuple[TableScan, ...]
+
+    @property
+    def fragments(self) -> tuple[Fragment, ...]:
+        return tuple(fragment for scan in self.scans for fragment in scan.fragments)
+
+
+class _Unsure(Exception):
+    pass
+
+
+@dataclass
+class _Reference:
+    """One place the query reads a table: a BASE_TABLE node."""
+
+    node: Node
+    key: str
+    name: str
+    """The name its columns are qualified by in the query (the alias, else the table)."""
+    every_column: bool = False
+    conditions: list[Node] | None = None
+    """Conjuncts pushed to this place; None until its SELECT has been looked at."""
+
+
+def plan_scans(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    view: CatalogView,
+    specs: Mapping[str, TableSpec],
+    columns_of: Callable[[TableSpec], Sequence[tuple[str, str]]],
+    has_generated: Callable[[TableSpec], bool],
+) -> ScanPlan | str:
+    """The scans of the query `sql` (see the module doc), or why there are none.
+    `columns_of(spec)` gives a table's stored (name, type) columns in order."""
+    try:
+        tree = _ast.parse(con, sql)
+        return _Scans(con, view, specs, columns_of, has_generated).plan(tree, sql)
+    except _Unsure as why:
+        return str(why)
+    except _ast.NotATree as error:
+        return f"DuckDB cannot print its parse tree back ({error})"
+
+
+class _Scans:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        view: CatalogView,
+        specs: Mapping[str, TableSpec],
+        columns_of: Callable[[TableSpec], Sequence[tuple[str, str]]],
+        has_generated: Callable[[TableSpec], bool],
+    ) -> None:
+        self.con = con
+        self.view = view
+        self.specs = specs
+        self.columns_of = columns_of
+        self.has_generated = has_generated
+        self.by_name: dict[str, list[str]] = {}
+        for key, spec in specs.items():
+            self.by_name.setdefault(spec.name.lower(), []).append(key)
+        self.references: dict[int, _Reference] = {}
+        self.cte_names: set[str] = set()
+
+    def plan(self, tree: Node, sql: str) -> ScanPlan:
+        nodes = list(_ast.walk(tree))
+        for item in nodes:
+            for entry in (item.get("cte_map") or {}).get("map") or ():
+                self.cte_names.add(str(entry["key"]).lower())
+        names: set[str] = set()
+        whole_row_names: set[tuple[str, ...]] = set()
+        every_table_whole = False
+        for item in nodes:
+            kind, klass = item.get("type"), item.get("class")
+            if kind == "TABLE_FUNCTION" or kind == "PIVOT" or kind == "SHOW_REF":
+                raise _Unsure(f"a {kind} in FROM")
+            if kind == "BASE_TABLE":
+                self._reference(item)
+            elif kind == "JOIN":
+                names.update(str(name).lower() for name in item.get("using_columns") or ())
+                if item.get("ref_type") == "NATURAL":
+                    every_table_whole = True
+            if klass == "COLUMN_REF":
+                parts = tuple(str(name).lower() for name in item["column_names"])
+                names.update(parts)
+                if len(parts) <= 2:
+                    whole_row_names.add(parts)
+            elif klass == "STAR":
+                every_table_whole = True
+        if "rowid" in names:
+            raise _Unsure("the query names rowid")
+        if not self.references:
+            raise _Unsure("no cluster table is read")
+        whole_rows = set()
+        for reference in self.references.values():
+            whole_rows.add((reference.name.lower(),))
+            whole_rows.add(tuple(reference.key.split(".", 1)))
+        if whole_row_names & whole_rows:
+            every_table_whole = True  # `SELECT t FROM t`, or a column named like a table
+        volatile = bool(ddl.volatile_functions(sql, self.con))
+        if not volatile:
+            for item in nodes:
+                if item.get("type") == "SELECT_NODE":
+                    self._push_conditions(item)
+        return ScanPlan(tuple(self._scan(key, names, every_table_whole) for key in self._keys()))
+
+    def _keys(self) -> list[str]:
+        return sorted({reference.key for reference in self.references.values()})
+
+    # ---- what is read ----
+
+    def _reference(self, node: Node) -> None:
+        if node.get("sample") is not None or node.get("at_clause") is not None:
+            raise _Unsure("TABLESAMPLE or AT on a table")
+        if node.get("catalog_name"):
+            raise _Unsure("a table of another database")
+        name = str(node["table_name"]).lower()
+        schema = str(node.get("schema_name") or "").lower()
+        if not schema and name in self.cte_names:
+            if name in self.by_name:
+                raise _Unsure(f"{node['table_name']} is both a CTE and a table")
+            return  # the CTE, planned with its query node
+        keys = [key for key in self.by_name.get(name, []) if key == f"{schema or 'main'}.{name}"]
+        if len(keys) != 1:
+            raise _Unsure(f"{node['table_name']} is not one cluster table (a view?)")
+        spec = self.specs[keys[0]]
+        if self.has_generated(spec):
+            raise _Unsure(f"{node['table_name']} has generated columns")
+        alias = str(node.get("alias") or node["table_name"])
+        self.references[id(node)] = _Reference(
+            node, keys[0], alias, every_column=bool(node.get("column_name_alias"))
+        )
+
+    def _scan(self, key: str, names: set[str], every_table_whole: bool) -> TableScan:
+        spec = self.specs[key]
+        places = [reference for reference in self.references.values() if reference.key == key]
+        stored = list(self.columns_of(spec))
+        if every_table_whole or any(place.every_column for place in places):
+            kept = stored
+        else:
+            kept = [(name, kind) for name, kind in stored if name.lower() in names] or stored[:1]
+        filter_sql: str | None = None
+        if all(place.conditions for place in places):
+            alternatives = []
+            for place in places:
+                terms = [f"({self._printed(term, place)})" for term in place.conditions or ()]
+                alternatives.append(" AND ".join(terms))
+            unique = sorted(set(alternatives))
+            filter_sql = unique[0] if len(unique) == 1 else " OR ".join(f"({a})" for a in unique)
+        partitions = (0,) if spec.reference else tuple(range(spec.partitions))
+        fragments = []
+        for partition in partitions:
+            holders = self.view.placements[key][partition]
+            physical = f"main.{quote_identifier(partition_table_name(key, partition))}"
+            scan = TableScan(key, spec, tuple(kept), filter_sql, ())
+            fragments.append(Fragment(scan._sql(physical), ((key, partition),), tuple(holders)))
+        return TableScan(key, spec, tuple(kept), filter_sql, tuple(fragments))
+
+    def _printed(self, term: Node, place: _Reference) -> str:
+        """The conjunct with its column references unqualified (they name `place`'s table
+        alone, checked by `_owner`)."""
+
+        def unqualify(item: Node) -> Node | None:
+            if _ast.is_column_ref(item):
+                return _ast.column_ref(str(item["column_names"][-1]))
+            return None
+
+        return _ast.expression_sql(self.con, _ast.replaced(term, unqualify))
+
+    # ---- which rows ----
+
+    def _push_conditions(self, select: Node) -> None:
+        """Give each table read in `select`'s FROM the conjuncts that filter it exactly."""
+        scope = list(_leaves(select["from_table"]))
+        inner = self._join_conditions(select["from_table"], scope)
+        for term in _ast.conjuncts(select.get("where_clause")):
+            self._push(term, inner, scope)
+        for leaf in scope:
+            reference = self.references.get(id(leaf))
+            if reference is not None and reference.conditions is None:
+                reference.conditions = []
+
+    def _join_conditions(self, ref: Node, scope: list[Node]) -> list[Node]:
+        """The leaves of `ref` whose rows all reach its output (none NULL-supplied), after
+        pushing each join's ON conjuncts to the leaves they filter exactly."""
+        kind = ref.get("type")
+        if kind != "JOIN":
+            return [ref]
+        left = self._join_conditions(ref["left"], scope)
+        right = self._join_conditions(ref["right"], scope)
+        join_type = ref.get("join_type")
+        if ref.get("ref_type") not in _TRANSPARENT_JOINS:
+            return []
+        filtered = {
+            "INNER": left + right,
+            "LEFT": right,
+            "RIGHT": left,
+            "SEMI": right,
+            "ANTI": right,
+        }.get(str(join_type), [])
+        for term in _ast.conjuncts(ref.get("condition")):
+            self._push(term, filtered, scope)
+        preserved = {
+            "INNER": left + right,
+            "LEFT": left,
+            "RIGHT": right,
+            "SEMI": left,
+            "ANTI": left,
+        }
+        return preserved.get(str(join_type), [])
+
+    def _push(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
+        if not _movable(term):
+            return
+        owners = [self._owner(item, scope) for item in _column_refs(term)]
+        owner = owners[0]
+        if owner is None or any(other is not owner for other in owners):
+            return
+        if not any(owner is target for target in targets):
+            return
+        reference = self.references.get(id(owner))
+        if reference is None:
+            return
+        if reference.conditions is None:
+            reference.conditions = []
+        reference.conditions.append(term)
+
+    def _owner(self, column: Node, scope: list[Node]) -> Node | None:
+        """The leaf of `scope` a column reference surely binds to, else None."""
+        names = [str(name).lower() for name in column["column_names"]]
+        candidates = []
+        for leaf in scope:
+            reference = self.references.get(id(leaf))
+            if reference is None:
+                if len(names) == 1:
+                    return None  # a subquery or VALUES might have that column too
+                continue
+            columns = {name.lower() for name, _ in self.columns_of(self.specs[reference.key])}
+            if names[-1] not in columns or reference.every_column:
+                continue
+            if len(names) == 1:
+                candidates.append(leaf)
+            elif len(names) == 2 and names[0] == reference.name.lower():
+                candidates.append(leaf)
+            elif (
+                len(names) == 3
+                and not leaf.get("alias")
+                and f"{names[0]}.{names[1]}" == reference.key
+            ):
+                candidates.append(leaf)
+        return candidates[0] if len(candidates) == 1 else None
+
+
+def _leaves(ref: Node) -> Iterator[Node]:
+    """The FROM clause's tables, subqueries and other inputs (the join tree's leaves)."""
+    kind = ref.get("type")
+    if kind == "JOIN":
+        yield from _leaves(ref["left"])
+        yield from _leaves(ref["right"])
+    elif kind in _FROM_KINDS:
+        yield ref
+    else:
+        raise _Unsure(f"a {kind} in FROM")
+
+
+def _column_refs(term: Node) -> Iterator[Node]:
+    return (item for item in _ast.walk(term) if _ast.is_column_ref(item))
+
+
+def _movable(term: Node) -> bool:
+    """A condition that may run before the joins: no subquery, parameter, window, lambda
+    or aggregate, and at least one column."""
+    has_column = False
+    for item in _ast.walk(term):
+        klass = item.get("class")
+        if klass in ("SUBQUERY", "PARAMETER", "WINDOW", "LAMBDA", "STAR", "POSITIONAL_REFERENCE"):
+            return False
+        if klass == "COLUMN_REF":
+            has_column = True
+    return has_column
