@@ -30,6 +30,7 @@ the key column's type, which makes specs serializable and placement SQL reproduc
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -833,9 +834,19 @@ def volatile_functions(sql: str, con: duckdb.DuckDBPyConnection) -> list[str]:
     Names in string literals, comments and quoted identifiers not followed by '(' are never
     calls. A column named like a SQL value keyword (a column `current_date`) is reported
     too: the text alone does not say which one it is, and reporting is the safe side."""
-    stabilities = _function_stabilities(con)
     called = _called_functions(sql)
+    stabilities = _STABILITIES.get(con)
+    if stabilities is None or any(_judged_as(name) not in stabilities for name in called):
+        stabilities = _function_stabilities(con)  # first use, or a function loaded since
+        _STABILITIES[con] = stabilities
     return sorted(name for name in called if _is_volatile(name, stabilities, set()))
+
+
+_STABILITIES: weakref.WeakKeyDictionary[
+    duckdb.DuckDBPyConnection, dict[str, list[_Stability]]
+] = weakref.WeakKeyDictionary()
+"""`duckdb_functions()` as last read, per connection: reading it costs ~20 ms. Read again
+when a statement calls a name it does not list (an extension or macro added since)."""
 
 
 _Stability = tuple[str, str | None, str | None]
