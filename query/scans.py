@@ -4,11 +4,12 @@ When a query has no distributed plan (query.planner returns `Gather`), the coord
 still runs it on its own DuckDB over the tables' rows. `plan_scans(con, sql, …)` reads
 DuckDB's parse tree of the query (query._ast) and says, for every cluster table it reads:
 
-- **columns**: the table's stored columns whose name the query mentions anywhere (in any
-  column reference, USING list or subquery). `*`, `COLUMNS(…)`, a whole-row reference
-  (`SELECT t FROM t`), renamed columns (`t AS x(a, b)`) or a NATURAL join keep them all.
-  Matching by name alone over-approximates (a name used for another table's column keeps
-  this one's too), which costs bytes, never correctness.
+- **columns**: the table's stored columns the query may name: unqualified anywhere (in
+  any column reference, USING list or subquery), or qualified by the table's alias or
+  name. `*` and `COLUMNS(…)` keep all of the tables they expand over (none in an EXISTS
+  subquery's select list); a whole-row reference (`SELECT t FROM t`), renamed columns
+  (`t AS x(a, b)`) or a NATURAL join keep all of every table. An unqualified name keeps the column
+  of every table that has it, which costs bytes, never correctness.
 - **filter**: the conditions every row of the table must meet to affect the result. A
   conjunct of a WHERE clause, or of an inner join's ON, that refers to one table only,
   where that table is not on the NULL-supplying side of an outer join under it (an ON of a
@@ -91,6 +92,8 @@ class _Reference:
     name: str
     """The name its columns are qualified by in the query (the alias, else the table)."""
     every_column: bool = False
+    renamed: bool = False
+    """Its columns are renamed (`t AS x(a, b)`): names in the query do not match them."""
     conditions: list[Node] | None = None
     """Conjuncts pushed to this place; None until its SELECT has been looked at."""
 
@@ -140,6 +143,8 @@ class _Scans:
             for entry in (item.get("cte_map") or {}).get("map") or ():
                 self.cte_names.add(str(entry["key"]).lower())
         names: set[str] = set()
+        """Names any table's columns may be reached by (unqualified, or a struct column)."""
+        paths: list[tuple[str, ...]] = []
         whole_row_names: set[tuple[str, ...]] = set()
         every_table_whole = False
         for item in nodes:
@@ -154,15 +159,16 @@ class _Scans:
                     every_table_whole = True
             if klass == "COLUMN_REF":
                 parts = tuple(str(name).lower() for name in item["column_names"])
-                names.update(parts)
+                names.add(parts[0])
+                paths.append(parts)
                 if len(parts) <= 2:
                     whole_row_names.add(parts)
-            elif klass == "STAR":
-                every_table_whole = True
-        if "rowid" in names:
+        if any("rowid" in path for path in paths):
             raise _Unsure("the query names rowid")
         if not self.references:
             raise _Unsure("no cluster table is read")
+        if not self._scope_stars(nodes):
+            every_table_whole = True
         whole_rows = set()
         for reference in self.references.values():
             whole_rows.add((reference.name.lower(),))
@@ -174,7 +180,41 @@ class _Scans:
             for item in nodes:
                 if item.get("type") == "SELECT_NODE":
                     self._push_conditions(item)
-        return ScanPlan(tuple(self._scan(key, names, every_table_whole) for key in self._keys()))
+        return ScanPlan(
+            tuple(self._scan(key, names, paths, every_table_whole) for key in self._keys())
+        )
+
+    def _scope_stars(self, nodes: list[Node]) -> bool:
+        """Mark the tables each `*` / `COLUMNS(…)` expands over as read whole: those of the
+        FROM of the SELECT it is written in (only `t`'s for `t.*`). A star in the select
+        list of an EXISTS subquery reads nothing. False when a star is left that no SELECT
+        owns."""
+        stars = {id(item) for item in nodes if item.get("class") == "STAR"}
+        if not stars:
+            return True
+        for item in nodes:
+            if item.get("class") == "SUBQUERY" and item.get("subquery_type") == "EXISTS":
+                inner = item["subquery"]["node"]
+                if inner.get("type") == "SELECT_NODE":
+                    stars -= {id(star) for star in _own_nodes(inner["select_list"])}
+        for item in nodes:
+            if item.get("type") != "SELECT_NODE":
+                continue
+            own = [star for star in _own_nodes(item) if id(star) in stars]
+            if not own:
+                continue
+            scope = [
+                self.references[id(leaf)]
+                for leaf in _leaves(item["from_table"])
+                if id(leaf) in self.references
+            ]
+            for star in own:
+                stars.discard(id(star))
+                relation = str(star.get("relation_name") or "").lower()
+                named = [place for place in scope if place.name.lower() == relation]
+                for place in named if relation and named else scope:
+                    place.every_column = True
+        return not stars
 
     def _keys(self) -> list[str]:
         return sorted({reference.key for reference in self.references.values()})
@@ -199,18 +239,29 @@ class _Scans:
         if self.has_generated(spec):
             raise _Unsure(f"{node['table_name']} has generated columns")
         alias = str(node.get("alias") or node["table_name"])
+        renamed = bool(node.get("column_name_alias"))
         self.references[id(node)] = _Reference(
-            node, keys[0], alias, every_column=bool(node.get("column_name_alias"))
+            node, keys[0], alias, every_column=renamed, renamed=renamed
         )
 
-    def _scan(self, key: str, names: set[str], every_table_whole: bool) -> TableScan:
+    def _scan(
+        self, key: str, names: set[str], paths: list[tuple[str, ...]], every_table_whole: bool
+    ) -> TableScan:
         spec = self.specs[key]
         places = [reference for reference in self.references.values() if reference.key == key]
         stored = list(self.columns_of(spec))
         if every_table_whole or any(place.every_column for place in places):
             kept = stored
         else:
-            kept = [(name, kind) for name, kind in stored if name.lower() in names] or stored[:1]
+            # `q.c` reaches this table's c when q names it here; `schema.table.c` likewise
+            qualifiers = {(place.name.lower(),) for place in places}
+            qualifiers.add(tuple(key.split(".", 1)))
+            wanted = set(names)
+            for path in paths:
+                for length in (1, 2):
+                    if len(path) > length and path[:length] in qualifiers:
+                        wanted.add(path[length])
+            kept = [(name, kind) for name, kind in stored if name.lower() in wanted] or stored[:1]
         filter_sql: str | None = None
         if all(place.conditions for place in places):
             alternatives = []
@@ -308,7 +359,7 @@ class _Scans:
                     return None  # a subquery or VALUES might have that column too
                 continue
             columns = {name.lower() for name, _ in self.columns_of(self.specs[reference.key])}
-            if names[-1] not in columns or reference.every_column:
+            if names[-1] not in columns or reference.renamed:
                 continue
             if len(names) == 1:
                 candidates.append(leaf)
@@ -333,6 +384,18 @@ def _leaves(ref: Node) -> Iterator[Node]:
         yield ref
     else:
         raise _Unsure(f"a {kind} in FROM")
+
+
+def _own_nodes(value: object) -> Iterator[Node]:
+    """Every node under `value` that is not inside a nested query (subquery or CTE)."""
+    if isinstance(value, dict):
+        yield value
+        for key, child in value.items():
+            if key not in ("subquery", "cte_map"):
+                yield from _own_nodes(child)
+    elif isinstance(value, list):
+        for child in value:
+            yield from _own_nodes(child)
 
 
 def _column_refs(term: Node) -> Iterator[Node]:

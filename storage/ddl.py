@@ -835,18 +835,32 @@ def volatile_functions(sql: str, con: duckdb.DuckDBPyConnection) -> list[str]:
     calls. A column named like a SQL value keyword (a column `current_date`) is reported
     too: the text alone does not say which one it is, and reporting is the safe side."""
     called = _called_functions(sql)
-    stabilities = _STABILITIES.get(con)
-    if stabilities is None or any(_judged_as(name) not in stabilities for name in called):
-        stabilities = _function_stabilities(con)  # first use, or a function loaded since
-        _STABILITIES[con] = stabilities
-    return sorted(name for name in called if _is_volatile(name, stabilities, set()))
+    loaded = tuple(str(row[0]) for row in con.execute(_LOADED_SQL).fetchall())
+    known = _KNOWN.get(con)
+    if known is None or known.extensions != loaded:
+        known = _Known(loaded, _function_stabilities(con))
+        _KNOWN[con] = known
+    return sorted(name for name in called if _is_volatile(name, known.stabilities, set()))
 
 
-_STABILITIES: weakref.WeakKeyDictionary[
-    duckdb.DuckDBPyConnection, dict[str, list[_Stability]]
-] = weakref.WeakKeyDictionary()
-"""`duckdb_functions()` as last read, per connection: reading it costs ~20 ms. Read again
-when a statement calls a name it does not list (an extension or macro added since)."""
+_LOADED_SQL = "SELECT extension_name FROM duckdb_extensions() WHERE loaded ORDER BY 1"
+
+
+@dataclass(frozen=True)
+class _Known:
+    """`duckdb_functions()` as read while `extensions` were loaded (reading it costs
+    ~20 ms; listing the loaded extensions ~0.5 ms)."""
+
+    extensions: tuple[str, ...]
+    stabilities: dict[str, list[_Stability]]
+
+
+_KNOWN: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, _Known] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per connection. A macro created on a connection after its first statement is not seen:
+dcluster's connections never get macros after that (the catalog and work databases are
+rebuilt from scratch when the catalog changes)."""
 
 
 _Stability = tuple[str, str | None, str | None]
