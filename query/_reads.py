@@ -402,12 +402,15 @@ class WorkDatabase:
 
 
 class ReadDatabase:
-    """A second DuckDB for SELECTs over narrowed tables (query.scans): each table is created
-    with just the columns scanned, typed as in the catalog and without constraints (a
-    SELECT cannot see them), loaded, queried and dropped again. Not thread-safe."""
+    """A second DuckDB for SELECTs over narrowed tables (query.scans): each table is a view
+    named like the cluster's table over the scanned Arrow rows (read in place, not copied),
+    with just the columns scanned, typed as in the catalog (cast where Arrow lost the type),
+    without constraints (a SELECT cannot see them). Views and rows are dropped after each
+    statement. Not thread-safe."""
 
     def __init__(self) -> None:
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._names = (f"dcluster_scanned_{n}" for n in itertools.count())
 
     def close(self) -> None:
         if self._con is not None:
@@ -418,32 +421,34 @@ class ReadDatabase:
     def session(
         self, tables: Sequence[tuple[TableSpec, Sequence[tuple[str, str]], pa.Table]]
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Each (spec, columns, rows) as a table named like the cluster's; materialise every
-        result inside the block."""
+        """Each (spec, columns, rows) as a view named like the cluster's table; the rows
+        must stay valid until the block ends. Materialise every result inside the block."""
         if self._con is None:
             self._con = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
         con = self._con
-        created: list[str] = []
+        created: list[tuple[str, str]] = []
         try:
             for spec, columns, rows in tables:
-                name = qualified(spec)
+                source = next(self._names)
+                con.register(source, rows)
+                created.append((qualified(spec), source))
                 if spec.schema.lower() != "main":
                     con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(spec.schema)}")
-                listed = ", ".join(f"{quote_identifier(c)} {kind}" for c, kind in columns)
-                con.execute(f"CREATE TABLE {name} ({listed})").fetchall()
-                created.append(name)
-                if rows.num_rows:
-                    source = "dcluster_scanned"
-                    con.register(source, rows)
-                    try:
-                        con.execute(f"INSERT INTO {name} SELECT * FROM {source}").fetchall()
-                    finally:
-                        con.unregister(source)
+                found = [str(kind) for kind in con.sql(f"SELECT * FROM {source}").types]
+                typed = []
+                for (name, kind), arrived in zip(columns, found, strict=True):
+                    column = quote_identifier(name)
+                    same = arrived == kind
+                    typed.append(column if same else f"CAST({column} AS {kind}) AS {column}")
+                con.execute(
+                    f"CREATE VIEW {qualified(spec)} AS SELECT {', '.join(typed)} FROM {source}"
+                ).fetchall()
             yield con
         finally:
             try:
-                for name in reversed(created):
-                    con.execute(f"DROP TABLE {name}").fetchall()
+                for view, source in reversed(created):
+                    con.execute(f"DROP VIEW IF EXISTS {view}").fetchall()
+                    con.unregister(source)
             except duckdb.Error:
                 self.close()  # opened afresh next time rather than trusted half-emptied
 

@@ -145,7 +145,6 @@ class _Scans:
         names: set[str] = set()
         """Names any table's columns may be reached by (unqualified, or a struct column)."""
         paths: list[tuple[str, ...]] = []
-        whole_row_names: set[tuple[str, ...]] = set()
         every_table_whole = False
         for item in nodes:
             kind, klass = item.get("type"), item.get("class")
@@ -161,20 +160,13 @@ class _Scans:
                 parts = tuple(str(name).lower() for name in item["column_names"])
                 names.add(parts[0])
                 paths.append(parts)
-                if len(parts) <= 2:
-                    whole_row_names.add(parts)
         if any("rowid" in path for path in paths):
             raise _Unsure("the query names rowid")
         if not self.references:
             raise _Unsure("no cluster table is read")
         if not self._scope_stars(nodes):
             every_table_whole = True
-        whole_rows = set()
-        for reference in self.references.values():
-            whole_rows.add((reference.name.lower(),))
-            whole_rows.add(tuple(reference.key.split(".", 1)))
-        if whole_row_names & whole_rows:
-            every_table_whole = True  # `SELECT t FROM t`, or a column named like a table
+        self._mark_whole_rows(tree, [])
         volatile = bool(ddl.volatile_functions(sql, self.con))
         if not volatile:
             for item in nodes:
@@ -183,6 +175,29 @@ class _Scans:
         return ScanPlan(
             tuple(self._scan(key, names, paths, every_table_whole) for key in self._keys())
         )
+
+    def _mark_whole_rows(self, value: object, scopes: list[list[_Reference]]) -> None:
+        """A column reference that may name a table in its own or an enclosing SELECT's
+        FROM (`SELECT t FROM t`: the whole row as a struct) reads every column of it."""
+        if isinstance(value, list):
+            for child in value:
+                self._mark_whole_rows(child, scopes)
+            return
+        if not isinstance(value, dict):
+            return
+        if value.get("type") == "SELECT_NODE":
+            leaves = _leaves(value["from_table"])
+            scope = [self.references[id(leaf)] for leaf in leaves if id(leaf) in self.references]
+            scopes = [*scopes, scope]
+        elif _ast.is_column_ref(value):
+            path = tuple(str(name).lower() for name in value["column_names"])
+            for scope in scopes:
+                for place in scope:
+                    if path in ((place.name.lower(),), tuple(place.key.split(".", 1))):
+                        place.every_column = True
+            return
+        for child in value.values():
+            self._mark_whole_rows(child, scopes)
 
     def _scope_stars(self, nodes: list[Node]) -> bool:
         """Mark the tables each `*` / `COLUMNS(…)` expands over as read whole: those of the
