@@ -7,7 +7,9 @@
   alone opens and closes snapshots.
 - scan lane: reads partitions, and runs fragments (one read-only SELECT over the physical
   partition tables, checked by DuckDB's own parser to be exactly one SELECT), inside those
-  snapshots and hands the rows to the loop.
+  snapshots and hands the rows to the loop. A fragment may not reach outside the store
+  (the store's DuckDB has external access off: a file or URL it names is refused) and may
+  run for at most its time limit, after which the loop interrupts it (cluster._fragment_watch).
 - stage lane: writes staged rows durably (fsync) and tells the loop to acknowledge.
 
 Exactly once: the store skips any entry at or below its applied index (committed in the
@@ -17,9 +19,9 @@ nor skips an entry; staged rows are not even read for a skipped entry.
 Read snapshots live until released, until idle for `SNAPSHOT_IDLE_MS`, or until
 `SNAPSHOTS_KEPT_MAX` newer ones push them out; a scan of a vanished snapshot is refused
 as retryable (the client takes a new barrier). DuckDB aborts a transaction when a
-statement fails while running (a bad cast in a fragment), so a snapshot a failed read
-left unusable is dropped at once: later reads at its barrier are refused as retryable
-here and served by another holder.
+statement fails while running (a bad cast in a fragment, an interrupt), so a snapshot a
+failed read left unusable is dropped at once: later reads at its barrier are refused as
+retryable here and served by another holder.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import duckdb
 import pyarrow as pa
 
 from clock import Clock
-from cluster._threads import Lane
+from cluster._fragment_watch import FRAGMENT_TIME_LIMIT_MS, FragmentWatch, Interrupted
+from cluster._threads import LANE_CLOSE_TIMEOUT_S, Lane
 from cluster.sql_machine import StagedRows, StoreWork
 from cluster.sql_protocol import StagedBatch
 from storage.partitions import (
@@ -61,6 +64,8 @@ CHECKPOINT_INTERVAL_MS = 500
 """At most this often, after applying writes, DuckDB's WAL is checkpointed into the file."""
 FRAGMENT_SQL_CHARS_MAX = 1 << 20
 """A fragment's SQL longer than this is refused before it is parsed."""
+CLOSE_INTERRUPT_INTERVAL_MS = 20
+"""While closing, the running fragment is interrupted again this often until it stops."""
 NS_PER_MS = 1_000_000
 
 
@@ -127,8 +132,9 @@ class ScanRefused(Exception):
 
 
 class FragmentRefused(Exception):
-    """The fragment's SQL is not exactly one SELECT, or DuckDB refused it while running:
-    every holder would do the same, so it is not retryable. `duckdb_error` is DuckDB's
+    """The fragment's SQL is not exactly one SELECT, DuckDB refused it while running, it
+    named a file or URL, or it ran past its time limit: every holder would do the same, so
+    it is not retryable. `duckdb_error` is DuckDB's
     exception class name when DuckDB raised (`str(error)` is then DuckDB's message)."""
 
     def __init__(self, message: str, duckdb_error: str = "") -> None:
@@ -177,7 +183,12 @@ def select_refusal(parser: duckdb.DuckDBPyConnection, sql: str) -> FragmentRefus
 
 class Applier:
     def __init__(
-        self, store: PartitionStore, staging: StagingArea, host: Host, clock: Clock
+        self,
+        store: PartitionStore,
+        staging: StagingArea,
+        host: Host,
+        clock: Clock,
+        fragment_time_limit_ms: int = FRAGMENT_TIME_LIMIT_MS,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -187,6 +198,8 @@ class Applier:
         self._scan = Lane("dcluster-scan", self._lane_error)
         self._stage = Lane("dcluster-stage", self._lane_error)
         self.done_index = store.applied_index()
+        self.changed_index = self.done_index
+        """The last index whose entry changed the store (a barrier changes nothing)."""
         """The last index whose work the apply lane finished (read by the loop)."""
         self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
         self._snapshots_lock = threading.Lock()
@@ -198,8 +211,23 @@ class Applier:
         self._dirty = False
         self._parser: duckdb.DuckDBPyConnection | None = None
         """Parses fragments' SQL (never runs any); the scan lane's alone."""
+        self._fragment_watch = FragmentWatch(clock, fragment_time_limit_ms)
 
     # ---- from the loop ----
+
+    @property
+    def fragment_time_limit_ms(self) -> int:
+        return self._fragment_watch.limit_ms
+
+    @property
+    def fragment_running(self) -> bool:
+        """The scan lane is running a fragment now."""
+        return self._fragment_watch.watching
+
+    def interrupt_overdue(self) -> None:
+        """On every wake-up: interrupt the fragment that has run past its time limit (the
+        scan lane then refuses it and serves the next read)."""
+        self._fragment_watch.interrupt_overdue()
 
     def submit(self, work: StoreWork) -> None:
         self._apply.submit(lambda: self._run(work))
@@ -287,10 +315,18 @@ class Applier:
 
     def close(self) -> None:
         self._closing = True
+        self._fragment_watch.interrupt_now()
         with self._arrived:
             self._arrived.notify_all()
-        for lane in (self._stage, self._scan, self._apply):
-            lane.close()
+        self._stage.close()
+        # DuckDB forgets an interrupt that lands just before its statement starts: repeat
+        # it while the scan lane finishes (later fragments are refused without running).
+        deadline_ns = self._clock.monotonic_ns() + int(LANE_CLOSE_TIMEOUT_S * 1000) * NS_PER_MS
+        while not self._scan.close(CLOSE_INTERRUPT_INTERVAL_MS / 1000):
+            if self._clock.monotonic_ns() >= deadline_ns:
+                break
+            self._fragment_watch.interrupt_now()
+        self._apply.close()
         if self._parser is not None:
             self._parser.close()
             self._parser = None
@@ -314,6 +350,8 @@ class Applier:
             self._apply_ops(work.index, operations)
         self._expire_snapshots()
         self.done_index = work.index
+        if work.ops:
+            self.changed_index = work.index
         self._host.applied(work.index)
         if work.ops:
             self._dirty = True
@@ -431,7 +469,7 @@ class Applier:
             for _, answer in fetched:
                 if answer.release is not None:
                     answer.release()
-        self.done_index = index
+        self.done_index = self.changed_index = index
         self._host.caught_up(index, True)
         self._host.applied(index)
 
@@ -555,14 +593,52 @@ class Applier:
         for table, partition in reads:
             if (table, partition) not in held:
                 raise ScanRefused(f"partition {partition} of {table} is not held here")
+        limit_ms = self._fragment_watch.limit_ms
+        ago_ms = self._fragment_watch.interrupted_ago_ms(sql)
+        if ago_ms is not None:
+            raise FragmentRefused(
+                f"the fragment ran past its time limit of {limit_ms} ms here {ago_ms} ms ago "
+                "and was interrupted; it is not run again so soon"
+            )
+        watched = self._fragment_watch.start(snapshot)
         try:
+            if watched.why is Interrupted.CLOSING:
+                raise ScanRefused("this node is stopping")
             return snapshot.query(sql)
-        except OperationRejected as error:  # DuckDB's deterministic errors: a cast, a binder
-            cause = error.__cause__
-            name = type(cause).__name__ if isinstance(cause, duckdb.Error) else ""
-            raise FragmentRefused(str(error), name) from error
+        except PartitionStoreError as error:
+            why = self._fragment_error(sql, watched.why, error)
+            if why is None:
+                raise  # StoreFailed: memory, IO, an aborted transaction; another holder may do
+            raise why from error
         except pa.ArrowException as error:  # rows DuckDB made but Arrow cannot hold
             raise FragmentRefused(f"the fragment's rows cannot be sent: {error}") from error
+        finally:
+            self._fragment_watch.stop(watched)
+
+    def _fragment_error(
+        self, sql: str, interrupted: Interrupted | None, error: PartitionStoreError
+    ) -> Exception | None:
+        """What a fragment that failed while running is refused with (None: the store's
+        error as it is)."""
+        cause = error.__cause__
+        if interrupted is Interrupted.TIME_LIMIT and isinstance(cause, duckdb.InterruptException):
+            self._fragment_watch.remember(sql)
+            self._host.log_event("fragment_interrupted", limit_ms=self._fragment_watch.limit_ms)
+            return FragmentRefused(
+                f"the fragment ran past its time limit of {self._fragment_watch.limit_ms} ms "
+                "and was interrupted (it would run as long on any holder)"
+            )
+        if interrupted is Interrupted.CLOSING:
+            return ScanRefused("this node is stopping")
+        if isinstance(cause, duckdb.PermissionException):  # external access is off
+            return FragmentRefused(
+                "a fragment may read only the partition tables of the store, not files or "
+                f"the network: {error}"
+            )
+        if isinstance(error, OperationRejected):  # DuckDB's deterministic errors: a cast, a binder
+            name = type(cause).__name__ if isinstance(cause, duckdb.Error) else ""
+            return FragmentRefused(str(error), name)
+        return None
 
 
 def _attempt(snapshot: ReadSnapshot, read: Read) -> tuple[pa.Table | None, ReadFailure | None]:

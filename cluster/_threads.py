@@ -9,7 +9,7 @@ touched by the loop.
 
 Guarantees: a lane runs its callables one at a time, in submission order; an exception in
 one is handed to `on_error` and the lane goes on. `close()` lets the queued work finish (up
-to a timeout), then stops the thread.
+to a timeout), then stops the thread; it may be called again to wait longer.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Lane:
         self.name = name
         self._on_error = on_error
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -44,8 +45,11 @@ class Lane:
                 self._on_error(self.name, error)
 
     def close(self, timeout_s: float = LANE_CLOSE_TIMEOUT_S) -> bool:
-        """Finish the queued work and stop; False if the thread did not end in time."""
-        self._queue.put(None)
+        """Finish the queued work and stop; False if the thread did not end in time (call
+        again to wait more). Work submitted after the first call is never run."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 

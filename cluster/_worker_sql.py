@@ -11,7 +11,9 @@ answers come back through the mailbox (see cluster._threads). Requests it serves
   bulk; index 0 reads what is applied now.
 - `FragmentRequest`: parked and answered like a scan, but what runs in the snapshot is the
   request's SQL — refused unless DuckDB's parser finds exactly one SELECT, and unless every
-  partition it names is held here (see `Applier.fragment`).
+  partition it names is held here (see `Applier.fragment`); refused if it names a file or
+  URL, and interrupted by `tick` once it has run for its time limit
+  (`DCLUSTER_FRAGMENT_TIME_LIMIT_MS`, see cluster._fragment_watch).
 - `CatalogRequest`: the applied catalog, placements and versions.
 - `FetchStage` from another worker: the staged rows, if this node has a good copy.
 - `ReleaseRead`: the client is done with a barrier's snapshots.
@@ -24,6 +26,7 @@ state.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ import pyarrow as pa
 
 from clock import Clock
 from cluster._applier import Applier, PartitionAnswer, ReadFailure
+from cluster._fragment_watch import fragment_time_limit_ms_from
 from cluster._threads import Mailbox
 from cluster._worker_log import EventLog
 from cluster.protocol import CLIENT_ID_MIN, PartitionInfo, raft_id
@@ -156,7 +160,11 @@ class SqlService:
         reply: Callable[[int, msgspec.Struct], None],
         on_failure: Callable[[str], None],
         on_caught_up: Callable[[int, bool], None],
+        fragment_time_limit_ms: int | None = None,
     ) -> None:
+        """`fragment_time_limit_ms` None: from the environment (or the default)."""
+        if fragment_time_limit_ms is None:
+            fragment_time_limit_ms = fragment_time_limit_ms_from(os.environ)
         self.node = node
         self._transport = transport
         self._clock = clock
@@ -173,7 +181,7 @@ class SqlService:
         staging_dir.mkdir(parents=True, exist_ok=True)
         self.store = PartitionStore.open(run.store_file(node))
         self.staging = StagingArea(staging_dir)
-        self.applier = Applier(self.store, self.staging, self, clock)
+        self.applier = Applier(self.store, self.staging, self, clock, fragment_time_limit_ms)
         self.stats = SqlStats()
         self._parked: list[_ParkedRead] = []
         self._outbox: list[_Outgoing] = []
@@ -296,6 +304,7 @@ class SqlService:
 
     def tick(self) -> None:
         """Deadlines, retries and the occasional partition count; every wake-up."""
+        self.applier.interrupt_overdue()
         now = self._clock.monotonic_ns()
         if self._parked:
             self._expire_parked(now)
@@ -303,10 +312,12 @@ class SqlService:
             self._flush_outbox(now)
         if self._forwards:
             self._expire_forwards(now)
-        changed = self.applier.done_index != self._stats_index or self.applier.dirty
+        # Only after writes: the count runs on the apply lane, and every query's read
+        # barrier advances done_index, so counting on that would delay the next barrier.
+        changed = self.applier.changed_index != self._stats_index or self.applier.dirty
         if changed and now >= self._stats_due_ns and not self._stats_running:
             self._stats_due_ns = now + STATS_REFRESH_MS * NS_PER_MS
-            self._stats_index = self.applier.done_index
+            self._stats_index = self.applier.changed_index
             self._refresh_partition_infos()
         if now >= self._collect_due_ns:
             self._collect_due_ns = now + STAGING_COLLECT_MS * NS_PER_MS

@@ -203,10 +203,13 @@ def up(
     import os
 
     from cluster import control, topology
+    from cluster._fragment_watch import fragment_time_limit_ms_from
     from cluster.config import snapshot_entries_from
 
     with _errors():
-        snapshot_entries_from(os.environ)  # a bad value fails here, not in the supervisor
+        # a bad value fails here, not in every worker the supervisor starts
+        snapshot_entries_from(os.environ)
+        fragment_time_limit_ms_from(os.environ)
         try:
             host = topology.detect()
         except topology.TopologyError as error:

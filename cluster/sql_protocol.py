@@ -23,7 +23,10 @@ Messages (client -> worker unless said otherwise; every request carries `request
 - `FragmentRequest` -> bulk `FragmentHeader` + rows, or `ScanError`: the rows of one
   read-only SELECT over the physical partition tables `reads` names, run inside the
   snapshot of barrier `index` (0: what is applied now). A `ScanError` with `duckdb_error`
-  set (and `retryable` False) means DuckDB refused the SQL: every holder would.
+  set (and `retryable` False) means DuckDB refused the SQL: every holder would. Not
+  retryable either, with `duckdb_error` empty: SQL that is not exactly one SELECT, that
+  names a file or URL (workers' DuckDB has external access off), or that ran past the
+  worker's fragment time limit and was interrupted (`DCLUSTER_FRAGMENT_TIME_LIMIT_MS`).
 - `ReleaseRead(index)`: the client is done with the barrier's snapshots (they also expire).
 - worker -> worker `FetchStage` -> bulk `StageHeader` + rows, or `StageAck(ok=False)`: a
   holder that missed a staged batch fetches it from another holder before applying.

@@ -70,9 +70,10 @@ class Unavailable(PortError):
 
 class FragmentFailed(PortError):
     """DuckDB raised while a worker ran a fragment (a cast, a division by zero, …): the
-    message is DuckDB's and `duckdb_error` its exception class name (empty: the worker
-    refused the SQL's shape, e.g. not exactly one SELECT). Retrying elsewhere would raise
-    it again."""
+    message is DuckDB's and `duckdb_error` its exception class name. Empty when the worker
+    refused the fragment itself: not exactly one SELECT, a read of a file or the network,
+    or past the worker's time limit (interrupted). Retrying elsewhere would fail again;
+    the coordinator then runs the query over gathered rows, for DuckDB's own answer."""
 
     def __init__(self, message: str, duckdb_error: str) -> None:
         super().__init__(message)

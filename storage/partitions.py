@@ -13,7 +13,10 @@ Layout: partition tables in schema `main`, named by `partition_table_name` ("t__
 quoted); one metadata row in `dcluster.store_state` (format version, applied index).
 DuckDB runs with `threads=1` and a bounded `memory_limit`, never installs or autoloads
 extensions (no network in the apply path), and uses UTC where the ICU extension exists,
-so that an entry's SQL means the same on every replica.
+so that an entry's SQL means the same on every replica. External access is off for the
+whole database (`enable_external_access`): no SQL run on it — an entry's or a read's —
+reads or writes a file other than the store's own (its WAL, its spill files) or reaches
+the network; the store's rows arrive as registered Arrow, which needs none.
 
 Reads. `scan`/`query` read what is applied now (consistency `stale`). For `strong` reads
 the worker applies the read-barrier entry and at once calls `read_at(index)`: that opens a
@@ -173,6 +176,15 @@ class ReadSnapshot:
                 stats.append(PartitionStats(table, partition, rows, blocks * block_bytes))
         return stats
 
+    def interrupt(self) -> None:
+        """From any thread: make the statement running in this snapshot raise
+        (`StoreFailed`, from DuckDB's InterruptException) soon. DuckDB then aborts the
+        snapshot's transaction, so the snapshot serves nothing more: close it. Harmless when
+        no statement runs (DuckDB clears the flag when the next one starts)."""
+        cursor = self._cursor
+        if cursor is not None:
+            cursor.interrupt()
+
     def close(self) -> None:
         cursor, self._cursor = self._cursor, None
         if cursor is None:
@@ -237,6 +249,11 @@ class PartitionStore:
                     # Scans hand rows to coordinators as Arrow: UUID, HUGEINT, TIMETZ and
                     # BIT keep their DuckDB types instead of decaying to strings/decimals.
                     "arrow_lossless_conversion": True,
+                    # Reads run SQL that coordinators wrote (fragments): read_csv, COPY,
+                    # ATTACH, glob, replacement scans of file names and of Python objects
+                    # all fail with a PermissionException. DuckDB refuses to turn this
+                    # back on while the database is open.
+                    "enable_external_access": False,
                 },
             )
         try:

@@ -6,8 +6,10 @@ What is checked: one fragment per partition adds up to the table at the barrier,
 rows written after it; stale fragments (index 0) see what is applied now; DuckDB's errors
 come back with DuckDB's message and class, and a fragment that fails while running does
 not leave its holder answering later reads at that barrier from a broken snapshot;
-anything but one SELECT is refused before it runs; a holder that does not hold a partition
-passes the fragment on; a paused first holder is hedged, not waited out."""
+anything but one SELECT is refused before it runs; a fragment that names a file or URL is
+refused without reading it; a fragment that runs past its time limit is interrupted,
+refused with the limit named, and its holder serves the next read; a holder that does not
+hold a partition passes the fragment on; a paused first holder is hedged, not waited out."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pytest
 
 from cluster import control
+from cluster._fragment_watch import FRAGMENT_TIME_LIMIT_ENV
 from cluster.session import SCAN_TIMEOUT_MS, TransportPort, open_port
 from query.port import Fragment, FragmentFailed, Unavailable
 from tests.real.cluster.conftest import CliCluster
@@ -32,6 +35,8 @@ TABLE = "main.t"
 ROWS = 1_000
 HEDGED_BOUND_S = SCAN_TIMEOUT_MS / 1000
 """A fragment whose first holder is paused is answered well within one holder's timeout."""
+TIME_LIMIT_MS = 1_000
+"""The fragment time limit of the `limited` cluster's workers."""
 
 
 def _count_and_sum(partition: int, table: str = "t") -> str:
@@ -52,17 +57,34 @@ def _totals(results: list[Any]) -> tuple[int, int]:
     return sum(row[0] for row in rows), sum(row[1] or 0 for row in rows)
 
 
-@pytest.fixture
-def port(three: CliCluster) -> Iterator[TransportPort]:
+def _loaded_port(cluster: CliCluster) -> Iterator[TransportPort]:
     """A session of the cluster, whose table `t` (3 partitions, 3 replicas) holds x = 0..999."""
-    with connect(three) as con:
+    with connect(cluster) as con:
         con.execute("CREATE TABLE t (x BIGINT) PARTITION BY HASH(x) PARTITIONS 3")
         con.execute(f"INSERT INTO t SELECT i FROM range({ROWS}) r(i)")
-    opened = open_port(three.run_dir)
+    opened = open_port(cluster.run_dir)
     try:
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture
+def port(three: CliCluster) -> Iterator[TransportPort]:
+    yield from _loaded_port(three)
+
+
+@pytest.fixture
+def limited(cluster: CliCluster, monkeypatch: pytest.MonkeyPatch) -> CliCluster:
+    """Three workers whose fragments may run for TIME_LIMIT_MS."""
+    monkeypatch.setenv(FRAGMENT_TIME_LIMIT_ENV, str(TIME_LIMIT_MS))  # `up` passes it on
+    cluster.up("--cores", "3", "--oversubscribe")
+    return cluster
+
+
+@pytest.fixture
+def limited_port(limited: CliCluster) -> Iterator[TransportPort]:
+    yield from _loaded_port(limited)
 
 
 def _per_partition(port: TransportPort, sql_of: Any = _count_and_sum) -> list[Fragment]:
@@ -191,3 +213,73 @@ def test_a_paused_first_holder_is_hedged(three: CliCluster, port: TransportPort)
     assert victim not in {result.node for result in results}
     assert elapsed < HEDGED_BOUND_S, f"the fragments took {elapsed:.1f} s"
     port.release(barrier.index)
+
+
+def test_a_fragment_cannot_reach_outside_the_store(port: TransportPort) -> None:
+    first, *_ = _per_partition(port)
+    partition = '"main.t__p0"'
+    with tempfile.TemporaryDirectory(prefix="dcluster-fragments-") as name:
+        secret = Path(name) / "secret.csv"
+        secret.write_text("x\n42\n")
+        outside = (
+            f"SELECT * FROM read_csv('{secret}')",
+            f"SELECT * FROM '{secret}'",
+            f"SELECT content FROM read_text('{secret}')",
+            f"SELECT count(*) FROM glob('{name}/*')",
+            f"SELECT x FROM {partition} UNION ALL SELECT x FROM read_csv('{secret}')",
+            "SELECT * FROM read_parquet('http://127.0.0.1:9/rows.parquet')",
+        )
+        barrier = port.barrier()
+        for index in (0, barrier.index):
+            for sql in outside:
+                with pytest.raises(FragmentFailed, match="not files or the network"):
+                    port.fragments(index, [Fragment(sql, first.reads, first.holders)])
+        assert [path.name for path in Path(name).iterdir()] == ["secret.csv"]
+    (result,) = port.fragments(barrier.index, [first])
+    assert _totals([result])[0] == port.scan(barrier.index, TABLE, [0]).num_rows
+    port.release(barrier.index)
+    port.release(0)
+
+
+def _runaway(partition: int) -> str:
+    """Runs for hours: a cross join of the partition with itself and a big range."""
+    table = f'"main.t__p{partition}"'
+    return f"SELECT count(*) AS n, 0::BIGINT AS total FROM {table} a, {table} b, range(10000000000)"
+
+
+def test_a_runaway_fragment_is_interrupted_and_its_holder_serves_on(
+    limited: CliCluster, limited_port: TransportPort
+) -> None:
+    port = limited_port
+    first, *_ = _per_partition(port)
+    alone = first.holders[:1]
+    barrier = port.barrier()
+    started = time.monotonic()
+    with pytest.raises(FragmentFailed, match=f"time limit of {TIME_LIMIT_MS} ms") as refused:
+        port.fragments(barrier.index, [Fragment(_runaway(0), first.reads, alone)])
+    elapsed = time.monotonic() - started
+    assert refused.value.duckdb_error == ""
+    assert elapsed < HEDGED_BOUND_S, f"the refusal took {elapsed:.1f} s"
+
+    # The holder's lane is free again: a stale read there is answered at once, and the
+    # barrier's snapshot, which the interrupt aborted, is refused there, not served broken.
+    started = time.monotonic()
+    (result,) = port.fragments(0, [Fragment(first.sql, first.reads, alone)])
+    assert time.monotonic() - started < HEDGED_BOUND_S
+    assert (result.node, _totals([result])[0]) == (alone[0], port.scan(0, TABLE, [0]).num_rows)
+    with pytest.raises(Unavailable, match=f"no read snapshot at index {barrier.index}"):
+        port.fragments(barrier.index, [Fragment(first.sql, first.reads, alone)])
+    port.release(barrier.index)
+    port.release(0)
+
+    # Hedged to every holder, it is refused as soon as the first of them gives up on it.
+    fragments = [
+        Fragment(_runaway(number), fragment.reads, fragment.holders)
+        for number, fragment in enumerate(_per_partition(port))
+    ]
+    with pytest.raises(FragmentFailed, match=f"time limit of {TIME_LIMIT_MS} ms"):
+        port.fragments(0, fragments)
+    port.release(0)
+    results = port.fragments(0, _per_partition(port))
+    assert _totals(results) == (ROWS, ROWS * (ROWS - 1) // 2)
+    port.release(0)
