@@ -89,6 +89,9 @@ COMMIT_HEDGE_MS = 500
 """How long a node may stay silent about a command before the next node is asked too
 (same request id: the command still applies at most once)."""
 CATALOG_HEDGE_MS = 300
+EARLY_MESSAGES_MAX = 4_096
+"""Control messages `_send_bulk` keeps while it waits out backpressure (a stage's acks:
+one per holder of each batch sent before); later ones are dropped."""
 NS_PER_MS = 1_000_000
 
 
@@ -131,10 +134,15 @@ class TransportPort:
         self._rng = random.Random()
         self._ids = itertools.count(client._clock.wall_ns())
         self._view: CatalogView | None = None
+        self._catalog_bytes = b""
+        """The snapshot `_view.catalog` was restored from."""
         self._known_index = 0
         """The highest log index this session has seen applied (commit or barrier)."""
         self._held: dict[int, list[BulkReceived]] = {}
         """Barrier index -> scan deliveries whose memory the coordinator may still read."""
+        self._early: list[Received] = []
+        """Control messages that arrived while `_send_bulk` waited out backpressure (the
+        acks of stages sent just before): the next `_receive` hands them to its `take`."""
 
     # ---- catalog ----
 
@@ -144,8 +152,11 @@ class TransportPort:
             return view
         response = self._fetch_catalog()
         # The replaced view is not closed here: a statement in progress may still bind
-        # against it; its DuckDB closes when the last reference goes.
-        self._view = _catalog_view(response)
+        # against it; its DuckDB closes when the last reference goes. An unchanged catalog
+        # keeps its DuckDB (restoring one costs ~25 ms); versions and placements are new.
+        same = view is not None and response.catalog == self._catalog_bytes
+        self._view = _catalog_view(response, view.catalog if same and view else None)
+        self._catalog_bytes = response.catalog
         return self._view
 
     def _fetch_catalog(self) -> CatalogResponse:
@@ -473,27 +484,44 @@ class TransportPort:
         return nodes
 
     def _send_bulk(self, node: int, header: msgspec.Struct, rows: pa.Table) -> bool:
+        """Send, waiting out backpressure (polling moves the transport's queues on) for up
+        to STAGE_TIMEOUT_MS. Control messages that arrive meanwhile — acks of the stages
+        sent just before this one — are kept for the next `_receive`, not dropped."""
         transport = self.client._transport
         deadline_ns = self._clock.monotonic_ns() + STAGE_TIMEOUT_MS * NS_PER_MS
-        while True:
-            try:
-                transport.send_bulk(raft_id(node), header, rows)
-                return True
-            except Backpressure:
-                if self._clock.monotonic_ns() >= deadline_ns:
+        arrived: list[Received] = []
+
+        def keep(delivery: Any) -> bool:
+            if isinstance(delivery, Received) and len(arrived) < EARLY_MESSAGES_MAX:
+                arrived.append(delivery)
+            return False
+
+        try:
+            while True:
+                try:
+                    transport.send_bulk(raft_id(node), header, rows)
+                    return True
+                except Backpressure:
+                    if self._clock.monotonic_ns() >= deadline_ns:
+                        return False
+                    self._receive(keep, 5)  # hands over what was kept before, too
+                except TransportError:
                     return False
-                self._receive(lambda delivery: False, 5)
-            except TransportError:
-                return False
+        finally:
+            self._early.extend(arrived)
 
     def _receive(self, take: Callable[[Any], bool], timeout_ms: int) -> None:
-        """Poll until `take` says it has what it wanted or `timeout_ms` passes. Bulk data
-        `take` does not keep is released — also what arrived in the same poll after `take`
-        was done: every request id is one call's own, so no later call wants it."""
+        """Poll until `take` says it has what it wanted or `timeout_ms` passes; first, hand
+        it what `_send_bulk` kept. Bulk data `take` does not keep is released — also what
+        arrived in the same poll after `take` was done: every request id is one call's own,
+        so no later call wants it."""
         client = self.client
         transport = client._transport
         deadline_ns = self._clock.monotonic_ns() + timeout_ms * NS_PER_MS
         done = False
+        early, self._early = self._early, []
+        for message in early:
+            done = done or take(message)
         while True:
             for delivery in transport.poll():
                 kept_before = _held_count(self._held)
@@ -610,11 +638,11 @@ def _held_count(held: dict[int, list[BulkReceived]]) -> int:
     return sum(len(deliveries) for deliveries in held.values())
 
 
-def _catalog_view(response: CatalogResponse) -> CatalogView:
+def _catalog_view(response: CatalogResponse, catalog: Catalog | None) -> CatalogView:
     return CatalogView(
         index=response.index,
         catalog_version=response.catalog_version,
-        catalog=Catalog.restore(response.catalog),
+        catalog=Catalog.restore(response.catalog) if catalog is None else catalog,
         placements={key: tuple(map(tuple, holders)) for key, holders in response.placements},
         versions=dict(response.versions),
         schema_versions=dict(response.schema_versions),
