@@ -584,22 +584,22 @@ class Coordinator:
                     steps.append((f"scan {scan.key}", where, scan.select_sql, None, None))
             if analyze:
                 started = self._clock.monotonic_ns()
-                trace: list[tuple[str, ...]] = []
+                scanned_parts: list[tuple[str, ...]] = []
                 scanned = None
                 if not isinstance(scans, str):
-                    scanned = self._scanned_read(statement.sql, None, consistency, trace)
+                    scanned = self._scanned_read(statement.sql, None, consistency, scanned_parts)
                 if scanned is None:
-                    trace = []
+                    scanned_parts = []
                     result = self._gathered_read(
                         statement, tokens(statement.sql), None, consistency
                     )
-                    rows = len(result)
+                    answered = len(result)
                 else:
-                    rows = 0 if scanned[0] is None else scanned[0].num_rows
+                    answered = 0 if scanned[0] is None else scanned[0].num_rows
                 elapsed = (self._clock.monotonic_ns() - started) / 1e9
-                for key, node, count, size in trace:
+                for key, node, count, size in scanned_parts:
                     steps.append((f"scanned {key}", f"node {node}", "", count, size))
-                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(rows), None))
+                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
         else:
             where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
             steps.append(("plan", "coordinator", plan.tier, None, None))

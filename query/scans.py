@@ -269,7 +269,7 @@ class _Scans:
             kept = stored
         else:
             # `q.c` reaches this table's c when q names it here; `schema.table.c` likewise
-            qualifiers = {(place.name.lower(),) for place in places}
+            qualifiers: set[tuple[str, ...]] = {(place.name.lower(),) for place in places}
             qualifiers.add(tuple(key.split(".", 1)))
             wanted = set(names)
             for path in paths:
