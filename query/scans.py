@@ -15,8 +15,10 @@ DuckDB's parse tree of the query (query._ast) and says, for every cluster table 
   where that table is not on the NULL-supplying side of an outer join under it (an ON of a
   LEFT JOIN also filters its right side, whose failing rows can never match). A table read
   in several places gets the OR of each place's conditions, and none when one place has
-  none. Conditions with a subquery or a parameter stay behind, and no condition moves when
-  the query calls a volatile function (it must run once, on the coordinator).
+  none. From `(p1 AND q1) OR (p2 AND q2)` over two tables, each gets the OR of its own
+  parts (`p1 OR p2`), which every row passing the whole condition meets. Conditions with
+  a subquery or a parameter stay behind, and no condition moves when the query calls a
+  volatile function (it must run once, on the coordinator).
 
 The query itself is then run unchanged over tables that hold just those columns and rows,
 so its answer is the one over whole tables: every row left out fails a condition that the
@@ -348,12 +350,14 @@ class _Scans:
         return preserved.get(str(join_type), [])
 
     def _push(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
-        if not _movable(term):
+        owner = self._sole_owner(term, scope)
+        if owner is None:
+            for target, implied in self._implied_by_or(term, scope):
+                self._give(target, implied, targets)
             return
-        owners = [self._owner(item, scope) for item in _column_refs(term)]
-        owner = owners[0]
-        if owner is None or any(other is not owner for other in owners):
-            return
+        self._give(owner, term, targets)
+
+    def _give(self, owner: Node, term: Node, targets: list[Node]) -> None:
         if not any(owner is target for target in targets):
             return
         reference = self.references.get(id(owner))
@@ -362,6 +366,42 @@ class _Scans:
         if reference.conditions is None:
             reference.conditions = []
         reference.conditions.append(term)
+
+    def _sole_owner(self, term: Node, scope: list[Node]) -> Node | None:
+        """The one table all of a movable condition's columns belong to, else None."""
+        if not _movable(term):
+            return None
+        owners = [self._owner(item, scope) for item in _column_refs(term)]
+        owner = owners[0]
+        if owner is None or any(other is not owner for other in owners):
+            return None
+        return owner
+
+    def _implied_by_or(self, term: Node, scope: list[Node]) -> list[tuple[Node, Node]]:
+        """For `(p1 AND q1) OR (p2 AND q2) …` over several tables: each table whose
+        conditions appear in every branch gets `(its part of branch 1) OR (… of branch 2)
+        …`, which every row that passes the whole condition meets (the whole condition
+        still runs on the coordinator)."""
+        if term.get("class") != "CONJUNCTION" or term.get("type") != "CONJUNCTION_OR":
+            return []
+        parts: dict[int, list[list[Node]]] = {}
+        leaves: dict[int, Node] = {}
+        for branch_number, branch in enumerate(term["children"]):
+            for conjunct in _ast.conjuncts(branch):
+                owner = self._sole_owner(conjunct, scope)
+                if owner is None:
+                    continue
+                leaves[id(owner)] = owner
+                branches = parts.setdefault(id(owner), [])
+                while len(branches) <= branch_number:
+                    branches.append([])
+                branches[branch_number].append(conjunct)
+        implied = []
+        for key, branches in parts.items():
+            if len(branches) == len(term["children"]) and all(branches):
+                either = [_conjunction("CONJUNCTION_AND", branch) for branch in branches]
+                implied.append((leaves[key], _conjunction("CONJUNCTION_OR", either)))
+        return implied
 
     def _owner(self, column: Node, scope: list[Node]) -> Node | None:
         """The leaf of `scope` a column reference surely binds to, else None."""
@@ -399,6 +439,18 @@ def _leaves(ref: Node) -> Iterator[Node]:
         yield ref
     else:
         raise _Unsure(f"a {kind} in FROM")
+
+
+def _conjunction(kind: str, children: list[Node]) -> Node:
+    if len(children) == 1:
+        return children[0]
+    return {
+        "class": "CONJUNCTION",
+        "type": kind,
+        "alias": "",
+        "query_location": 18446744073709551615,
+        "children": children,
+    }
 
 
 def _own_nodes(value: object) -> Iterator[Node]:

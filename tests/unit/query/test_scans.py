@@ -134,6 +134,14 @@ NARROWED = [
         "SELECT b FROM (SELECT a.s AS b FROM a JOIN b ON a.k = b.k WHERE b.y = 1) AS sub",
         {"main.a": ('"k", "s"', None), "main.b": ('"k", "y"', "y = 1")},
     ),
+    (  # an OR of branches over both tables: each table gets the OR of its own parts
+        "SELECT count(*) FROM a JOIN b ON a.k = b.k WHERE (a.x = 1 AND b.y = 2 AND a.s = 'a1') "
+        "OR (a.x > 5 AND b.s IS NULL) OR (a.k = 3 AND a.x + b.y = 4)",
+        {
+            "main.a": ('"k", "x", "s"', "x = 1 AND s = 'a1' OR x > 5 OR k = 3"),
+            "main.b": ('"k", "y", "s"', None),
+        },
+    ),
     (  # a volatile function anywhere: no condition moves (it must run once)
         "SELECT count(*) FROM a JOIN b ON a.k = b.k WHERE a.x > random() * 0",
         {"main.a": ('"k", "x"', None), "main.b": ('"k"', None)},
@@ -249,6 +257,15 @@ def generated_query(rng: random.Random) -> str:
         source += f" {rng.choice(JOINS)} r ON r.k = b.y AND {rng.choice(R_CONDITIONS)}"
         if rng.random() < 0.5:
             where_terms.append(rng.choice(R_CONDITIONS))
+    if rng.random() < 0.3:
+        branches = [
+            " AND ".join(
+                rng.sample(A_CONDITIONS, 1)
+                + rng.sample(B_CONDITIONS, rng.randint(0, 1 if where_pool != A_CONDITIONS else 0))
+            )
+            for _ in range(rng.randint(2, 3))
+        ]
+        where_terms.append("(" + " OR ".join(f"({branch})" for branch in branches) + ")")
     if rng.random() < 0.3:
         inner = rng.choice(B_CONDITIONS).replace("b.", "b2.")
         where_terms.append(
