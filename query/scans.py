@@ -64,12 +64,14 @@ class TableScan:
     @property
     def select_sql(self) -> str:
         """The scan with the table's logical name (for EXPLAIN)."""
-        return self._sql(f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}")
+        table = f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}"
+        return _select_sql(self.columns, self.filter, table)
 
-    def _sql(self, table: str) -> str:
-        names = ", ".join(quote_identifier(name) for name, _ in self.columns)
-        where = "" if self.filter is None else f" WHERE {self.filter}"
-        return f"SELECT {names} FROM {table}{where}"
+
+def _select_sql(columns: Sequence[tuple[str, str]], condition: str | None, table: str) -> str:
+    names = ", ".join(quote_identifier(name) for name, _ in columns)
+    where = "" if condition is None else f" WHERE {condition}"
+    return f"SELECT {names} FROM {table}{where}"
 
 
 @dataclass(frozen=True)
@@ -292,8 +294,8 @@ class _Scans:
         for partition in partitions:
             holders = self.view.placements[key][partition]
             physical = f"main.{quote_identifier(partition_table_name(key, partition))}"
-            scan = TableScan(key, spec, tuple(kept), filter_sql, ())
-            fragments.append(Fragment(scan._sql(physical), ((key, partition),), tuple(holders)))
+            sql = _select_sql(kept, filter_sql, physical)
+            fragments.append(Fragment(sql, ((key, partition),), tuple(holders)))
         return TableScan(key, spec, tuple(kept), filter_sql, tuple(fragments))
 
     def _printed(self, term: Node, place: _Reference) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import duckdb
@@ -28,6 +30,26 @@ TextRow = tuple[str | None, ...]
 
 
 _ROW_VALUE = re.compile(r'(Duplicate key|duplicate key) "[^"]*"')
+
+
+@contextmanager
+def beside_duckdb(
+    setup: Sequence[str],
+) -> Iterator[tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]]:
+    """A coordinator over a fake cluster and a plain DuckDB, both given `setup` (DuckDB
+    without the partitioning clauses); closed on leaving."""
+    port = FakePort()
+    coordinator = Coordinator(port, rng=random.Random(0), sleep=lambda _seconds: None)
+    reference = duckdb.connect()
+    try:
+        for statement in setup:
+            coordinator.execute(statement)
+            reference.execute(re.sub(r"PARTITION BY.*|REFERENCE", "", statement))
+        yield coordinator, port, reference
+    finally:
+        coordinator.close()
+        port.close()
+        reference.close()
 
 
 def same_error(ours: SqlError, theirs: duckdb.Error) -> bool:

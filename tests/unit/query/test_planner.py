@@ -10,8 +10,6 @@ partitions its key pins, and no fragment of a pushed-down query is a whole-table
 from __future__ import annotations
 
 import math
-import random
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 
 from query.coordinator import Coordinator, ExecutionFailed
 from tests.unit.query.fake_port import FakePort
+from tests.unit.query.harness import beside_duckdb
 
 SETUP = [
     "CREATE TABLE o (ok BIGINT, ck INTEGER, total DECIMAL(15,2), d DATE, note VARCHAR) "
@@ -122,16 +121,8 @@ SHAPES = [
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]]:
-    port = FakePort()
-    coordinator = Coordinator(port, rng=random.Random(0), sleep=lambda _seconds: None)
-    reference = duckdb.connect()
-    for statement in SETUP:
-        coordinator.execute(statement)
-        reference.execute(re.sub(r"PARTITION BY.*|REFERENCE", "", statement))
-    yield coordinator, port, reference
-    coordinator.close()
-    port.close()
-    reference.close()
+    with beside_duckdb(SETUP) as pair:
+        yield pair
 
 
 def close(a: Any, b: Any) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from query.coordinator import Coordinator, ExecutionFailed
 from tests.unit.query.fake_port import FakePort
+from tests.unit.query.harness import beside_duckdb
 
 SETUP = [
     "CREATE TABLE a (k INTEGER, x INTEGER, s VARCHAR, extra VARCHAR) "
@@ -39,16 +40,8 @@ SETUP = [
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]]:
-    port = FakePort()
-    coordinator = Coordinator(port, rng=random.Random(0), sleep=lambda _seconds: None)
-    reference = duckdb.connect()
-    for statement in SETUP:
-        coordinator.execute(statement)
-        reference.execute(re.sub(r"PARTITION BY.*|REFERENCE", "", statement))
-    yield coordinator, port, reference
-    coordinator.close()
-    port.close()
-    reference.close()
+    with beside_duckdb(SETUP) as pair:
+        yield pair
 
 
 Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
