@@ -10,7 +10,11 @@ both consistencies.
 
   The same again with snapshots every 50 entries (`DCLUSTER_SNAPSHOT_ENTRIES`): the log is
   compacted past the down worker, so it gets the leader's snapshot and copies the
-  partitions that changed from live replicas at a read barrier of its own.
+  partitions that changed from live replicas at a read barrier of its own. Appends the
+  leader sent after it saw the worker die wait in its transport for the next incarnation
+  (a delayed message, which Raft allows); so that none of them carries a SQL write, the
+  leader's window of unacknowledged appends to the dead worker is first filled with
+  key-value entries.
 
 - Strong and stale: while a writer commits statement after statement, a strong read sees
   every statement acknowledged before it began, whole; a stale read (the Python API's
@@ -32,6 +36,7 @@ import pytest
 
 import cluster.session
 from cluster import control
+from raft.config import RaftConfig
 from tests.real.cluster.conftest import CliCluster
 from tests.real.sql.support import (
     assert_replicas_agree,
@@ -45,6 +50,8 @@ from tests.real.sql.support import (
 
 KV_ENTRIES = 200
 SNAPSHOT_ENTRIES = 50
+# Past this many unacknowledged appends the leader sends a follower none until it answers.
+WINDOW_FILL = 2 * RaftConfig.inflight_messages_max
 
 
 @pytest.fixture
@@ -116,6 +123,10 @@ def _down_while_the_cluster_moves_on(
         os.kill(supervisor, signal.SIGSTOP)
         try:
             control.signal_node(three.info(), down, signal.SIGKILL)  # `dcluster chaos kill`
+            if compacted:
+                with three.client() as client:
+                    for number in range(WINDOW_FILL):
+                        client.put(f"window-{number}", str(number))
             for batch in range(1, 4):
                 con.execute(
                     f"INSERT INTO c SELECT {batch * 10_000} + i, {batch} FROM range(5000) t(i)"
