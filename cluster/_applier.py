@@ -6,8 +6,10 @@
   applied); opens a read snapshot when it applies a read barrier; runs checkpoints. It
   alone opens and closes snapshots.
 - scan lane: reads partitions, and runs fragments (one read-only SELECT over the physical
-  partition tables, checked by DuckDB's own parser to be exactly one SELECT), inside those
-  snapshots and hands the rows to the loop. A fragment may not reach outside the store
+  partition tables, checked by DuckDB's own parser to be exactly one SELECT, and over the
+  fragment's named Arrow inputs, checked and decoded before any SQL runs), inside those
+  snapshots and hands the rows to the loop. A fragment's inputs are registered on the
+  snapshot's cursor only while its SQL runs: the next read on that cursor never sees them. A fragment may not reach outside the store
   (the store's DuckDB has external access off: a file or URL it names is refused) and may
   run for at most its time limit, after which the loop interrupts it (cluster._fragment_watch).
 - stage lane: writes staged rows durably (fsync) and tells the loop to acknowledge.
@@ -39,7 +41,7 @@ from clock import Clock
 from cluster._fragment_watch import FRAGMENT_TIME_LIMIT_MS, FragmentWatch, Interrupted
 from cluster._threads import LANE_CLOSE_TIMEOUT_S, Lane
 from cluster.sql_machine import StagedRows, StoreWork
-from cluster.sql_protocol import StagedBatch
+from cluster.sql_protocol import FragmentInputError, StagedBatch, decode_fragment_inputs
 from storage.partitions import (
     CreateTable,
     DeleteRows,
@@ -132,7 +134,8 @@ class ScanRefused(Exception):
 
 
 class FragmentRefused(Exception):
-    """The fragment's SQL is not exactly one SELECT, DuckDB refused it while running, it
+    """The fragment's SQL is not exactly one SELECT, its inputs are not acceptable
+    (`cluster.sql_protocol.decode_fragment_inputs`), DuckDB refused it while running, it
     named a file or URL, or it ran past its time limit: every holder would do the same, so
     it is not retryable. `duckdb_error` is DuckDB's
     exception class name when DuckDB raised (`str(error)` is then DuckDB's message)."""
@@ -275,16 +278,23 @@ class Applier:
         self._submit_read(index, read, done)
 
     def fragment(
-        self, index: int, sql: str, reads: tuple[tuple[str, int], ...], done: ReadDone
+        self,
+        index: int,
+        sql: str,
+        reads: tuple[tuple[str, int], ...],
+        done: ReadDone,
+        inputs: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
         """Run `sql`, which must be exactly one SELECT, in the snapshot at barrier `index`
         (0: now) once every (table, partition) of `reads` is found held there; only once
-        `done_index >= index`, like scans. SQL that is not one SELECT, or that DuckDB
-        refuses while running, fails as not retryable (with DuckDB's class and message);
-        a partition not held or a snapshot that is gone fails as retryable."""
+        `done_index >= index`, like scans. `inputs` are (name, Arrow IPC stream) pairs the
+        SQL reads as tables by those names. SQL that is not one SELECT, inputs refused by
+        `decode_fragment_inputs`, or SQL DuckDB refuses while running fail as not retryable
+        (with DuckDB's class and message when DuckDB raised); a partition not held or a
+        snapshot that is gone fails as retryable."""
 
         def read(snapshot: ReadSnapshot) -> pa.Table:
-            return self._run_fragment(snapshot, sql, reads)
+            return self._run_fragment(snapshot, sql, reads, inputs)
 
         self._submit_read(index, read, done)
 
@@ -582,13 +592,21 @@ class Applier:
         self._apply.submit(held.snapshot.close)
 
     def _run_fragment(
-        self, snapshot: ReadSnapshot, sql: str, reads: tuple[tuple[str, int], ...]
+        self,
+        snapshot: ReadSnapshot,
+        sql: str,
+        reads: tuple[tuple[str, int], ...],
+        inputs: tuple[tuple[str, bytes], ...] = (),
     ) -> pa.Table:
         if self._parser is None:
             self._parser = duckdb.connect(":memory:", config={"threads": 1})
         refusal = select_refusal(self._parser, sql)
         if refusal is not None:
             raise refusal
+        try:
+            tables = decode_fragment_inputs(inputs)
+        except FragmentInputError as error:
+            raise FragmentRefused(str(error)) from error
         held = set(snapshot.partitions())
         for table, partition in reads:
             if (table, partition) not in held:
@@ -604,7 +622,7 @@ class Applier:
         try:
             if watched.why is Interrupted.CLOSING:
                 raise ScanRefused("this node is stopping")
-            return snapshot.query(sql)
+            return snapshot.query(sql, tables)
         except PartitionStoreError as error:
             why = self._fragment_error(sql, watched.why, error)
             if why is None:

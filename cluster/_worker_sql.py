@@ -10,11 +10,14 @@ answers come back through the mailbox (see cluster._threads). Requests it serves
   `SCAN_WAIT_MS`), then read on the scan lane from the snapshot opened at b and sent back as
   bulk; index 0 reads what is applied now.
 - `FragmentRequest`: parked and answered like a scan, but what runs in the snapshot is the
-  request's SQL — refused unless DuckDB's parser finds exactly one SELECT, and unless every
-  partition it names is held here (see `Applier.fragment`); refused if it names a file or
-  URL, and interrupted by `tick` once it has run for its time limit
+  request's SQL — refused unless DuckDB's parser finds exactly one SELECT, its inputs are
+  acceptable (checked and decoded on the scan lane, not here), and every partition it
+  names is held here (see `Applier.fragment`); refused if it names a file or URL, and
+  interrupted by `tick` once it has run for its time limit
   (`DCLUSTER_FRAGMENT_TIME_LIMIT_MS`, see cluster._fragment_watch).
-- `CatalogRequest`: the applied catalog, placements and versions.
+- `CatalogRequest`: the applied catalog, placements and versions, and each table's rows
+  as estimated from the partitions held here (`estimated_table_rows`; as fresh as the
+  partition counts kept for status, refreshed some time after writes).
 - `FetchStage` from another worker: the staged rows, if this node has a good copy.
 - `ReleaseRead`: the client is done with a barrier's snapshots.
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -464,7 +467,7 @@ class SqlService:
                 request.index, request.table, request.partition, request.columns, done
             )
         else:
-            self.applier.fragment(request.index, request.sql, request.reads, done)
+            self.applier.fragment(request.index, request.sql, request.reads, done, request.inputs)
 
     def _read_done(
         self,
@@ -528,6 +531,7 @@ class SqlService:
             versions=tuple(sorted(sql.versions.items())),
             schema_versions=tuple(sorted(sql.schema_versions.items())),
             members=state.members(),
+            table_rows=estimated_table_rows(self.partition_infos, sql.placements),
         )
 
     def _collect_staging(self) -> None:
@@ -600,6 +604,28 @@ class SqlService:
                 self.stats.replies_dropped += 1
                 continue
             self._outbox.append(outgoing)
+
+
+def estimated_table_rows(
+    held: Iterable[PartitionInfo], placements: Mapping[str, tuple[tuple[int, ...], ...]]
+) -> tuple[tuple[str, int], ...]:
+    """(table key, estimated rows), by table key: the rows of the partitions of each table
+    held here, scaled by (the table's partitions / partitions held), rounded to the nearest
+    row. A reference table has one partition, so its estimate is its count. Tables held
+    nothing of, partitions the placements no longer have (a table dropped or re-created
+    since the counts were taken) and repeated partitions are left out."""
+    rows_of: dict[str, dict[int, int]] = {}
+    for info in held:
+        holders = placements.get(info.table)
+        if holders is not None and 0 <= info.partition < len(holders):
+            rows_of.setdefault(info.table, {})[info.partition] = info.rows
+    estimates = []
+    for table, rows_by_partition in sorted(rows_of.items()):
+        partitions = len(placements[table])
+        counted = len(rows_by_partition)
+        rows = sum(rows_by_partition.values())
+        estimates.append((table, (rows * partitions + counted // 2) // counted))
+    return tuple(estimates)
 
 
 def _is_primary(

@@ -5,8 +5,9 @@ One `TransportPort` per client session. It keeps the catalog it last fetched (an
 when a barrier or commit shows a newer one), sends the log commands through the leader
 (following leader hints, retrying with the same request id so a command applies once),
 stages rows on every holder of a partition in parallel, and reads — partitions (`scan`)
-and fragments, the coordinator's SELECTs over physical partition tables (`fragments`) —
-from one holder each, all in flight together, moving to the next holder when one fails
+and fragments, the coordinator's SELECTs over physical partition tables and named Arrow
+inputs (`fragments`; each input encoded once, whatever the holders and resends) — from
+one holder each, all in flight together, moving to the next holder when one fails
 or is slow (one loop, `_HedgedReads`, serves both).
 
 Guarantees: `stage` returns only batches that a write quorum of holders acknowledged
@@ -40,6 +41,7 @@ from cluster.sql_protocol import (
     CatalogResponse,
     CommandKind,
     FragmentHeader,
+    FragmentInputError,
     FragmentRequest,
     ReleaseRead,
     ScanError,
@@ -51,7 +53,9 @@ from cluster.sql_protocol import (
     StageAck,
     StagedBatch,
     StageHeader,
+    check_fragment_inputs,
     encode_command,
+    encode_fragment_input,
 )
 from ipc.errors import Backpressure, TransportError
 from ipc.transport import BulkReceived, Received
@@ -435,9 +439,14 @@ class TransportPort:
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
         reply = self.client._reply_address
         reads = []
+        # id(table) -> its IPC stream: an input shared by several fragments (the same keys
+        # sent with every partition's scan) is encoded once; every holder asked and every
+        # resend reuses the request's bytes.
+        encoded: dict[int, bytes] = {}
         for fragment in fragments:
             assert fragment.holders, f"a fragment without holders: {fragment.sql}"
-            request = FragmentRequest(0, index, fragment.sql, tuple(fragment.reads), reply)
+            inputs = _encoded_inputs(fragment, encoded)
+            request = FragmentRequest(0, index, fragment.sql, tuple(fragment.reads), reply, inputs)
             reads.append(_HedgedRead(tuple(fragment.holders), request))
         _HedgedReads(self, index, reads).run()
         for read in reads:
@@ -638,6 +647,23 @@ def _held_count(held: dict[int, list[BulkReceived]]) -> int:
     return sum(len(deliveries) for deliveries in held.values())
 
 
+def _encoded_inputs(fragment: Fragment, encoded: dict[int, bytes]) -> tuple[tuple[str, bytes], ...]:
+    """The fragment's inputs as Arrow IPC streams (each table encoded once per `encoded`,
+    whose tables outlive it); inputs every worker would refuse (a bad or repeated name,
+    too many bytes) fail here, before anything is sent."""
+    inputs = []
+    for name, rows in fragment.inputs:
+        data = encoded.get(id(rows))
+        if data is None:
+            data = encoded[id(rows)] = encode_fragment_input(rows)
+        inputs.append((name, data))
+    try:
+        check_fragment_inputs(inputs)
+    except FragmentInputError as error:
+        raise FragmentFailed(str(error), "") from error
+    return tuple(inputs)
+
+
 def _catalog_view(response: CatalogResponse, catalog: Catalog | None) -> CatalogView:
     return CatalogView(
         index=response.index,
@@ -647,6 +673,7 @@ def _catalog_view(response: CatalogResponse, catalog: Catalog | None) -> Catalog
         versions=dict(response.versions),
         schema_versions=dict(response.schema_versions),
         members=tuple(response.members),
+        table_rows=dict(response.table_rows),
     )
 
 

@@ -15,7 +15,7 @@ Messages (client -> worker unless said otherwise; every request carries `request
 - `SqlRequest(command)` -> `SqlResponse`: the leader appends the command and answers once
   it is applied there (others answer 'not leader' with a hint).
 - `CatalogRequest` -> `CatalogResponse`: the worker's applied catalog, placements and
-  table versions.
+  table versions, and an estimate of each table's rows (from its own partitions).
 - bulk `StageHeader` + rows -> `StageAck`: the holder wrote the rows to its staging area
   and fsynced them; only then is the ack sent.
 - `ScanRequest` -> bulk `ScanHeader` + rows, or `ScanError`: one partition's rows at the
@@ -27,6 +27,10 @@ Messages (client -> worker unless said otherwise; every request carries `request
   retryable either, with `duckdb_error` empty: SQL that is not exactly one SELECT, that
   names a file or URL (workers' DuckDB has external access off), or that ran past the
   worker's fragment time limit and was interrupted (`DCLUSTER_FRAGMENT_TIME_LIMIT_MS`).
+  A fragment may carry named Arrow tables (`inputs`, each one Arrow IPC stream) that its
+  SQL reads by name; inputs with a name not matching `FRAGMENT_INPUT_NAME`, a name twice,
+  bytes that are not exactly one intact stream, or more than `FRAGMENT_INPUTS_BYTES_MAX`
+  bytes in all are refused (not retryable) before any SQL runs.
 - `ReleaseRead(index)`: the client is done with the barrier's snapshots (they also expire).
 - worker -> worker `FetchStage` -> bulk `StageHeader` + rows, or `StageAck(ok=False)`: a
   holder that missed a staged batch fetches it from another holder before applying.
@@ -38,15 +42,28 @@ applies a batch only if its copy matches both.
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Sequence
 
 import msgspec
+import pyarrow as pa
 
 from cluster.protocol import Address
+from ipc.codec import FRAME_BYTES_MAX_DEFAULT
 
 SQL_ENTRY_MARK = b"\xc1"
 """First byte of every SQL log entry (never the first byte of valid msgpack)."""
 STATEMENT_TEXT_CHARS_MAX = 200
 """Statement text kept in a command (for logs); longer statements are cut."""
+FRAGMENT_INPUT_NAME = re.compile(r"dcluster_keys_[0-9]+", re.ASCII)
+"""What a fragment input's name must match, whole: a plain lower-case identifier, needing
+no quotes, that no partition table (`<table>__p<n>`) can be."""
+FRAGMENT_INPUTS_BYTES_MAX = FRAME_BYTES_MAX_DEFAULT - (8 << 20)
+"""The encoded inputs of one fragment, all together. A `FragmentRequest` is one control
+frame (at most FRAME_BYTES_MAX_DEFAULT): this leaves room for the SQL (at most
+`cluster._applier.FRAGMENT_SQL_CHARS_MAX` characters) and the envelope."""
+_IPC_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+"""The marker an Arrow IPC stream writer ends every stream with."""
 
 
 class CommandKind(enum.IntEnum):
@@ -148,6 +165,10 @@ class CatalogResponse(msgspec.Struct, frozen=True):
     members: tuple[int, ...] = ()
     """Node numbers of every member (voters and learners) at `index`."""
     error: str | None = None
+    table_rows: tuple[tuple[str, int], ...] = ()
+    """(table key, estimated rows): the answering worker's row counts of the partitions it
+    holds, scaled to the table's partition count; tables it holds nothing of are left out.
+    Refreshed some time after writes, so possibly stale."""
 
 
 class StageHeader(msgspec.Struct, frozen=True):
@@ -226,6 +247,10 @@ class FragmentRequest(msgspec.Struct, frozen=True):
     reads: tuple[tuple[str, int], ...]
     """Every (table key, partition) the SQL reads: each must be held here."""
     reply_address: Address | None = None
+    inputs: tuple[tuple[str, bytes], ...] = ()
+    """(name, Arrow IPC stream) pairs: tables the SQL may read by those names, registered
+    on the snapshot's cursor only while it runs (see `encode_fragment_input`,
+    `decode_fragment_inputs`)."""
 
 
 class FragmentHeader(msgspec.Struct, frozen=True):
@@ -279,6 +304,71 @@ def encode_command(command: SqlCommand) -> bytes:
 def decode_command(data: bytes) -> SqlCommand:
     """Raises msgspec.DecodeError on a malformed command."""
     return _command_decoder.decode(data)
+
+
+class FragmentInputError(ValueError):
+    """A fragment's inputs are not acceptable: a bad or repeated name, bytes that are not
+    exactly one intact Arrow IPC stream, or too many bytes. `str(error)` says which."""
+
+
+def encode_fragment_input(rows: pa.Table) -> bytes:
+    """`rows` as one Arrow IPC stream (ended by the end-of-stream marker)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    return sink.getvalue().to_pybytes()
+
+
+def check_fragment_inputs(inputs: Sequence[tuple[str, bytes]]) -> None:
+    """Raise `FragmentInputError` unless every name matches `FRAGMENT_INPUT_NAME`, no name
+    repeats and the bytes are at most `FRAGMENT_INPUTS_BYTES_MAX` in all. Reads no stream."""
+    seen: set[str] = set()
+    total_bytes = 0
+    for name, data in inputs:
+        if not isinstance(name, str) or FRAGMENT_INPUT_NAME.fullmatch(name) is None:
+            raise FragmentInputError(
+                f"a fragment input's name must match {FRAGMENT_INPUT_NAME.pattern}, not {name!r}"
+            )
+        if name in seen:
+            raise FragmentInputError(f"the fragment input {name} is given twice")
+        seen.add(name)
+        total_bytes += len(data)
+    if total_bytes > FRAGMENT_INPUTS_BYTES_MAX:
+        raise FragmentInputError(
+            f"the fragment inputs may be at most {FRAGMENT_INPUTS_BYTES_MAX} bytes in all, "
+            f"these are {total_bytes}"
+        )
+
+
+def decode_fragment_inputs(inputs: Sequence[tuple[str, bytes]]) -> dict[str, pa.Table]:
+    """Name -> rows, after `check_fragment_inputs`. Each input must read back as exactly
+    one Arrow IPC stream, intact (its end marker present, nothing after it) and valid
+    throughout (offsets and lengths checked, so DuckDB never reads out of bounds); else
+    `FragmentInputError`. The tables share memory with the given bytes."""
+    check_fragment_inputs(inputs)
+    return {name: _read_stream(name, data) for name, data in inputs}
+
+
+def _read_stream(name: str, data: bytes) -> pa.Table:
+    if not data.endswith(_IPC_END_OF_STREAM):
+        raise FragmentInputError(
+            f"the fragment input {name} is not a whole Arrow IPC stream (no end marker: "
+            f"truncated?), {len(data)} bytes"
+        )
+    source = pa.BufferReader(pa.py_buffer(data))
+    try:
+        rows = pa.ipc.open_stream(source).read_all()
+        rows.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise FragmentInputError(
+            f"the fragment input {name} is not a valid Arrow IPC stream: {error}"
+        ) from error
+    if source.tell() != len(data):
+        raise FragmentInputError(
+            f"the fragment input {name} has {len(data) - source.tell()} bytes after its "
+            "Arrow IPC stream; exactly one stream is expected"
+        )
+    return rows
 
 
 def entry_data(command: bytes) -> bytes:

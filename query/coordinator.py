@@ -80,7 +80,7 @@ from query.port import (
     FragmentFailed,
     PortError,
 )
-from query.scans import ScanPlan, plan_scans
+from query.scans import KEYS_MAX, KeyLink, ScanPlan, key_names, plan_scans, read_scans, schedule
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
@@ -437,22 +437,10 @@ class Coordinator:
                 self._port.release(index)
                 return None
         try:
-            results = iter(self._port.fragments(index, plan.fragments))
-            tables = []
-            for scan in plan.scans:
-                parts = [next(results) for _ in scan.fragments]
-                if trace is not None:
-                    for part in parts:
-                        trace.append(
-                            (
-                                scan.key,
-                                str(part.node),
-                                str(part.rows.num_rows),
-                                str(part.rows.nbytes),
-                            )
-                        )
-                rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
-                tables.append((scan.spec, scan.columns, rows))
+            rows = read_scans(
+                plan, view.table_rows, lambda asked: self._port.fragments(index, asked), trace
+            )
+            tables = [(scan.spec, scan.columns, rows[scan.key]) for scan in plan.scans]
             with self._narrow.session(tables) as con:
                 return run(con, sql, parameters)
         except FragmentFailed:
@@ -579,9 +567,18 @@ class Coordinator:
                 for key in keys:
                     steps.append((f"scan {key}", "every partition", "all rows", None, None))
             else:
-                for scan in scans.scans:
-                    where = "one node" if scan.spec.reference else "every partition"
-                    steps.append((f"scan {scan.key}", where, scan.select_sql, None, None))
+                rounds = schedule(scans, view.table_rows)
+                names = key_names(rounds)
+                for number, scans_in_round in enumerate(rounds):
+                    for scan, links in scans_in_round:
+                        where = "one node" if scan.spec.reference else "every partition"
+                        if number:
+                            where += f", round {number + 1}"
+                        used = {pair: names[pair] for pair in names if pair in _sources(links)}
+                        steps.append((f"scan {scan.key}", where, scan.select_sql(used), None, None))
+                for (source, column), name in names.items():
+                    why = f"{name}: distinct {column} of the {source} scan, if at most {KEYS_MAX:,}"
+                    steps.append((f"keys of {source}.{column}", "coordinator", why, None, None))
             if analyze:
                 started = self._clock.monotonic_ns()
                 scanned_parts: list[tuple[str, ...]] = []
@@ -598,7 +595,10 @@ class Coordinator:
                     answered = 0 if scanned[0] is None else scanned[0].num_rows
                 elapsed = (self._clock.monotonic_ns() - started) / 1e9
                 for key, node, count, size in scanned_parts:
-                    steps.append((f"scanned {key}", f"node {node}", "", count, size))
+                    if key.startswith("keys of "):  # a key set sent with later scans
+                        steps.append((key, f"sent as {node}", "", count, size))
+                    else:
+                        steps.append((f"scanned {key}", f"node {node}", "", count, size))
                 steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
         else:
             where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
@@ -843,3 +843,7 @@ def _refuse_volatile_default(
             "holder would compute its own values for the existing rows and replicas would "
             "differ. Add the column without that DEFAULT, then UPDATE it"
         )
+
+
+def _sources(links: tuple[KeyLink, ...]) -> set[tuple[str, str]]:
+    return {(link.source, link.source_column) for link in links}

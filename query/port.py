@@ -17,10 +17,11 @@ Contract of every implementation:
   transport memory: they stay valid until `release(index)`, which the coordinator calls
   once it has loaded them (for stale reads too, with index 0).
 - `fragments(index, fragments)` runs each `Fragment` — one read-only SELECT over physical
-  partition tables — on one live node of its `holders` at barrier `index` (0: what that
-  node has applied now), all in parallel, retrying another holder when one dies or is
-  slow, and returns their results in order (valid until `release(index)`, like scans).
-  A fragment DuckDB refuses raises `FragmentFailed` with DuckDB's message and class name.
+  partition tables and the fragment's named `inputs` — on one live node of its `holders`
+  at barrier `index` (0: what that node has applied now), all in parallel, retrying
+  another holder when one dies or is slow, and returns their results in order (valid
+  until `release(index)`, like scans). A fragment DuckDB refuses raises `FragmentFailed`
+  with DuckDB's message and class name; so do inputs the workers refuse (empty class).
 - `stage(table, rows_by_partition, delete)` writes each partition's rows durably on every
   live holder of the partition and returns the batches to name in the commit. It raises
   `WriteRefused` (nothing is committed) when a partition has fewer acknowledging holders
@@ -72,7 +73,8 @@ class FragmentFailed(PortError):
     """DuckDB raised while a worker ran a fragment (a cast, a division by zero, …): the
     message is DuckDB's and `duckdb_error` its exception class name. Empty when the worker
     refused the fragment itself: not exactly one SELECT, a read of a file or the network,
-    or past the worker's time limit (interrupted). Retrying elsewhere would fail again;
+    past the worker's time limit (interrupted), or inputs it does not accept (a bad or
+    repeated name, unreadable bytes, too many). Retrying elsewhere would fail again;
     the coordinator then runs the query over gathered rows, for DuckDB's own answer."""
 
     def __init__(self, message: str, duckdb_error: str) -> None:
@@ -94,6 +96,9 @@ class CatalogView:
     versions: Mapping[str, int]
     schema_versions: Mapping[str, int]
     members: tuple[int, ...]
+    table_rows: Mapping[str, int] = field(default_factory=dict)
+    """Estimated rows of each table key, from the answering worker's partition counts
+    (may be stale or missing)."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,20 @@ class Fragment:
     `sql` is a single read-only SELECT whose base tables are physical partition tables,
     named as `storage.partitions.partition_table_sql(table, partition)` spells them (e.g.
     `"main.lineitem__p3"`); `reads` lists every (table key, partition) it reads, and every
-    node in `holders` (in order of preference) holds all of them."""
+    node in `holders` (in order of preference) holds all of them.
+
+    `inputs` are named Arrow tables sent along with the fragment (e.g. the distinct join
+    keys of a small table, for a semi-join reduction): the SQL may read each by its name
+    as a table (`… WHERE "k" IN (SELECT k FROM dcluster_keys_0)`), and only while it runs.
+    Each name must match `cluster.sql_protocol.FRAGMENT_INPUT_NAME` (`dcluster_keys_<n>`),
+    no name may repeat, and together they may be at most
+    `cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` bytes as Arrow IPC streams; otherwise
+    the fragment fails with `FragmentFailed` (empty class) without running."""
 
     sql: str
     reads: tuple[tuple[str, int], ...]
     holders: tuple[int, ...]
+    inputs: tuple[tuple[str, pa.Table], ...] = ()
 
 
 @dataclass(frozen=True)

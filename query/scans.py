@@ -32,20 +32,42 @@ columns, a name that is both a CTE and a table, or a parse tree DuckDB cannot pr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from query import _ast
 from query._ast import Node
-from query.port import CatalogView, Fragment
+from query.port import CatalogView, Fragment, FragmentResult
 from storage import ddl
 from storage.ddl import TableSpec, quote_identifier
 from storage.partitions import partition_table_name
 
 _TRANSPARENT_JOINS = frozenset({"REGULAR", "CROSS", "NATURAL"})
 """Join reference types whose rows are pairs of input rows (no position or nearest match)."""
+_KEY_TYPES = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+)
+"""Join columns whose values travel as key sets (exact through Arrow; `=` is plain)."""
 _FROM_KINDS = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EMPTY", "EXPRESSION_LIST"})
+
+
+@dataclass(frozen=True)
+class KeyLink:
+    """`column = source.source_column` filters every row of the scanned table at one place
+    it is read: a row whose `column` is not among the values of `source_column` in
+    `source`'s scan can never reach the result (both columns are integers)."""
+
+    column: str
+    source: str
+    """The table key of the other side."""
+    source_column: str
+
+
+KeysNames = Mapping[tuple[str, str], str]
+"""(source table key, source column) -> the name the key set is sent under."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +78,63 @@ class TableScan:
     spec: TableSpec
     columns: tuple[tuple[str, str], ...]
     """(name, DuckDB type) of the columns kept, in the table's order."""
-    filter: str | None
-    """A condition over the unqualified column names; None: every row."""
-    fragments: tuple[Fragment, ...]
-    """One per partition (one for a reference table)."""
+    places: tuple[tuple[tuple[str, ...], tuple[KeyLink, ...]], ...] | None
+    """Per place the table is read: its conditions (SQL over the unqualified column names)
+    and its key links; None when some place keeps every row."""
+    partitions: tuple[tuple[int, tuple[int, ...]], ...]
+    """(partition, holders) of each partition read (one for a reference table)."""
 
     @property
-    def select_sql(self) -> str:
+    def filter(self) -> str | None:
+        """The condition without key sets; None: every row."""
+        return self.condition({})
+
+    @property
+    def links(self) -> tuple[KeyLink, ...]:
+        """Every key link of every place (a link helps only when each place has one)."""
+        if self.places is None:
+            return ()
+        return tuple(dict.fromkeys(link for _, links in self.places for link in links))
+
+    def condition(self, keys: KeysNames) -> str | None:
+        """The scan's condition with the key sets named in `keys` (others left out)."""
+        if self.places is None:
+            return None
+        alternatives = []
+        for terms, links in self.places:
+            parts = [f"({term})" for term in terms]
+            for link in links:
+                name = keys.get((link.source, link.source_column))
+                if name is not None:
+                    column = quote_identifier(link.column)
+                    parts.append(f"({column} IN (SELECT k FROM {name}))")
+            if not parts:
+                return None
+            alternatives.append(" AND ".join(parts))
+        unique = sorted(set(alternatives))
+        return unique[0] if len(unique) == 1 else " OR ".join(f"({a})" for a in unique)
+
+    def select_sql(self, keys: KeysNames | None = None) -> str:
         """The scan with the table's logical name (for EXPLAIN)."""
         table = f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}"
-        return _select_sql(self.columns, self.filter, table)
+        return _select_sql(self.columns, self.condition(keys or {}), table)
+
+    def fragments(
+        self, keys: KeysNames | None = None, inputs: Mapping[str, pa.Table] | None = None
+    ) -> tuple[Fragment, ...]:
+        """One fragment per partition; `inputs` holds the key sets `keys` names."""
+        condition = self.condition(keys or {})
+        used = tuple(
+            (name, table)
+            for name, table in sorted((inputs or {}).items())
+            if condition is not None and name in condition
+        )
+        fragments = []
+        for partition, holders in self.partitions:
+            physical = f"main.{quote_identifier(partition_table_name(self.key, partition))}"
+            sql = _select_sql(self.columns, condition, physical)
+            fragments.append(Fragment(sql, ((self.key, partition),), holders, used))
+        return tuple(fragments)
 
 
 def _select_sql(columns: Sequence[tuple[str, str]], condition: str | None, table: str) -> str:
@@ -80,7 +149,132 @@ class ScanPlan:
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
-        return tuple(fragment for scan in self.scans for fragment in scan.fragments)
+        """Every scan's fragments, without key sets."""
+        return tuple(fragment for scan in self.scans for fragment in scan.fragments())
+
+
+KEYS_MAX = 250_000
+"""A key set with more distinct values is not sent: its links are dropped."""
+REDUCTION_RATIO = 2
+"""A table is reduced by another's keys only if it has this many times its rows or more."""
+ROUNDS_MAX = 4
+"""Scans wait for key sets through at most this many rounds."""
+TARGET_ROWS_MIN = 50_000
+"""A table estimated smaller is not worth a round's wait (a few ms): it is never reduced."""
+
+
+def schedule(
+    plan: ScanPlan, table_rows: Mapping[str, int]
+) -> list[list[tuple[TableScan, tuple[KeyLink, ...]]]]:
+    """The scans in rounds: each scan with the key links it uses, all of whose sources are
+    scanned in earlier rounds. A link is used when its source is estimated (`table_rows`)
+    to be REDUCTION_RATIO times smaller than a table of TARGET_ROWS_MIN rows or more, is
+    itself narrowed (a condition, or a link of its own), and using it changes the scan's
+    condition. Smaller tables come first, so no two
+    scans wait for each other."""
+    unknown = float("inf")
+
+    def size(key: str) -> float:
+        return table_rows.get(key, unknown)
+
+    ordered = sorted(plan.scans, key=lambda scan: (size(scan.key), scan.key))
+    round_of: dict[str, int] = {}
+    narrowed: set[str] = set()
+    placed: list[tuple[int, TableScan, tuple[KeyLink, ...]]] = []
+    for scan in ordered:
+        links = tuple(
+            link
+            for link in scan.links
+            if link.source in round_of
+            and link.source in narrowed
+            and round_of[link.source] + 1 < ROUNDS_MAX
+            and size(link.source) * REDUCTION_RATIO <= size(scan.key) < unknown
+            and size(scan.key) >= TARGET_ROWS_MIN
+        )
+        names = {(link.source, link.source_column): "k" for link in links}
+        if links and scan.condition(names) == scan.condition({}):
+            links = ()  # some place reads every row whatever the keys
+        number = max((round_of[link.source] + 1 for link in links), default=0)
+        round_of[scan.key] = number
+        if links or scan.filter is not None:
+            narrowed.add(scan.key)
+        placed.append((number, scan, links))
+    rounds: list[list[tuple[TableScan, tuple[KeyLink, ...]]]] = [
+        [] for _ in range(max(round_of.values(), default=-1) + 1)
+    ]
+    for scan in plan.scans:  # each round in the plan's order
+        number, _, links = next(item for item in placed if item[1] is scan)
+        rounds[number].append((scan, links))
+    return rounds
+
+
+def key_names(
+    rounds: list[list[tuple[TableScan, tuple[KeyLink, ...]]]],
+) -> dict[tuple[str, str], str]:
+    """The name each key set the rounds use is sent under: (table key, column) -> name."""
+    pairs = sorted(
+        {(link.source, link.source_column) for r in rounds for _, ls in r for link in ls}
+    )
+    return {pair: f"dcluster_keys_{number}" for number, pair in enumerate(pairs)}
+
+
+def key_set(rows: pa.Table, column: str) -> pa.Table | None:
+    """The distinct non-NULL values of `column` as a one-column table `k`; None when the
+    column is missing or has more than KEYS_MAX values."""
+    if column not in rows.column_names:
+        return None
+    values = pc.drop_null(pc.unique(rows.column(column).combine_chunks()))
+    if len(values) > KEYS_MAX:
+        return None
+    return pa.table({"k": values})
+
+
+Fetch = Callable[[Sequence[Fragment]], Sequence[FragmentResult]]
+
+
+def read_scans(
+    plan: ScanPlan,
+    table_rows: Mapping[str, int],
+    fetch: Fetch,
+    trace: list[tuple[str, ...]] | None = None,
+) -> dict[str, pa.Table]:
+    """Every scan's rows (table key -> rows), read round by round (`schedule`) through
+    `fetch` (one call per round); the key sets of a round's scans go with the next
+    rounds' scans that link to them. `trace` gets (table key, node, rows, bytes) for every
+    fragment, and (`keys of <table>.<column>`, name, values, bytes) for each key set."""
+    rounds = schedule(plan, table_rows)
+    names = key_names(rounds)
+    inputs: dict[str, pa.Table] = {}
+    rows: dict[str, pa.Table] = {}
+    for scans in rounds:
+        asked = []
+        for scan, links in scans:
+            usable = {
+                (link.source, link.source_column): names[(link.source, link.source_column)]
+                for link in links
+                if names[(link.source, link.source_column)] in inputs
+            }
+            asked.append((scan, scan.fragments(usable, inputs)))
+        results = iter(fetch([fragment for _, fragments in asked for fragment in fragments]))
+        for scan, fragments in asked:
+            parts = [next(results) for _ in fragments]
+            if trace is not None:
+                for part in parts:
+                    trace.append(
+                        (scan.key, str(part.node), str(part.rows.num_rows), str(part.rows.nbytes))
+                    )
+            tables = [part.rows for part in parts]
+            rows[scan.key] = pa.concat_tables(tables, promote_options="permissive")
+        for (source, column), name in names.items():
+            if name in inputs or source not in {scan.key for scan, _ in scans}:
+                continue
+            keys = key_set(rows[source], column)
+            if keys is not None:
+                inputs[name] = keys
+                if trace is not None:
+                    label = f"keys of {source}.{column}"
+                    trace.append((label, name, str(keys.num_rows), str(keys.nbytes)))
+    return rows
 
 
 class _Unsure(Exception):
@@ -100,6 +294,7 @@ class _Reference:
     """Its columns are renamed (`t AS x(a, b)`): names in the query do not match them."""
     conditions: list[Node] | None = None
     """Conjuncts pushed to this place; None until its SELECT has been looked at."""
+    links: list[KeyLink] = field(default_factory=list)
 
 
 def plan_scans(
@@ -281,22 +476,18 @@ class _Scans:
                     if len(path) > length and path[:length] in qualifiers:
                         wanted.add(path[length])
             kept = [(name, kind) for name, kind in stored if name.lower() in wanted] or stored[:1]
-        filter_sql: str | None = None
-        if all(place.conditions for place in places):
-            alternatives = []
-            for place in places:
-                terms = [f"({self._printed(term, place)})" for term in place.conditions or ()]
-                alternatives.append(" AND ".join(terms))
-            unique = sorted(set(alternatives))
-            filter_sql = unique[0] if len(unique) == 1 else " OR ".join(f"({a})" for a in unique)
+        places_read: tuple[tuple[tuple[str, ...], tuple[KeyLink, ...]], ...] | None = None
+        if all(place.conditions or place.links for place in places):
+            places_read = tuple(
+                (
+                    tuple(self._printed(term, place) for term in place.conditions or ()),
+                    tuple(dict.fromkeys(place.links)),
+                )
+                for place in places
+            )
         partitions = (0,) if spec.reference else tuple(range(spec.partitions))
-        fragments = []
-        for partition in partitions:
-            holders = self.view.placements[key][partition]
-            physical = f"main.{quote_identifier(partition_table_name(key, partition))}"
-            sql = _select_sql(kept, filter_sql, physical)
-            fragments.append(Fragment(sql, ((key, partition),), tuple(holders)))
-        return TableScan(key, spec, tuple(kept), filter_sql, tuple(fragments))
+        holders = tuple((p, tuple(self.view.placements[key][p])) for p in partitions)
+        return TableScan(key, spec, tuple(kept), places_read, holders)
 
     def _printed(self, term: Node, place: _Reference) -> str:
         """The conjunct with its column references unqualified (they name `place`'s table
@@ -354,6 +545,7 @@ class _Scans:
     def _push(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
         owner = self._sole_owner(term, scope)
         if owner is None:
+            self._link(term, targets, scope)
             for target, implied in self._implied_by_or(term, scope):
                 self._give(target, implied, targets)
             return
@@ -368,6 +560,38 @@ class _Scans:
         if reference.conditions is None:
             reference.conditions = []
         reference.conditions.append(term)
+
+    def _link(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
+        """`a.x = b.y` over two cluster tables' integer columns: each side among `targets`
+        gets a key link to the other (its rows need an equal value there to pass)."""
+        if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
+            return
+        sides = [term.get("left"), term.get("right")]
+        if not all(isinstance(side, dict) and _ast.is_column_ref(side) for side in sides):
+            return
+        ends = []
+        for side in sides:
+            assert isinstance(side, dict)
+            leaf = self._owner(side, scope)
+            reference = None if leaf is None else self.references.get(id(leaf))
+            if leaf is None or reference is None:
+                return
+            name = str(side["column_names"][-1]).lower()
+            stored = self.columns_of(self.specs[reference.key])
+            column = next((c for c, kind in stored if c.lower() == name), None)
+            kind = next((kind for c, kind in stored if c.lower() == name), "")
+            if column is None or kind.upper() not in _KEY_TYPES:
+                return
+            ends.append((leaf, reference, column))
+        (leaf_a, a, column_a), (leaf_b, b, column_b) = ends
+        if a.key == b.key:
+            return
+        for leaf, target, column, source, source_column in (
+            (leaf_a, a, column_a, b, column_b),
+            (leaf_b, b, column_b, a, column_a),
+        ):
+            if any(leaf is item for item in targets):
+                target.links.append(KeyLink(column, source.key, source_column))
 
     def _sole_owner(self, term: Node, scope: list[Node]) -> Node | None:
         """The one table all of a movable condition's columns belong to, else None."""

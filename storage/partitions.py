@@ -34,7 +34,7 @@ carrying DuckDB's message unchanged; see `_partition_errors`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,10 +148,15 @@ class ReadSnapshot:
             # The first statement assigns the snapshot: from here on it is fixed.
             self.applied_index: int = _read_applied_index(cursor)
 
-    def query(self, sql: str) -> pa.Table:
-        """Run any read-only SQL over the local partition tables (see `partition_table_sql`)."""
+    def query(self, sql: str, inputs: Mapping[str, pa.Table] | None = None) -> pa.Table:
+        """Run any read-only SQL over the local partition tables (see `partition_table_sql`)
+        and `inputs`: Arrow tables the SQL reads by name, registered on this snapshot's
+        cursor only while it runs (unregistered after it, whether it succeeds or fails)."""
+        cursor = self._open_cursor()
         with _duckdb_errors():
-            return self._open_cursor().sql(sql).to_arrow_table()
+            if not inputs:
+                return cursor.sql(sql).to_arrow_table()
+            return _query_with_inputs(cursor, sql, inputs)
 
     def scan(self, table: str, partition: int, sql_suffix: str = "") -> pa.Table:
         """`SELECT * FROM <partition> <sql_suffix>`, e.g. suffix "WHERE x > 1 ORDER BY x"."""
@@ -454,6 +459,29 @@ def _duckdb_errors() -> Iterator[None]:
         yield
     except duckdb.Error as error:
         raise classify(error) from error
+
+
+def _query_with_inputs(
+    cursor: duckdb.DuckDBPyConnection, sql: str, inputs: Mapping[str, pa.Table]
+) -> pa.Table:
+    registered: list[str] = []
+    try:
+        for name, rows in inputs.items():
+            cursor.register(name, rows)
+            registered.append(name)
+        result = cursor.sql(sql).to_arrow_table()
+    except BaseException:
+        # A statement that failed while running aborted the transaction, and DuckDB then
+        # refuses to unregister; the names go with the rollback that closes the snapshot.
+        for name in registered:
+            try:
+                cursor.unregister(name)
+            except duckdb.Error:
+                pass
+        raise
+    for name in registered:
+        cursor.unregister(name)
+    return result
 
 
 def _scalar(

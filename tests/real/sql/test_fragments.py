@@ -9,7 +9,10 @@ not leave its holder answering later reads at that barrier from a broken snapsho
 anything but one SELECT is refused before it runs; a fragment that names a file or URL is
 refused without reading it; a fragment that runs past its time limit is interrupted,
 refused with the limit named, and its holder serves the next read; a holder that does not
-hold a partition passes the fragment on; a paused first holder is hedged, not waited out."""
+hold a partition passes the fragment on; a paused first holder is hedged, not waited out.
+Inputs: a fragment reads named Arrow tables sent with it (small ones, and ones too big for
+one queue message), each only while it runs; bad inputs fail without being sent. The
+catalog: its estimate of a table's rows catches up with the rows inserted."""
 
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ HEDGED_BOUND_S = SCAN_TIMEOUT_MS / 1000
 """A fragment whose first holder is paused is answered well within one holder's timeout."""
 TIME_LIMIT_MS = 1_000
 """The fragment time limit of the `limited` cluster's workers."""
+ESTIMATE_WAIT_S = 10.0
+"""Row counts are refreshed some time (STATS_REFRESH_MS) after writes; far less than this."""
 
 
 def _count_and_sum(partition: int, table: str = "t") -> str:
@@ -283,3 +288,57 @@ def test_a_runaway_fragment_is_interrupted_and_its_holder_serves_on(
     results = port.fragments(0, _per_partition(port))
     assert _totals(results) == (ROWS, ROWS * (ROWS - 1) // 2)
     port.release(0)
+
+
+def _semi_join(partition: int) -> str:
+    return (
+        f'SELECT count(*) AS n, sum(x)::BIGINT AS total FROM "main.t__p{partition}" '
+        "WHERE x IN (SELECT k FROM dcluster_keys_0)"
+    )
+
+
+def test_fragments_read_their_inputs(port: TransportPort) -> None:
+    few = pa.table({"k": pa.array([3, 5, 8, 999, 5000], pa.int64())})
+    many = pa.table({"k": pa.array(range(-100_000, 100_000), pa.int64())})  # 1.6 MB
+    barrier = port.barrier()
+    for keys, expected in ((few, (4, 3 + 5 + 8 + 999)), (many, (ROWS, ROWS * (ROWS - 1) // 2))):
+        fragments = [
+            Fragment(f.sql, f.reads, f.holders, (("dcluster_keys_0", keys),))
+            for f in _per_partition(port, _semi_join)
+        ]
+        results = port.fragments(barrier.index, fragments)
+        assert _totals(results) == expected
+
+    # Gone from the holder's snapshot once the fragment ran.
+    first, *_ = _per_partition(port)
+    ran_on = (results[0].node,)
+    with pytest.raises(FragmentFailed, match="dcluster_keys_0") as gone:
+        port.fragments(
+            barrier.index, [Fragment("SELECT count(*) FROM dcluster_keys_0", first.reads, ran_on)]
+        )
+    assert gone.value.duckdb_error == "CatalogException"
+
+    # Inputs every worker would refuse are not sent.
+    for inputs in ((("keys", few),), (("dcluster_keys_0", few), ("dcluster_keys_0", few))):
+        with pytest.raises(FragmentFailed, match="fragment input") as refused:
+            port.fragments(barrier.index, [Fragment(first.sql, first.reads, ran_on, inputs)])
+        assert refused.value.duckdb_error == ""
+    (result,) = port.fragments(barrier.index, [Fragment(first.sql, first.reads, ran_on)])
+    assert _totals([result])[0] == port.scan(barrier.index, TABLE, [0]).num_rows
+    port.release(barrier.index)
+
+
+def test_the_catalog_estimates_the_rows_of_each_table(
+    three: CliCluster, port: TransportPort
+) -> None:
+    with connect(three) as con:
+        con.execute("CREATE TABLE two (x BIGINT) PARTITION BY HASH(x) PARTITIONS 2")
+        con.execute("INSERT INTO two SELECT i FROM range(700) r(i)")
+
+    def estimates() -> dict[str, int] | None:
+        rows = port.catalog(refresh=True).table_rows
+        return dict(rows) if rows.get("main.two") == 700 else None
+
+    found = three.wait_for(estimates, "the catalog's estimate of main.two", ESTIMATE_WAIT_S)
+    # Three workers: every one holds every partition (three replicas), so it is exact.
+    assert found == {"main.t": ROWS, "main.two": 700}

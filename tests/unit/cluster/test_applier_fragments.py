@@ -7,7 +7,11 @@ retryable with a message naming the limit, and the lane then serves the next rea
 barrier snapshot the interrupt aborted is dropped (reads at it are refused as retryable,
 not answered from a broken transaction); copies of the same runaway fragment queued behind
 it are refused without running; a fragment naming a file or URL is refused before it
-reads anything; closing the applier interrupts the fragment it is running."""
+reads anything; closing the applier interrupts the fragment it is running. Inputs: a
+fragment reads its named Arrow inputs, which are gone from the snapshot's cursor once it
+ran (also when it failed); a bad or repeated name, bytes that are not exactly one intact
+Arrow IPC stream, or too many bytes are refused as not retryable before any SQL runs, and
+the lane serves on."""
 
 from __future__ import annotations
 
@@ -23,7 +27,12 @@ import pytest
 from clock import SystemClock
 from cluster._applier import Applier, PartitionAnswer, ReadFailure
 from cluster.sql_machine import StoreWork
-from cluster.sql_protocol import SqlResult, StagedBatch
+from cluster.sql_protocol import (
+    FRAGMENT_INPUTS_BYTES_MAX,
+    SqlResult,
+    StagedBatch,
+    encode_fragment_input,
+)
 from storage.partitions import CreateTable, Insert, PartitionStore, partition_table_sql
 from storage.staging import StagingArea
 
@@ -103,9 +112,11 @@ def _rows() -> pa.Table:
     return pa.table({"x": pa.array(range(ROWS), pa.int64())})
 
 
-def _ask(applier: Applier, index: int, sql: str) -> queue.SimpleQueue[Answer]:
+def _ask(
+    applier: Applier, index: int, sql: str, inputs: tuple[tuple[str, bytes], ...] = ()
+) -> queue.SimpleQueue[Answer]:
     answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
-    applier.fragment(index, sql, READS, lambda *answer: answers.put(answer))
+    applier.fragment(index, sql, READS, lambda *answer: answers.put(answer), inputs)
     return answers
 
 
@@ -208,3 +219,107 @@ def test_closing_interrupts_the_running_fragment(tmp_path: Path, host: Host) -> 
     _, _, later = queued.get(timeout=ANSWER_TIMEOUT_S)  # not run: its snapshot is gone
     assert later is not None and later.retryable
     assert elapsed_s < ANSWER_TIMEOUT_S / 4, f"closing took {elapsed_s:.1f} s"
+
+
+KEYS = (3, 5, 8, 13, 1000)
+"""Three of them (3, 5, 8, 13 minus none: four) are in `main.t`; 1000 is not."""
+SEMI_JOIN = f"SELECT count(*) AS n FROM {PARTITION} WHERE x IN (SELECT k FROM dcluster_keys_0)"
+READS_KEYS = "SELECT count(*) AS n FROM dcluster_keys_0"
+
+
+def _keys() -> bytes:
+    return encode_fragment_input(pa.table({"k": pa.array(KEYS, pa.int64())}))
+
+
+def _refusal(answer: Answer) -> ReadFailure:
+    rows, _, failure = answer
+    assert rows is None and failure is not None
+    return failure
+
+
+def test_a_fragment_reads_its_inputs_and_they_are_gone_after(applier: Applier) -> None:
+    inputs = (("dcluster_keys_0", _keys()),)
+    for index in (BARRIER, 0):
+        assert _count(_answer(applier, _ask(applier, index, SEMI_JOIN, inputs))) == 4
+    two = (("dcluster_keys_0", _keys()), ("dcluster_keys_17", _keys()))
+    both = "SELECT count(*) AS n FROM dcluster_keys_0 JOIN dcluster_keys_17 USING (k)"
+    assert _count(_answer(applier, _ask(applier, BARRIER, both, two))) == len(KEYS)
+
+    # The barrier's snapshot (one cursor, every fragment at BARRIER) no longer has them.
+    for name in ("dcluster_keys_0", "dcluster_keys_17"):
+        gone = _refusal(_answer(applier, _ask(applier, BARRIER, f"SELECT * FROM {name}")))
+        assert not gone.retryable and gone.duckdb_error == "CatalogException", gone
+        assert name in gone.error
+    assert _count(_answer(applier, _ask(applier, BARRIER, COUNT))) == ROWS
+
+
+def test_inputs_are_unregistered_when_the_fragment_fails(applier: Applier, host: Host) -> None:
+    inputs = (("dcluster_keys_0", _keys()),)
+    # Refused while binding: the snapshot serves on, without the input.
+    unbound = _refusal(
+        _answer(applier, _ask(applier, BARRIER, "SELECT nope FROM dcluster_keys_0", inputs))
+    )
+    assert unbound.duckdb_error == "BinderException" and not unbound.retryable
+    gone = _refusal(_answer(applier, _ask(applier, BARRIER, READS_KEYS)))
+    assert gone.duckdb_error == "CatalogException"
+
+    # Failed while running: DuckDB aborted the snapshot's transaction, which is dropped;
+    # DuckDB's error comes back (not the aborted transaction's refusal to unregister).
+    failing = "SELECT 'x'::INTEGER + count(*) AS n FROM dcluster_keys_0"
+    for index in (0, BARRIER):
+        cast = _refusal(_answer(applier, _ask(applier, index, failing, inputs)))
+        assert cast.duckdb_error == "ConversionException" and not cast.retryable, cast
+    assert "snapshot_aborted" in host.events
+    stale = _refusal(_answer(applier, _ask(applier, 0, READS_KEYS)))
+    assert stale.duckdb_error == "CatalogException"
+    assert _count(_answer(applier, _ask(applier, 0, SEMI_JOIN, inputs))) == 4
+
+
+def _truncated() -> bytes:
+    return _keys()[:-8]
+
+
+BAD_INPUTS = {
+    "not a key name": (("keys", _keys()),),
+    "no number": (("dcluster_keys_", _keys()),),
+    "upper case": (("DCLUSTER_KEYS_0", _keys()),),
+    "a trailing newline": (("dcluster_keys_0\n", _keys()),),
+    "SQL in the name": (("dcluster_keys_0; DROP TABLE x", _keys()),),
+    "a quote": (('dcluster_keys_0"', _keys()),),
+    "not ASCII digits": (("dcluster_keys_\u0663", _keys()),),
+    "a name twice": (("dcluster_keys_0", _keys()), ("dcluster_keys_0", _keys())),
+    "no bytes": (("dcluster_keys_0", b""),),
+    "not Arrow": (("dcluster_keys_0", b"garbage!" * 64),),
+    "cut short": (("dcluster_keys_0", _keys()[: len(_keys()) // 2]),),
+    "no end marker": (("dcluster_keys_0", _truncated()),),
+    "two streams": (("dcluster_keys_0", _keys() + _keys()),),
+    "bytes after": (("dcluster_keys_0", _keys() + b"\0" * 8),),
+    "too many bytes": (("dcluster_keys_0", b"\0" * (FRAGMENT_INPUTS_BYTES_MAX + 1)),),
+}
+
+
+@pytest.mark.parametrize("inputs", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_inputs_are_refused_before_any_sql_runs(
+    applier: Applier, inputs: tuple[tuple[str, bytes], ...]
+) -> None:
+    for index in (BARRIER, 0):
+        refused = _refusal(_answer(applier, _ask(applier, index, SEMI_JOIN, inputs)))
+        assert not refused.retryable and refused.duckdb_error == "", refused
+        assert "fragment input" in refused.error, refused.error
+    # Nothing ran, so the barrier's snapshot is whole; the lane serves on.
+    assert _count(_answer(applier, _ask(applier, BARRIER, COUNT))) == ROWS
+
+
+def test_corrupted_input_bytes_never_break_the_lane(applier: Applier) -> None:
+    """Every byte of an input flipped in turn: each fragment is answered (refused, or run
+    when the damage is in bytes Arrow does not read), and the lane serves on."""
+    good = _keys()
+    for position in range(0, len(good), 3):
+        damaged = bytearray(good)
+        damaged[position] ^= 0xFF
+        inputs = (("dcluster_keys_0", bytes(damaged)),)
+        rows, _, failure = _answer(applier, _ask(applier, 0, READS_KEYS, inputs))
+        assert (rows is None) != (failure is None)
+        if failure is not None and failure.duckdb_error == "":
+            assert "fragment input" in failure.error, failure.error
+    assert _count(_answer(applier, _ask(applier, BARRIER, COUNT))) == ROWS

@@ -14,8 +14,11 @@ Fragments run as a worker runs them: refused unless DuckDB's parser finds exactl
 SELECT (the worker's own check), then run in a scratch DuckDB where each partition the
 fragment reads — and only those — is a table in schema main under its physical name
 (`"main.t__p0"`), created from the table's DDL at the index as a worker creates it, holding
-the partition's rows at the index; DuckDB's errors become `FragmentFailed` with DuckDB's
-message and class. The answer is the first holder's.
+the partition's rows at the index, and with the fragment's inputs registered under their
+names — after the round trip through Arrow IPC and the checks a worker makes (a bad or
+repeated name, too many bytes: `FragmentFailed` with an empty class) — and unregistered
+after; DuckDB's errors become `FragmentFailed` with DuckDB's message and class. The answer
+is the first holder's. The catalog view's `table_rows` are the exact counts.
 
 Test hooks: `refuse_stages` (the next N stage calls raise WriteRefused), `before_commit`
 (runs at the start of every commit, e.g. to land a competing write first), `before_scan`
@@ -40,7 +43,14 @@ import msgspec
 import pyarrow as pa
 
 from cluster._applier import select_refusal
-from cluster.sql_protocol import CommandKind, StagedBatch, table_key
+from cluster.sql_protocol import (
+    CommandKind,
+    FragmentInputError,
+    StagedBatch,
+    decode_fragment_inputs,
+    encode_fragment_input,
+    table_key,
+)
 from query.port import (
     Barrier,
     CatalogChanged,
@@ -127,6 +137,9 @@ class FakePort:
             versions=dict(self._versions),
             schema_versions=dict(self._schema_versions),
             members=self.members,
+            table_rows={
+                key: sum(rows.num_rows for rows in parts) for key, parts in self._data.items()
+            },
         )
 
     def client(self) -> FakeClient:
@@ -249,10 +262,12 @@ class FakePort:
             self._scratch = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
         scratch = self._scratch
         scratch.execute("BEGIN TRANSACTION")
+        registered: list[str] = []
         try:
             refusal = select_refusal(scratch, fragment.sql)
             if refusal is not None:
                 raise FragmentFailed(str(refusal), refusal.duckdb_error)
+            inputs = _worker_inputs(fragment)
             for table, partition in fragment.reads:
                 parts, spec = self._table_at(index, table)
                 assert 0 <= partition < len(parts), (table, partition, len(parts))
@@ -263,10 +278,18 @@ class FakePort:
                     scratch, partition_table_sql(table, partition), spec, parts[partition]
                 )
             try:
+                for name, rows in inputs.items():
+                    scratch.register(name, rows)
+                    registered.append(name)
                 return scratch.sql(fragment.sql).to_arrow_table()
             except duckdb.Error as error:
                 raise FragmentFailed(str(error), type(error).__name__) from error
         finally:
+            for name in registered:
+                try:
+                    scratch.unregister(name)
+                except duckdb.Error:
+                    pass  # the failed statement aborted the transaction; ROLLBACK drops it
             scratch.execute("ROLLBACK")
 
     # -- what tests look at ------------------------------------------------------------------
@@ -415,6 +438,15 @@ class FakePort:
             ).fetchall()
         finally:
             self._engine.unregister("inserted_rows")
+
+
+def _worker_inputs(fragment: Fragment) -> dict[str, pa.Table]:
+    """The fragment's inputs as a worker gets them: through Arrow IPC, checked."""
+    encoded = [(name, encode_fragment_input(rows)) for name, rows in fragment.inputs]
+    try:
+        return decode_fragment_inputs(encoded)
+    except FragmentInputError as error:
+        raise FragmentFailed(str(error), "") from error
 
 
 def _load_partition(

@@ -54,7 +54,11 @@ def scans(coordinator: Coordinator, sql: str) -> dict[str, str] | str:
     whole = [row[2] for row in rows if row[0] == "whole tables"]
     if whole:
         return str(whole[0])
-    return {str(row[0]).removeprefix("scan "): str(row[2]) for row in rows[1:]}
+    return {
+        str(row[0]).removeprefix("scan "): str(row[2])
+        for row in rows[1:]
+        if str(row[0]).startswith("scan ")
+    }
 
 
 def same_answer(pair: Pair, sql: str, parameters: Any = None) -> None:

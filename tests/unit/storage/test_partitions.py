@@ -176,6 +176,38 @@ def test_a_snapshot_keeps_its_state_while_applies_continue(store: PartitionStore
         snapshot.scan("t", 0)
 
 
+def test_a_query_reads_its_inputs_by_name_only_while_it_runs(store: PartitionStore) -> None:
+    store.apply(1, [CreateTable("t", 0, COLUMNS), Insert("t", 0, rows(range(10)))])
+    keys = pa.table({"k": pa.array([2, 3, 5, 7, 11], pa.int64())})
+    wanted = f"SELECT id FROM {partition_table_sql('t', 0)} WHERE id IN (SELECT k FROM keys_0)"
+    with store.read_at(1) as snapshot:
+        assert ids(snapshot.query(wanted + " ORDER BY id", {"keys_0": keys})) == [2, 3, 5, 7]
+        both = snapshot.query(
+            "SELECT count(*) AS n FROM keys_0, keys_1", {"keys_0": keys, "keys_1": keys}
+        )
+        assert both.to_pylist() == [{"n": 25}]
+        with pytest.raises(OperationRejected, match="keys_0"):  # gone once the query ran
+            snapshot.query("SELECT * FROM keys_0")
+        # A query that fails while binding leaves nothing registered either.
+        with pytest.raises(OperationRejected, match="nope"):
+            snapshot.query("SELECT nope FROM keys_0", {"keys_0": keys})
+        with pytest.raises(OperationRejected, match="keys_0"):
+            snapshot.query("SELECT * FROM keys_0")
+        # Without inputs a query is as before; the snapshot still serves.
+        assert ids(snapshot.scan("t", 0)) == list(range(10))
+        assert snapshot.query("SELECT 1 AS one", {}).to_pylist() == [{"one": 1}]
+
+
+def test_a_query_that_aborts_with_inputs_raises_its_own_error(store: PartitionStore) -> None:
+    """A failure while running aborts the snapshot's transaction: DuckDB's error comes out,
+    not the one unregistering inside the aborted transaction would give."""
+    store.apply(1, [CreateTable("t", 0, COLUMNS), Insert("t", 0, rows(range(3)))])
+    keys = pa.table({"k": ["a", "x"]})
+    with store.read_at(1) as snapshot:
+        with pytest.raises(OperationRejected, match="Conversion Error"):
+            snapshot.query("SELECT k::INTEGER FROM keys_0", {"keys_0": keys})
+
+
 def test_reads_run_without_partial_aggregate_pushdown(store: PartitionStore) -> None:
     """It pre-aggregated half of TPC-H's orders by key below q12's join (5x slower)."""
     store.apply(1, [])

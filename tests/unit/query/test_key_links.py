@@ -1,0 +1,186 @@
+"""Key links in narrowed gathers (query.scans): a small table's scan runs first, and the
+distinct values of its join column go with the scan of a big table joined to it on that
+column, which then sends only rows that can find a partner.
+
+Each shape is checked two ways: what EXPLAIN says each scan runs (which scans wait for
+key sets, and which must not), and the answer beside single-node DuckDB. Row counts come
+from the fake cluster's exact `table_rows`; the least size worth reducing is lowered to
+fit these small tables.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from query import scans
+from query.coordinator import Coordinator
+from tests.unit.query.fake_port import FakePort
+from tests.unit.query.harness import beside_duckdb
+from tests.unit.query.test_scans import generated_query
+
+SETUP = [
+    "CREATE TABLE fact (id BIGINT, dk INTEGER, pk BIGINT, v INTEGER) "
+    "PARTITION BY HASH(id) PARTITIONS 3",
+    "CREATE TABLE dim (k BIGINT, name VARCHAR, grp INTEGER) PARTITION BY HASH(k) PARTITIONS 2",
+    "CREATE TABLE tiny (g INTEGER, label VARCHAR) REFERENCE",
+    "CREATE TABLE prod (pk UBIGINT, kind VARCHAR) PARTITION BY HASH(pk) PARTITIONS 2",
+    "INSERT INTO fact SELECT i, CASE WHEN i % 11 = 0 THEN NULL ELSE i % 40 END, "
+    "i % 17, i % 7 FROM range(600) t(i)",
+    "INSERT INTO dim SELECT CASE WHEN i = 3 THEN NULL ELSE i END, 'n' || (i % 5), i % 4 "
+    "FROM range(40) t(i)",
+    "INSERT INTO tiny VALUES (0, 'zero'), (1, 'one'), (2, NULL), (NULL, 'none')",
+    "INSERT INTO prod SELECT i, CASE WHEN i % 3 = 0 THEN 'a' ELSE 'b' END FROM range(17) t(i)",
+]
+
+Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
+
+
+@pytest.fixture(autouse=True)
+def small_tables_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tables are far below the size a real cluster reduces."""
+    monkeypatch.setattr(scans, "TARGET_ROWS_MIN", 0)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    with beside_duckdb(SETUP) as pair:
+        pair[1].catalog(refresh=True)  # row counts after the inserts
+        yield pair
+
+
+def explained(coordinator: Coordinator, sql: str) -> dict[str, tuple[str, str]]:
+    """Step -> (where, SQL) of EXPLAIN's rows."""
+    rows = coordinator.execute("EXPLAIN " + sql).fetchall()
+    assert rows[0][0] == "gather", rows
+    return {str(row[0]): (str(row[1]), str(row[2])) for row in rows[1:]}
+
+
+def same_answer(pair: Pair, sql: str) -> None:
+    coordinator, _, reference = pair
+    expected = sorted(reference.execute(sql).fetchall(), key=repr)
+    assert sorted(coordinator.execute(sql).fetchall(), key=repr) == expected, sql
+
+
+def fact_rows_sent(pair: Pair, sql: str) -> int:
+    coordinator, _, _ = pair
+    rows = coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    return sum(int(row[3]) for row in rows if row[0] == "scanned main.fact")
+
+
+NOT_JOINED = "SELECT count(*) FROM fact WHERE v = 1"
+
+
+# (query, the fact scan's WHERE once the dim keys are in)
+REDUCED = [
+    (
+        "SELECT sum(fact.v) FROM fact JOIN dim ON fact.dk = dim.k WHERE dim.name = 'n1'",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # a condition of its own and the link, in one place
+        "SELECT count(*) FROM fact, dim WHERE dim.k = fact.dk AND dim.grp = 2 AND fact.v > 2",
+        '((v > 2)) AND ("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # a chain: tiny narrows dim, whose keys narrow fact (three rounds)
+        "SELECT tiny.label, count(*) FROM fact JOIN dim ON fact.dk = dim.k "
+        "JOIN tiny ON dim.grp = tiny.g WHERE tiny.label = 'one' GROUP BY ALL",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # ON of a LEFT JOIN filters its right side
+        "SELECT count(*) FROM dim LEFT JOIN fact ON fact.dk = dim.k AND fact.v = 3 "
+        "WHERE dim.name = 'n2'",
+        '((v = 3)) AND ("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # UBIGINT against BIGINT: the key set keeps prod's type, compared as `=` would
+        "SELECT count(*) FROM fact JOIN prod ON fact.pk = prod.pk WHERE prod.kind = 'a'",
+        '("pk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+]
+
+
+@pytest.mark.parametrize("sql, condition", REDUCED, ids=range(len(REDUCED)))
+def test_a_big_table_waits_for_the_small_ones_keys(pair: Pair, sql: str, condition: str) -> None:
+    coordinator, _, _ = pair
+    steps = explained(coordinator, sql)
+    where, fact_sql = steps["scan main.fact"]
+    assert fact_sql.endswith(f"WHERE {condition}"), fact_sql
+    assert "round" in where, where
+    assert any(step.startswith("keys of ") for step in steps), steps
+    same_answer(pair, sql)
+    everything = coordinator.execute("SELECT count(*) FROM fact").fetchall()[0][0]
+    assert fact_rows_sent(pair, sql) < everything
+
+
+# Shapes where fact's rows must all be sent (or the link is of no use).
+NOT_REDUCED = [
+    # fact is on the preserved side of a LEFT JOIN: its rows reach the result unmatched
+    "SELECT count(*), sum(fact.v) FROM fact LEFT JOIN dim ON fact.dk = dim.k AND dim.grp = 1",
+    # FULL JOIN preserves both
+    "SELECT count(*) FROM fact FULL JOIN dim ON fact.dk = dim.k WHERE dim.grp = 1 OR TRUE",
+    # an OR: some rows pass without a partner
+    "SELECT count(*) FROM fact, dim WHERE fact.dk = dim.k OR fact.v = 1",
+    # dim is not narrowed: all its keys would be sent for nothing
+    "SELECT count(*) FROM fact JOIN dim ON fact.dk = dim.k",
+    # fact read a second time, with no condition there
+    "SELECT count(*) FROM fact JOIN dim ON fact.dk = dim.k WHERE dim.grp = 1 "
+    "AND fact.v IN (SELECT v FROM fact)",
+    # not equality, not integers, or an expression
+    "SELECT count(*) FROM fact JOIN dim ON fact.dk < dim.k WHERE dim.grp = 1",
+    "SELECT count(*) FROM fact JOIN dim ON CAST(fact.dk AS VARCHAR) = dim.name WHERE dim.grp = 1",
+    "SELECT count(*) FROM fact JOIN dim ON fact.dk + 0 = dim.k WHERE dim.grp = 1",
+    # a correlated subquery's condition stays in the subquery
+    "SELECT count(*) FROM dim WHERE dim.grp = 1 AND EXISTS "
+    "(SELECT 1 FROM fact WHERE fact.dk = dim.k)",
+]
+
+
+@pytest.mark.parametrize("sql", NOT_REDUCED, ids=range(len(NOT_REDUCED)))
+def test_a_table_whose_rows_can_reach_the_result_unmatched_is_not_reduced(
+    pair: Pair, sql: str
+) -> None:
+    coordinator, _, _ = pair
+    steps = explained(coordinator, sql)
+    _, fact_sql = steps["scan main.fact"]
+    assert "dcluster_keys" not in fact_sql, fact_sql
+    same_answer(pair, sql)
+
+
+def test_a_key_set_over_the_limit_is_not_sent(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    sql = REDUCED[0][0]
+    coordinator, _, _ = pair
+    reduced = fact_rows_sent(pair, sql)
+    monkeypatch.setattr(scans, "KEYS_MAX", 2)
+    assert fact_rows_sent(pair, sql) > reduced
+    same_answer(pair, sql)
+
+
+def test_key_sets_hold_distinct_values_without_nulls() -> None:
+    rows = pa.table({"k": pa.array([3, None, 1, 3, None, 2], pa.int32())})
+    keys = scans.key_set(rows, "k")
+    assert keys is not None
+    assert keys.schema.field("k").type == pa.int32()
+    assert sorted(keys.column("k").to_pylist()) == [1, 2, 3]
+    assert scans.key_set(rows, "missing") is None
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_generated_queries_with_every_link_taken(
+    seed: int, monkeypatch: pytest.MonkeyPatch, generated_pair: Pair
+) -> None:
+    """test_scans' generated queries (inner, outer, semi, anti and comma joins, ORs,
+    subqueries), with any smaller narrowed table allowed to reduce a bigger one."""
+    monkeypatch.setattr(scans, "REDUCTION_RATIO", 1)
+    same_answer(generated_pair, generated_query(random.Random(seed)))
+
+
+@pytest.fixture(scope="module")
+def generated_pair() -> Iterator[Pair]:
+    from tests.unit.query.test_scans import SETUP as SCANS_SETUP
+
+    with beside_duckdb(SCANS_SETUP) as pair:
+        pair[1].catalog(refresh=True)  # row counts after the inserts
+        yield pair
