@@ -335,6 +335,11 @@ class _Scans:
             self.by_name.setdefault(spec.name.lower(), []).append(key)
         self.references: dict[int, _Reference] = {}
         self.cte_names: set[str] = set()
+        self.outer_scopes: dict[int, list[list[Node]]] = {}
+        """SELECT node -> the FROM leaves of the SELECTs whose expressions it is a
+        subquery of, innermost first (correlated columns bind there)."""
+        self._outer: list[list[Node]] = []
+        """The outer scopes of the SELECT whose conditions are being pushed."""
 
     def plan(self, tree: Node, sql: str) -> ScanPlan:
         nodes = list(_ast.walk(tree))
@@ -368,6 +373,7 @@ class _Scans:
         self._mark_whole_rows(tree, [])
         volatile = bool(ddl.volatile_functions(sql, self.con))
         if not volatile:
+            self._note_outer_scopes(tree, [])
             for item in nodes:
                 if item.get("type") == "SELECT_NODE":
                     self._push_conditions(item)
@@ -502,9 +508,30 @@ class _Scans:
 
     # ---- which rows ----
 
+    def _note_outer_scopes(self, value: object, outer: list[list[Node]]) -> None:
+        """Fill `outer_scopes`. Only expression subqueries see outer scopes here: a FROM
+        subquery (which DuckDB may bind laterally), an ON clause's subquery and a CTE get
+        none, so their outer columns link nothing."""
+        if isinstance(value, list):
+            for child in value:
+                self._note_outer_scopes(child, outer)
+            return
+        if not isinstance(value, dict):
+            return
+        inside = outer
+        if value.get("type") == "SELECT_NODE":
+            self.outer_scopes[id(value)] = outer
+            inside = [list(_leaves(value["from_table"])), *outer]
+        for key, child in value.items():
+            if key in ("from_table", "cte_map"):
+                self._note_outer_scopes(child, [])
+            else:
+                self._note_outer_scopes(child, inside)
+
     def _push_conditions(self, select: Node) -> None:
         """Give each table read in `select`'s FROM the conjuncts that filter it exactly."""
         scope = list(_leaves(select["from_table"]))
+        self._outer = self.outer_scopes.get(id(select), [])
         inner = self._join_conditions(select["from_table"], scope)
         for term in _ast.conjuncts(select.get("where_clause")):
             self._push(term, inner, scope)
@@ -563,7 +590,9 @@ class _Scans:
 
     def _link(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
         """`a.x = b.y` over two cluster tables' integer columns: each side among `targets`
-        gets a key link to the other (its rows need an equal value there to pass)."""
+        gets a key link to the other (its rows need an equal value there to pass). The
+        other side may be a table of an enclosing SELECT (a correlated subquery): rows
+        equal to no value of it are never looked at, whatever the subquery is."""
         if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
             return
         sides = [term.get("left"), term.get("right")]
@@ -573,6 +602,8 @@ class _Scans:
         for side in sides:
             assert isinstance(side, dict)
             leaf = self._owner(side, scope)
+            if leaf is None:
+                leaf = self._outer_owner(side, scope)
             reference = None if leaf is None else self.references.get(id(leaf))
             if leaf is None or reference is None:
                 return
@@ -592,6 +623,34 @@ class _Scans:
         ):
             if any(leaf is item for item in targets):
                 target.links.append(KeyLink(column, source.key, source_column))
+
+    def _outer_owner(self, column: Node, scope: list[Node]) -> Node | None:
+        """The leaf of an enclosing SELECT a column reference surely binds to: it surely
+        binds to nothing in `scope` or any scope between, and surely to that leaf."""
+        for outer in [scope, *self._outer]:
+            if outer is not scope:
+                owner = self._owner(column, outer)
+                if owner is not None:
+                    return owner
+            if not self._surely_absent(column, outer):
+                return None
+        return None
+
+    def _surely_absent(self, column: Node, scope: list[Node]) -> bool:
+        """No leaf of `scope` can bind the reference (`c`, or `q.c`: nor a struct `q`)."""
+        names = [str(name).lower() for name in column["column_names"]]
+        if len(names) > 2:
+            return False
+        for leaf in scope:
+            reference = self.references.get(id(leaf))
+            if reference is None or reference.renamed:
+                return False
+            columns = {name.lower() for name, _ in self.columns_of(self.specs[reference.key])}
+            if names[0] in columns or (len(names) == 2 and names[0] == reference.name.lower()):
+                return False
+            if len(names) == 2 and names[0] == reference.key.split(".", 1)[1]:
+                return False
+        return True
 
     def _sole_owner(self, term: Node, scope: list[Node]) -> Node | None:
         """The one table all of a movable condition's columns belong to, else None."""

@@ -95,6 +95,20 @@ REDUCED = [
         "WHERE dim.name = 'n2'",
         '((v = 3)) AND ("dk" IN (SELECT k FROM dcluster_keys_0))',
     ),
+    (  # a correlated subquery: fact rows equal to no dim key are never looked at
+        "SELECT count(*) FROM dim WHERE dim.grp = 1 AND EXISTS "
+        "(SELECT 1 FROM fact WHERE fact.dk = dim.k)",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (
+        "SELECT count(*) FROM dim WHERE grp = 1 AND NOT EXISTS "
+        "(SELECT 1 FROM fact WHERE fact.dk = dim.k AND fact.v = 2)",
+        '((v = 2)) AND ("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # unqualified: k is not fact's, so it is dim's
+        "SELECT k, (SELECT sum(v) FROM fact WHERE dk = k) FROM dim WHERE grp = 2",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
     (  # UBIGINT against BIGINT: the key set keeps prod's type, compared as `=` would
         "SELECT count(*) FROM fact JOIN prod ON fact.pk = prod.pk WHERE prod.kind = 'a'",
         '("pk" IN (SELECT k FROM dcluster_keys_0))',
@@ -132,9 +146,13 @@ NOT_REDUCED = [
     "SELECT count(*) FROM fact JOIN dim ON fact.dk < dim.k WHERE dim.grp = 1",
     "SELECT count(*) FROM fact JOIN dim ON CAST(fact.dk AS VARCHAR) = dim.name WHERE dim.grp = 1",
     "SELECT count(*) FROM fact JOIN dim ON fact.dk + 0 = dim.k WHERE dim.grp = 1",
-    # a correlated subquery's condition stays in the subquery
-    "SELECT count(*) FROM dim WHERE dim.grp = 1 AND EXISTS "
-    "(SELECT 1 FROM fact WHERE fact.dk = dim.k)",
+    # a FROM subquery may bind dim laterally: not followed
+    "SELECT count(*) FROM dim, (SELECT v FROM fact WHERE fact.dk = dim.k) s WHERE dim.grp = 1",
+    # k binds to the inner VALUES-like subquery (7, not a key of dim where grp = 1)
+    "SELECT count(*) FROM dim WHERE grp = 1 AND EXISTS "
+    "(SELECT 1 FROM fact, (SELECT 7 AS k) z WHERE fact.dk = k)",
+    # pk binds to fact's own pk, not prod's: a condition of fact alone
+    "SELECT count(*) FROM prod WHERE kind = 'a' AND EXISTS (SELECT 1 FROM fact WHERE dk = pk)",
 ]
 
 
@@ -165,6 +183,36 @@ def test_key_sets_hold_distinct_values_without_nulls() -> None:
     assert keys.schema.field("k").type == pa.int32()
     assert sorted(keys.column("k").to_pylist()) == [1, 2, 3]
     assert scans.key_set(rows, "missing") is None
+
+
+DIM_CONDITIONS = ["dim.grp = 1", "dim.name = 'n2'", "dim.k IS NULL", "dim.grp <> 3", "dim.k > 20"]
+FACT_CONDITIONS = ["fact.v = 2", "fact.v IS NULL", "fact.pk > 5", "fact.dk IS NULL", "fact.v < 4"]
+
+
+def correlated_query(rng: random.Random) -> str:
+    """dim (narrowed) outside, fact in a subquery correlated on dk = k: EXISTS, NOT
+    EXISTS, IN, scalar, nested, with or without conditions of its own."""
+    inner = " AND ".join(["fact.dk = dim.k", *rng.sample(FACT_CONDITIONS, rng.randint(0, 2))])
+    subquery = rng.choice(
+        [
+            f"EXISTS (SELECT 1 FROM fact WHERE {inner})",
+            f"NOT EXISTS (SELECT 1 FROM fact WHERE {inner})",
+            f"dim.grp IN (SELECT fact.v FROM fact WHERE {inner})",
+            f"dim.grp NOT IN (SELECT fact.v FROM fact WHERE {inner})",
+            f"coalesce((SELECT sum(fact.v) FROM fact WHERE {inner}), -1) > 3",
+            f"(SELECT count(*) FROM fact WHERE {inner}) = 0",
+            f"EXISTS (SELECT 1 FROM prod WHERE prod.pk = dim.grp AND "
+            f"EXISTS (SELECT 1 FROM fact WHERE {inner} AND fact.pk = prod.pk))",
+        ]
+    )
+    outer = [*rng.sample(DIM_CONDITIONS, rng.randint(1, 2)), subquery]
+    select = rng.choice(["count(*)", "dim.k, dim.name", f"dim.k, ({subquery})"])
+    return f"SELECT {select} FROM dim WHERE {' AND '.join(outer)}"
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_generated_correlated_subqueries(pair: Pair, seed: int) -> None:
+    same_answer(pair, correlated_query(random.Random(seed)))
 
 
 @pytest.mark.parametrize("seed", range(60))
