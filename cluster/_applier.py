@@ -9,9 +9,10 @@
   partition tables, checked by DuckDB's own parser to be exactly one SELECT, and over the
   fragment's named Arrow inputs, checked and decoded before any SQL runs), inside those
   snapshots and hands the rows to the loop. A fragment's inputs are registered on the
-  snapshot's cursor only while its SQL runs: the next read on that cursor never sees them. A fragment may not reach outside the store
-  (the store's DuckDB has external access off: a file or URL it names is refused) and may
-  run for at most its time limit, after which the loop interrupts it (cluster._fragment_watch).
+  snapshot's cursor only while its SQL runs: the next read on that cursor never sees
+  them. A fragment may not reach outside the store (the store's DuckDB has external
+  access off: a file or URL it names is refused) and may run for at most its time limit,
+  after which the loop interrupts it (cluster._fragment_watch).
 - stage lane: writes staged rows durably (fsync) and tells the loop to acknowledge.
 
 Exactly once: the store skips any entry at or below its applied index (committed in the
