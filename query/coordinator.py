@@ -80,7 +80,7 @@ from query.port import (
     FragmentFailed,
     PortError,
 )
-from query.scans import KEYS_MAX, KeyLink, ScanPlan, key_names, plan_scans, read_scans, schedule
+from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, schedule
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
@@ -574,7 +574,8 @@ class Coordinator:
                         where = "one node" if scan.spec.reference else "every partition"
                         if number:
                             where += f", round {number + 1}"
-                        used = {pair: names[pair] for pair in names if pair in _sources(links)}
+                        pairs = [(link.source, link.source_column) for link in links]
+                        used = {pair: names[pair] for pair in pairs}
                         steps.append((f"scan {scan.key}", where, scan.select_sql(used), None, None))
                 for (source, column), name in names.items():
                     why = f"{name}: distinct {column} of the {source} scan, if at most {KEYS_MAX:,}"
@@ -843,7 +844,3 @@ def _refuse_volatile_default(
             "holder would compute its own values for the existing rows and replicas would "
             "differ. Add the column without that DEFAULT, then UPDATE it"
         )
-
-
-def _sources(links: tuple[KeyLink, ...]) -> set[tuple[str, str]]:
-    return {(link.source, link.source_column) for link in links}

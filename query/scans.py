@@ -170,23 +170,20 @@ def schedule(
     scanned in earlier rounds. A link is used when its source is estimated (`table_rows`)
     to be REDUCTION_RATIO times smaller than a table of TARGET_ROWS_MIN rows or more, is
     itself narrowed (a condition, or a link of its own), and using it changes the scan's
-    condition. Smaller tables come first, so no two
-    scans wait for each other."""
+    condition. Smaller tables come first, so no two scans wait for each other."""
     unknown = float("inf")
 
     def size(key: str) -> float:
         return table_rows.get(key, unknown)
 
-    ordered = sorted(plan.scans, key=lambda scan: (size(scan.key), scan.key))
     round_of: dict[str, int] = {}
+    links_of: dict[str, tuple[KeyLink, ...]] = {}
     narrowed: set[str] = set()
-    placed: list[tuple[int, TableScan, tuple[KeyLink, ...]]] = []
-    for scan in ordered:
+    for scan in sorted(plan.scans, key=lambda scan: (size(scan.key), scan.key)):
         links = tuple(
             link
             for link in scan.links
-            if link.source in round_of
-            and link.source in narrowed
+            if link.source in narrowed  # so scanned before this one
             and round_of[link.source] + 1 < ROUNDS_MAX
             and size(link.source) * REDUCTION_RATIO <= size(scan.key) < unknown
             and size(scan.key) >= TARGET_ROWS_MIN
@@ -194,17 +191,15 @@ def schedule(
         names = {(link.source, link.source_column): "k" for link in links}
         if links and scan.condition(names) == scan.condition({}):
             links = ()  # some place reads every row whatever the keys
-        number = max((round_of[link.source] + 1 for link in links), default=0)
-        round_of[scan.key] = number
+        round_of[scan.key] = max((round_of[link.source] + 1 for link in links), default=0)
+        links_of[scan.key] = links
         if links or scan.filter is not None:
             narrowed.add(scan.key)
-        placed.append((number, scan, links))
     rounds: list[list[tuple[TableScan, tuple[KeyLink, ...]]]] = [
         [] for _ in range(max(round_of.values(), default=-1) + 1)
     ]
     for scan in plan.scans:  # each round in the plan's order
-        number, _, links = next(item for item in placed if item[1] is scan)
-        rounds[number].append((scan, links))
+        rounds[round_of[scan.key]].append((scan, links_of[scan.key]))
     return rounds
 
 
@@ -249,11 +244,8 @@ def read_scans(
     for scans in rounds:
         asked = []
         for scan, links in scans:
-            usable = {
-                (link.source, link.source_column): names[(link.source, link.source_column)]
-                for link in links
-                if names[(link.source, link.source_column)] in inputs
-            }
+            pairs = [(link.source, link.source_column) for link in links]
+            usable = {pair: names[pair] for pair in pairs if names[pair] in inputs}
             asked.append((scan, scan.fragments(usable, inputs)))
         results = iter(fetch([fragment for _, fragments in asked for fragment in fragments]))
         for scan, fragments in asked:
@@ -609,9 +601,8 @@ class _Scans:
                 return
             name = str(side["column_names"][-1]).lower()
             stored = self.columns_of(self.specs[reference.key])
-            column = next((c for c, kind in stored if c.lower() == name), None)
-            kind = next((kind for c, kind in stored if c.lower() == name), "")
-            if column is None or kind.upper() not in _KEY_TYPES:
+            column, kind = next(((c, k) for c, k in stored if c.lower() == name), ("", ""))
+            if kind.upper() not in _KEY_TYPES:
                 return
             ends.append((leaf, reference, column))
         (leaf_a, a, column_a), (leaf_b, b, column_b) = ends
