@@ -16,7 +16,8 @@ relative 1e-9). A query the cluster refuses or fails (any exception) is reported
 table, not fatal.
 
 Printed per query: both times, their ratio, whether the answers are identical, and the
-bytes the workers sent the coordinator for it (`bytes_moved`, from EXPLAIN ANALYZE); then
+bytes moved between the workers and the coordinator for it, both ways (`bytes_moved`, from
+EXPLAIN ANALYZE); then
 the geometric mean and the largest ratio, against the targets: all identical, geometric
 mean at most 1.3, no query over 3x.
 

@@ -55,7 +55,7 @@ SQL_ENTRY_MARK = b"\xc1"
 """First byte of every SQL log entry (never the first byte of valid msgpack)."""
 STATEMENT_TEXT_CHARS_MAX = 200
 """Statement text kept in a command (for logs); longer statements are cut."""
-FRAGMENT_INPUT_NAME = re.compile(r"dcluster_keys_[0-9]+", re.ASCII)
+FRAGMENT_INPUT_NAME = re.compile(r"dcluster_(?:keys|rows)_[0-9]+", re.ASCII)
 """What a fragment input's name must match, whole: a plain lower-case identifier, needing
 no quotes, that no partition table (`<table>__p<n>`) can be."""
 FRAGMENT_INPUTS_BYTES_MAX = FRAME_BYTES_MAX_DEFAULT - (8 << 20)

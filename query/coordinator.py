@@ -25,6 +25,7 @@ outcome may be unknown (the port's message says so).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import time
@@ -106,6 +107,10 @@ __all__ = [
     "cluster_error",
 ]
 
+BROADCAST_BYTES_MAX = 32 * 1024 * 1024
+"""Broadcast tables scanned to more bytes than this (together) are not sent: the query is
+gathered instead (`cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` bounds a fragment's
+inputs)."""
 WRITE_ATTEMPTS_MAX = 8
 """Times a statement is planned and run again after its commit met a Conflict."""
 BACKOFF_FIRST_S = 0.002
@@ -466,6 +471,7 @@ class Coordinator:
             work.specs,
             lambda spec: [name for name, _ in work.stored_columns(spec)],
             names,
+            lambda: self._scan_plan(view, sql),
         )
         return plan, names, types
 
@@ -473,8 +479,9 @@ class Coordinator:
         self, sql: str, consistency: str, trace: list[tuple[str, ...]] | None
     ) -> tuple[pa.Table, list[str], Distributed | Gather] | None:
         """Run a SELECT as planned on the partitions; None when the plan is to gather (or a
-        fragment raised, so the query is run as written for DuckDB's own error).
-        `trace` (EXPLAIN ANALYZE) receives each fragment's node, rows and bytes."""
+        fragment raised, so the query is run as written for DuckDB's own error; or the
+        broadcast tables came to more than BROADCAST_BYTES_MAX). `trace` (EXPLAIN ANALYZE)
+        receives (step, node, rows, bytes) for every broadcast scan and fragment."""
         view = self._port.catalog()
         plan, names, types = self._plan(view, sql)
         if not isinstance(plan, Distributed):
@@ -488,16 +495,31 @@ class Coordinator:
                 self._port.release(index)
                 return None  # the catalog moved: the gather path re-reads it at a barrier
         try:
-            results = self._port.fragments(index, plan.fragments)
+            fragments = plan.fragments
+            if plan.broadcasts:
+                inputs = self._broadcast(index, plan, trace)
+                if inputs is None:
+                    return None
+                fragments = tuple(
+                    dataclasses.replace(fragment, inputs=fragment.inputs + inputs)
+                    for fragment in fragments
+                )
+            results = self._port.fragments(index, fragments)
             parts = [
                 result.rows.rename_columns([f"c{i}" for i in range(result.rows.num_columns)])
                 for result in results
             ]
             rows = pa.concat_tables(parts, promote_options="permissive")
             if trace is not None:
-                for result in results:
+                for result, partition in zip(results, plan.partitions, strict=True):
+                    rows_sent = result.rows
                     trace.append(
-                        (str(result.node), str(result.rows.num_rows), str(result.rows.nbytes))
+                        (
+                            f"partition {partition}",
+                            f"node {result.node}",
+                            str(rows_sent.num_rows),
+                            str(rows_sent.nbytes),
+                        )
                     )
             con = self._work.con
             raw = f"{FRAGMENTS_RELATION}_raw"
@@ -528,6 +550,38 @@ class Coordinator:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
                 return None
         return table, types, plan
+
+    def _broadcast(
+        self, index: int, plan: Distributed, trace: list[tuple[str, ...]] | None
+    ) -> tuple[tuple[str, pa.Table], ...] | None:
+        """The broadcast tables' scanned rows at barrier `index`, named for the fragments'
+        inputs; None when together they exceed BROADCAST_BYTES_MAX."""
+        asked = [(broadcast, broadcast.scan.fragments()) for broadcast in plan.broadcasts]
+        results = iter(self._port.fragments(index, [f for _, fs in asked for f in fs]))
+        inputs = []
+        for broadcast, fragments in asked:
+            parts = [next(results) for _ in fragments]
+            if trace is not None:
+                for part in parts:
+                    trace.append(
+                        (
+                            f"scanned {broadcast.scan.key}",
+                            f"node {part.node}",
+                            str(part.rows.num_rows),
+                            str(part.rows.nbytes),
+                        )
+                    )
+            rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
+            inputs.append((broadcast.name, rows))
+        size = sum(rows.nbytes for _, rows in inputs)
+        if size > BROADCAST_BYTES_MAX:
+            return None
+        if trace is not None:
+            for name, rows in inputs:
+                sent = str(rows.nbytes * len(plan.fragments))
+                where = f"sent as {name} to {len(plan.fragments)} fragments"
+                trace.append((f"broadcast {name}", where, str(rows.num_rows), sent))
+        return tuple(inputs)
 
     def _gathered_read(
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
@@ -581,46 +635,35 @@ class Coordinator:
                     why = f"{name}: distinct {column} of the {source} scan, if at most {KEYS_MAX:,}"
                     steps.append((f"keys of {source}.{column}", "coordinator", why, None, None))
             if analyze:
-                started = self._clock.monotonic_ns()
-                scanned_parts: list[tuple[str, ...]] = []
-                scanned = None
-                if not isinstance(scans, str):
-                    scanned = self._scanned_read(statement.sql, None, consistency, scanned_parts)
-                if scanned is None:
-                    scanned_parts = []
-                    result = self._gathered_read(
-                        statement, tokens(statement.sql), None, consistency
-                    )
-                    answered = len(result)
-                else:
-                    answered = 0 if scanned[0] is None else scanned[0].num_rows
-                elapsed = (self._clock.monotonic_ns() - started) / 1e9
-                for key, node, count, size in scanned_parts:
-                    if key.startswith("keys of "):  # a key set sent with later scans
-                        steps.append((key, f"sent as {node}", "", count, size))
-                    else:
-                        steps.append((f"scanned {key}", f"node {node}", "", count, size))
-                steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
+                steps += self._analyzed_gather(statement, consistency, not isinstance(scans, str))
         else:
             where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
             steps.append(("plan", "coordinator", plan.tier, None, None))
+            for broadcast in plan.broadcasts:
+                detail = f"{broadcast.scan.select_sql()}, sent as {broadcast.name}"
+                steps.append(
+                    (f"broadcast {broadcast.scan.key}", "every fragment", detail, None, None)
+                )
             steps.append(("fragment", where, plan.fragment_sql, None, None))
             trace: list[tuple[str, ...]] = []
             if analyze:
                 started = self._clock.monotonic_ns()
                 outcome = self._distributed_read(statement.sql, consistency, trace)
                 elapsed = (self._clock.monotonic_ns() - started) / 1e9
+                for step, node, rows, size in trace:
+                    steps.append((step, node, "", rows, size))
                 if outcome is None:
-                    steps.append(("gather", "coordinator", "the catalog moved", None, None))
-                for (node, rows, size), partition in zip(trace, plan.partitions, strict=False):
-                    steps.append((f"partition {partition}", f"node {node}", "", rows, size))
+                    why = "the catalog moved, or the broadcast tables were too large"
+                    steps.append(("gather", "coordinator", why, None, None))
+                    steps += self._analyzed_gather(statement, consistency, True)
             else:
                 for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
                     holders = ", ".join(str(node) for node in fragment.holders)
                     steps.append(
                         (f"partition {partition}", f"one of nodes {holders}", "", None, None)
                     )
-            steps.append(("merge", "coordinator", plan.merge_sql, None, None))
+            if not analyze or outcome is not None:
+                steps.append(("merge", "coordinator", plan.merge_sql, None, None))
             if analyze and outcome is not None:
                 steps.append(
                     ("result", "coordinator", f"{elapsed:.6f} s", str(outcome[0].num_rows), None)
@@ -633,6 +676,32 @@ class Coordinator:
             }
         )
         return self._result(table, ["VARCHAR"] * len(columns))
+
+    def _analyzed_gather(
+        self, statement: Statement, consistency: str, narrowed: bool
+    ) -> list[tuple[str, str, str, str | None, str | None]]:
+        """EXPLAIN ANALYZE's steps for a gathered query: run it over narrowed scans (or,
+        when there are none or they fail, over whole tables), and say what each moved."""
+        started = self._clock.monotonic_ns()
+        scanned_parts: list[tuple[str, ...]] = []
+        scanned = None
+        if narrowed:
+            scanned = self._scanned_read(statement.sql, None, consistency, scanned_parts)
+        if scanned is None:
+            scanned_parts = []
+            result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
+            answered = len(result)
+        else:
+            answered = 0 if scanned[0] is None else scanned[0].num_rows
+        elapsed = (self._clock.monotonic_ns() - started) / 1e9
+        steps: list[tuple[str, str, str, str | None, str | None]] = []
+        for key, node, count, size in scanned_parts:
+            if key.startswith("keys of "):  # a key set sent with later scans
+                steps.append((key, f"sent as {node}", "", count, size))
+            else:
+                steps.append((f"scanned {key}", f"node {node}", "", count, size))
+        steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
+        return steps
 
     # -- writes ------------------------------------------------------------------------------
 

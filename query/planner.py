@@ -28,6 +28,7 @@ tables (`storage.partitions.partition_table_sql`), so a worker runs them as they
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,13 +37,28 @@ import duckdb
 from query import _ast
 from query._ast import Node
 from query.port import CatalogView, Fragment
+from query.scans import ScanPlan, TableScan
 from storage import ddl
-from storage.ddl import TableSpec
+from storage.ddl import TableSpec, quote_identifier
 from storage.partitions import partition_table_name
 from storage.placement import partition_expression
 
 FRAGMENTS_RELATION = "dcluster_fragments"
 """The name the merge SQL reads the fragments' concatenated rows by."""
+BROADCAST_ROWS_MAX = 2_000_000
+"""A table estimated to have more rows is never broadcast."""
+BROADCAST_RATIO = 2
+"""A broadcast table is estimated to have this many times fewer rows than the largest
+table of the partitions the fragments run on, or it is not broadcast."""
+BROADCAST_INPUT = "dcluster_rows_{}"
+"""The input name a broadcast table travels under (`FRAGMENT_INPUT_NAME`)."""
+_BROADCAST_TYPES = re.compile(
+    r"BOOLEAN|TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT|UTINYINT|USMALLINT|UINTEGER|UBIGINT"
+    r"|FLOAT|DOUBLE|DECIMAL\(\d+,\d+\)|VARCHAR|BLOB|DATE|TIME|TIMESTAMP|TIMESTAMP_S"
+    r"|TIMESTAMP_MS|TIMESTAMP_NS|TIMESTAMP WITH TIME ZONE|INTERVAL"
+)
+"""Column types a broadcast table may have: each comes back from Arrow as itself, or as
+a type it casts back from exactly."""
 PINNED_VALUES_MAX = 1_000
 """IN-lists longer than this are not used to route (every partition is read)."""
 
@@ -84,10 +100,21 @@ class Distributed:
     partitions_total: int
     tables: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    broadcasts: tuple[Broadcast, ...] = ()
+    """Tables scanned first and sent with every fragment (`Fragment.inputs`)."""
 
 
 class _NotDistributable(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A table sent whole (as scanned: `scan`'s columns and rows) with every fragment,
+    under the input name `name`: the fragments read it as they read a reference table."""
+
+    scan: TableScan
+    name: str
 
 
 @dataclass
@@ -96,6 +123,14 @@ class _Leaf:
     key: str
     spec: TableSpec
     alias: str
+    position: int
+    """Its place among the FROM clause's tables, left to right (stable across copies)."""
+    broadcast: bool = False
+
+    @property
+    def replicated(self) -> bool:
+        """Every fragment reads all of its rows (a reference table, or broadcast)."""
+        return self.spec.reference or self.broadcast
 
 
 def plan_select(
@@ -105,12 +140,14 @@ def plan_select(
     specs: Mapping[str, TableSpec],
     columns_of: Callable[[TableSpec], Sequence[str]],
     output_names: Sequence[str],
+    scans: Callable[[], ScanPlan | str] | None = None,
 ) -> Distributed | Gather:
     """The plan of one SELECT bound against `con` (the work database, whose tables match
     `specs`); `columns_of(spec)` lists a table's columns, `output_names` the query's result
-    columns as DuckDB binds them."""
+    columns as DuckDB binds them. `scans()` gives the query's narrowed scans (query.scans),
+    which broadcast tables are read by; without it nothing is broadcast."""
     try:
-        return _Planner(con, view, specs, columns_of, output_names).plan(sql)
+        return _Planner(con, view, specs, columns_of, output_names, scans).plan(sql)
     except _NotDistributable as why:
         return Gather(str(why))
     except _ast.NotATree as error:
@@ -125,8 +162,12 @@ class _Planner:
         specs: Mapping[str, TableSpec],
         columns_of: Callable[[TableSpec], Sequence[str]],
         output_names: Sequence[str] = (),
+        scans: Callable[[], ScanPlan | str] | None = None,
     ) -> None:
         self.output_names = [name.lower() for name in output_names]
+        self._scans = scans
+        self._broadcast: dict[int, Broadcast] = {}
+        """FROM position -> how that table is broadcast."""
         self._aggregate_names: dict[str, bool] = {}
         self.con = con
         self.view = view
@@ -157,9 +198,10 @@ class _Planner:
         for item in _ast.walk(node):
             if item.get("class") == "PARAMETER":
                 raise _NotDistributable("a prepared parameter")
+        self._check_expressions(node)
+        self._choose_broadcasts(node)
         leaves = self._leaves(node["from_table"])
-        partitioned = [leaf for leaf in leaves if not leaf.spec.reference]
-        self._check_expressions(node, leaves)
+        partitioned = [leaf for leaf in leaves if not leaf.replicated]
         if not partitioned:
             return self._on_one_node(node, leaves)
         self._check_co_located(node, partitioned)
@@ -173,21 +215,103 @@ class _Planner:
     # ---- FROM ----
 
     def _leaves(self, ref: Node) -> list[_Leaf]:
+        """The tables of a FROM clause, left to right; raises for a shape not planned."""
+        positions = {id(table): i for i, table in enumerate(_base_tables(ref))}
+        return self._joined(ref, positions)
+
+    def _choose_broadcasts(self, node: Node) -> None:
+        """Split the partitioned tables into groups that are co-located and joined on their
+        partition keys. The fragments run on the partitions of the group with the most
+        rows; every other table is broadcast to them when it is small enough (estimated at
+        most BROADCAST_ROWS_MAX rows and BROADCAST_RATIO times fewer than that group's
+        largest table), else the query is gathered."""
+        self._broadcast = {}
+        tables = _base_tables(node["from_table"])
+        leaves = [self._leaf(table, position) for position, table in enumerate(tables)]
+        partitioned = [leaf for leaf in leaves if not leaf.spec.reference]
+        if len(partitioned) < 2:
+            return
+        parent = {leaf.position: leaf.position for leaf in partitioned}
+
+        def root(position: int) -> int:
+            while parent[position] != position:
+                position = parent[position]
+            return position
+
+        terms = _ast.conjuncts(node.get("where_clause")) + [
+            term
+            for join in _ast.walk(node["from_table"])
+            if join.get("type") == "JOIN"
+            for term in _ast.conjuncts(join.get("condition"))
+        ]
+        for term in terms:
+            pair = self._key_equality(term, partitioned)
+            if pair is None:
+                continue
+            a, b = pair
+            if _same_distribution(a.spec, b.spec) and (
+                self.view.placements.get(a.key) == self.view.placements.get(b.key)
+            ):
+                parent[root(a.position)] = root(b.position)
+        groups: dict[int, list[_Leaf]] = {}
+        for leaf in partitioned:
+            groups.setdefault(root(leaf.position), []).append(leaf)
+        if len(groups) == 1:
+            return
+        rows = self.view.table_rows
+        main = max(
+            groups.values(),
+            key=lambda group: (sum(rows.get(leaf.key, 0) for leaf in group), -group[0].position),
+        )
+        main_rows = max(rows.get(leaf.key, 0) for leaf in main)
+        others = [leaf for leaf in partitioned if leaf not in main]
+        what = (
+            f"{', '.join(_named(leaf) for leaf in others)} not co-located with "
+            f"{', '.join(_named(leaf) for leaf in main)}"
+        )
+        if self._scans is None:
+            raise _NotDistributable(what)
+        for leaf in others:
+            estimate = rows.get(leaf.key)
+            if estimate is None or estimate > min(BROADCAST_ROWS_MAX, main_rows / BROADCAST_RATIO):
+                size = "unknown" if estimate is None else f"about {estimate:,}"
+                raise _NotDistributable(f"{what}; {_named(leaf)} too large to broadcast ({size})")
+            if leaf.node.get("column_name_alias"):
+                raise _NotDistributable(f"{what}; {_named(leaf)} has its columns renamed")
+        plan = self._scans()
+        if isinstance(plan, str):
+            raise _NotDistributable(f"{what}; no scan to broadcast by: {plan}")
+        scans = {scan.key: scan for scan in plan.scans}
+        names: dict[str, str] = {}
+        for leaf in others:
+            scan = scans.get(leaf.key)
+            unsafe = (
+                ["not scanned"]
+                if scan is None
+                else [kind for _, kind in scan.columns if not _BROADCAST_TYPES.fullmatch(kind)]
+            )
+            if scan is None or unsafe:
+                raise _NotDistributable(f"{what}; {_named(leaf)} not broadcast: {unsafe[0]}")
+            name = names.setdefault(leaf.key, BROADCAST_INPUT.format(len(names)))
+            self._broadcast[leaf.position] = Broadcast(scan, name)
+
+    def _joined(self, ref: Node, positions: Mapping[int, int]) -> list[_Leaf]:
         kind = ref.get("type")
         if kind == "BASE_TABLE":
-            return [self._leaf(ref)]
+            return [self._leaf(ref, positions[id(ref)])]
         if kind == "JOIN":
             if ref.get("ref_type") not in ("REGULAR", "CROSS", "INNER"):
                 raise _NotDistributable(f"a {ref.get('ref_type')} join")
             if ref.get("using_columns"):
                 raise _NotDistributable("JOIN … USING")
-            left, right = self._leaves(ref["left"]), self._leaves(ref["right"])
+            left = self._joined(ref["left"], positions)
+            right = self._joined(ref["right"], positions)
             join_type = ref.get("join_type")
             sides = {"LEFT": right, "RIGHT": left}
-            if join_type in sides and any(not leaf.spec.reference for leaf in sides[join_type]):
+            if join_type in sides and any(not leaf.replicated for leaf in sides[join_type]):
                 # rows of the preserved side would meet only one partition of the other
                 if not all(
-                    leaf.spec.reference for leaf in (left if join_type == "RIGHT" else right)
+                    leaf.replicated for leaf in (left if join_type == "RIGHT" else right)
                 ) and not self._keys_joined(ref.get("condition"), left, right):
                     raise _NotDistributable(f"a {join_type} JOIN not on the partition keys")
             elif join_type == "OUTER":
@@ -197,20 +321,20 @@ class _Planner:
                 raise _NotDistributable(f"a {join_type} join")
             if (
                 join_type == "LEFT"
-                and all(leaf.spec.reference for leaf in left)
-                and any(not leaf.spec.reference for leaf in right)
+                and all(leaf.replicated for leaf in left)
+                and any(not leaf.replicated for leaf in right)
             ):
                 raise _NotDistributable("a reference table LEFT JOIN a partitioned table")
             if (
                 join_type == "RIGHT"
-                and all(leaf.spec.reference for leaf in right)
-                and any(not leaf.spec.reference for leaf in left)
+                and all(leaf.replicated for leaf in right)
+                and any(not leaf.replicated for leaf in left)
             ):
                 raise _NotDistributable("a partitioned table RIGHT JOIN a reference table")
             return left + right
         raise _NotDistributable(f"a {kind} in FROM")
 
-    def _leaf(self, ref: Node) -> _Leaf:
+    def _leaf(self, ref: Node, position: int) -> _Leaf:
         if ref.get("sample") is not None or ref.get("at_clause") is not None:
             raise _NotDistributable("TABLESAMPLE or AT on a table")
         if ref.get("catalog_name"):
@@ -226,11 +350,12 @@ class _Planner:
             raise _NotDistributable(f"{ref['table_name']} is not one cluster table (a view?)")
         key = keys[0]
         alias = str(ref.get("alias") or ref["table_name"])
-        return _Leaf(ref, key, self.specs[key], alias)
+        broadcast = position in self._broadcast
+        return _Leaf(ref, key, self.specs[key], alias, position, broadcast)
 
     def _keys_joined(self, condition: Node | None, left: list[_Leaf], right: list[_Leaf]) -> bool:
-        left_keys = {id(leaf) for leaf in left if not leaf.spec.reference}
-        right_keys = {id(leaf) for leaf in right if not leaf.spec.reference}
+        left_keys = {id(leaf) for leaf in left if not leaf.replicated}
+        right_keys = {id(leaf) for leaf in right if not leaf.replicated}
         for term in _ast.conjuncts(condition):
             pair = self._key_equality(term, left + right)
             if pair is not None:
@@ -297,7 +422,7 @@ class _Planner:
         if not _ast.is_column_ref(expr):
             return None
         leaf = self._owner(expr, leaves)
-        if leaf is None or leaf.spec.reference or leaf.spec.key is None:
+        if leaf is None or leaf.replicated or leaf.spec.key is None:
             return None
         return leaf if expr["column_names"][-1].lower() == leaf.spec.key.lower() else None
 
@@ -317,7 +442,7 @@ class _Planner:
 
     # ---- expressions ----
 
-    def _check_expressions(self, node: Node, leaves: list[_Leaf]) -> None:
+    def _check_expressions(self, node: Node) -> None:
         for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"}):
             cls = item.get("class")
             if cls == "SUBQUERY":
@@ -427,13 +552,15 @@ class _Planner:
             reads = []
             holders: list[int] | None = None
             for leaf in leaves:
+                if leaf.broadcast:
+                    continue  # travels with the fragment
                 part = 0 if leaf.spec.reference else partition
                 reads.append((leaf.key, part))
                 held = self.view.placements[leaf.key][part]
                 holders = list(held) if holders is None else [n for n in holders if n in held]
             if not holders:
                 raise _NotDistributable(f"no node holds every table of partition {partition}")
-            physical = _physical(node, self._leaves(node["from_table"]), partition)
+            physical = self._physical(node, self._leaves(node["from_table"]), partition)
             fragments.append(
                 Fragment(_ast.to_sql(self.con, physical), tuple(sorted(set(reads))), tuple(holders))
             )
@@ -791,7 +918,58 @@ class _Planner:
             partitions=partitions,
             partitions_total=total,
             tables=tuple(sorted({leaf.key for leaf in leaves})),
+            broadcasts=tuple({b.name: b for b in self._broadcast.values()}.values()),
         )
+
+    def _physical(self, node: Node, leaves: list[_Leaf], partition: int) -> Node:
+        """`node` with each leaf's table replaced by its physical partition table (the name
+        the query used stays as the alias, so qualified column references still bind), or
+        by its broadcast input, each column cast back to its type."""
+        targets = {id(leaf.node): leaf for leaf in leaves}
+
+        def swap(item: Node) -> Node | None:
+            leaf = targets.get(id(item))
+            if leaf is None:
+                return None
+            if leaf.broadcast:
+                broadcast = self._broadcast[leaf.position]
+                columns = ", ".join(
+                    f"CAST({quote_identifier(name)} AS {kind}) AS {quote_identifier(name)}"
+                    for name, kind in broadcast.scan.columns
+                )
+                sql = (
+                    f"SELECT * FROM (SELECT {columns} FROM {broadcast.name}) "
+                    f"AS {quote_identifier(leaf.alias)}"
+                )
+                table: Node = _ast.parse(self.con, sql)["from_table"]
+                return table
+            part = 0 if leaf.spec.reference else partition
+            physical = partition_table_name(leaf.key, part)
+            return dict(
+                item,
+                schema_name="main",
+                table_name=physical,
+                alias=leaf.alias,
+                catalog_name="",
+                qualified_name={"path": ["main", physical]},
+            )
+
+        result: Node = _ast.replaced(node, swap)
+        return result
+
+
+def _named(leaf: _Leaf) -> str:
+    table = leaf.key.removeprefix("main.")
+    return table if leaf.alias.lower() == leaf.spec.name.lower() else f"{table} {leaf.alias}"
+
+
+def _base_tables(ref: Node) -> list[Node]:
+    """The base tables of a FROM clause's joins, left to right."""
+    if ref.get("type") == "BASE_TABLE":
+        return [ref]
+    if ref.get("type") == "JOIN":
+        return _base_tables(ref["left"]) + _base_tables(ref["right"])
+    return []
 
 
 def _same_distribution(a: TableSpec, b: TableSpec) -> bool:
@@ -802,30 +980,6 @@ def _same_distribution(a: TableSpec, b: TableSpec) -> bool:
         and a.bounds == b.bounds
         and a.lists == b.lists
     )
-
-
-def _physical(node: Node, leaves: list[_Leaf], partition: int) -> Node:
-    """`node` with each leaf's table replaced by its physical partition table (the name the
-    query used stays as the alias, so qualified column references still bind)."""
-    targets = {id(leaf.node): leaf for leaf in leaves}
-
-    def swap(item: Node) -> Node | None:
-        leaf = targets.get(id(item))
-        if leaf is None:
-            return None
-        part = 0 if leaf.spec.reference else partition
-        physical = partition_table_name(leaf.key, part)
-        return dict(
-            item,
-            schema_name="main",
-            table_name=physical,
-            alias=leaf.alias,
-            catalog_name="",
-            qualified_name={"path": ["main", physical]},
-        )
-
-    result: Node = _ast.replaced(node, swap)
-    return result
 
 
 def _order_sql(column: str, order: Node) -> str:

@@ -132,7 +132,8 @@ class Fragment:
     `inputs` are named Arrow tables sent along with the fragment (e.g. the distinct join
     keys of a small table, for a semi-join reduction): the SQL may read each by its name
     as a table (`… WHERE "k" IN (SELECT k FROM dcluster_keys_0)`), and only while it runs.
-    Each name must match `cluster.sql_protocol.FRAGMENT_INPUT_NAME` (`dcluster_keys_<n>`),
+    A broadcast table travels the same way (`dcluster_rows_<n>`, read in place of the
+    table). Each name must match `cluster.sql_protocol.FRAGMENT_INPUT_NAME`,
     no name may repeat, and together they may be at most
     `cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` bytes as Arrow IPC streams; otherwise
     the fragment fails with `FragmentFailed` (empty class) without running."""

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from query import scans
+from query import planner, scans
 from query.coordinator import Coordinator
 from tests.unit.query.fake_port import FakePort
 from tests.unit.query.harness import beside_duckdb
@@ -42,8 +42,10 @@ Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
 
 @pytest.fixture(autouse=True)
 def small_tables_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tables are far below the size a real cluster reduces."""
+    """These tables are far below the size a real cluster reduces; and the joins these
+    tests gather would be broadcast joins (query.planner) if small tables were broadcast."""
     monkeypatch.setattr(scans, "TARGET_ROWS_MIN", 0)
+    monkeypatch.setattr(planner, "BROADCAST_ROWS_MAX", -1)
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,26 @@ SHAPES = [
         "SELECT o.ck, count(DISTINCT l.flag), approx_count_distinct(l.flag) FROM o "
         "JOIN l ON o.ok = l.lk GROUP BY 1 ORDER BY 1",
     ),
-    ("gather", "SELECT o.ok, c.name FROM o JOIN c ON o.ck = c.ck ORDER BY 1 LIMIT 5"),
+    ("pushdown", "SELECT o.ok, c.name FROM o JOIN c ON o.ck = c.ck ORDER BY 1 LIMIT 5"),
+    (
+        "pushdown",
+        "SELECT o.ok, c.name FROM o LEFT JOIN c ON o.ck = c.ck AND c.name LIKE '%1%' "
+        "ORDER BY 1 LIMIT 30",
+    ),
+    (
+        "two_phase",
+        "SELECT c.name, n.name, count(*), sum(l.qty) FROM o JOIN l ON o.ok = l.lk "
+        "JOIN c ON o.ck = c.ck JOIN n ON n.nk = c.ck WHERE c.ck < 9 GROUP BY 1, 2 "
+        "ORDER BY 1, 2",
+    ),
+    (
+        "pushdown (grouped by the key)",
+        "SELECT o.ok, max(c.name), count(c.ck) FROM o, c WHERE o.ck = c.ck GROUP BY o.ok "
+        "ORDER BY 1 LIMIT 50",
+    ),
+    ("gather", "SELECT a.ok, b.ok FROM o a JOIN o b ON a.ck = b.ok ORDER BY 1 LIMIT 40"),
+    ("gather", "SELECT c.name, o.ok FROM c LEFT JOIN o ON o.ck = c.ck ORDER BY 2, 1 LIMIT 5"),
+    ("gather", "SELECT c.name, o.ok FROM o FULL JOIN c ON o.ck = c.ck ORDER BY 2, 1 LIMIT 5"),
     (
         "gather",
         "SELECT n.name, count(o.ok) FROM n LEFT JOIN o ON o.ck = n.nk GROUP BY 1 ORDER BY 1",
@@ -122,6 +141,7 @@ SHAPES = [
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]]:
     with beside_duckdb(SETUP) as pair:
+        pair[1].catalog(refresh=True)  # row counts after the inserts (what is broadcast)
         yield pair
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from query import planner
 from query.coordinator import Coordinator, ExecutionFailed
 from tests.unit.query.fake_port import FakePort
 from tests.unit.query.harness import beside_duckdb
@@ -36,6 +37,12 @@ SETUP = [
     "INSERT INTO r SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE 'r' || i END FROM range(8) t(i)",
     "INSERT INTO g SELECT i FROM range(10) t(i)",
 ]
+
+
+@pytest.fixture(autouse=True)
+def nothing_broadcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joins these tests gather would otherwise be broadcast joins (query.planner)."""
+    monkeypatch.setattr(planner, "BROADCAST_ROWS_MAX", -1)
 
 
 @pytest.fixture(scope="module")
