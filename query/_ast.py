@@ -27,13 +27,32 @@ class NotATree(Exception):
     """DuckDB could not serialize the statement (not a SELECT, or a parse error)."""
 
 
+CACHED_MAX = 2_048
+"""Texts remembered by `parse` and `to_sql` (each), for this process: DuckDB's parser
+depends on no catalog or setting, so the same text always gives the same tree, and a
+round trip through DuckDB costs about a millisecond."""
+_PARSED: dict[str, str] = {}
+_PRINTED: dict[str, str] = {}
+
+
+def _remember(cache: dict[str, str], key: str, value: str) -> None:
+    if len(cache) >= CACHED_MAX:
+        cache.pop(next(iter(cache)))  # the oldest
+    cache[key] = value
+
+
 def parse(con: duckdb.DuckDBPyConnection, sql: str) -> Node:
-    """The single SELECT statement's query node (`statements[0].node`)."""
-    try:
-        rows = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
-    except duckdb.Error as error:
-        raise NotATree(str(error)) from error
-    tree = json.loads(rows[0][0])
+    """The single SELECT statement's query node (`statements[0].node`), a fresh copy the
+    caller may edit."""
+    text = _PARSED.get(sql)
+    if text is None:
+        try:
+            rows = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+        except duckdb.Error as error:
+            raise NotATree(str(error)) from error
+        text = str(rows[0][0])
+        _remember(_PARSED, sql, text)
+    tree = json.loads(text)
     if tree.get("error") or len(tree.get("statements", ())) != 1:
         raise NotATree(str(tree.get("error_message", "not one SELECT statement")))
     node: Node = tree["statements"][0]["node"]
@@ -41,9 +60,13 @@ def parse(con: duckdb.DuckDBPyConnection, sql: str) -> Node:
 
 
 def to_sql(con: duckdb.DuckDBPyConnection, node: Node) -> str:
-    tree = {"error": False, "statements": [{"node": node, "named_param_map": []}]}
-    rows = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()
-    return str(rows[0][0])
+    tree = json.dumps({"error": False, "statements": [{"node": node, "named_param_map": []}]})
+    sql = _PRINTED.get(tree)
+    if sql is None:
+        rows = con.execute("SELECT json_deserialize_sql(?)", [tree]).fetchall()
+        sql = str(rows[0][0])
+        _remember(_PRINTED, tree, sql)
+    return sql
 
 
 def expression(con: duckdb.DuckDBPyConnection, sql: str) -> Node:

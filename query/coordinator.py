@@ -29,7 +29,7 @@ import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import duckdb
@@ -107,10 +107,12 @@ __all__ = [
     "cluster_error",
 ]
 
-BROADCAST_BYTES_MAX = 32 * 1024 * 1024
+BROADCAST_BYTES_MAX = 4 * 1024 * 1024
 """Broadcast tables scanned to more bytes than this (together) are not sent: the query is
-gathered instead (`cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` bounds a fragment's
-inputs)."""
+gathered instead, over narrowed scans that reuse the rows already read. Sending costs
+about 2 ms per MB per worker and every worker builds its own hash table of them, so a
+large broadcast loses to a gather of the (often well filtered) other side. Far below
+`cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX`, which bounds a fragment's inputs."""
 WRITE_ATTEMPTS_MAX = 8
 """Times a statement is planned and run again after its commit met a Conflict."""
 BACKOFF_FIRST_S = 0.002
@@ -122,6 +124,8 @@ _TRANSACTION_WORDS = frozenset(
 )
 
 T = TypeVar("T")
+Step = tuple[str, str, str, str | None, str | None]
+"""One row of EXPLAIN: step, where it runs, detail, rows and bytes (ANALYZE)."""
 
 
 class _Converter:
@@ -442,16 +446,34 @@ class Coordinator:
                 self._port.release(index)
                 return None
         try:
-            rows = read_scans(
-                plan, view.table_rows, lambda asked: self._port.fragments(index, asked), trace
-            )
-            tables = [(scan.spec, scan.columns, rows[scan.key]) for scan in plan.scans]
-            with self._narrow.session(tables) as con:
-                return run(con, sql, parameters)
+            return self._narrowed_run(view, plan, index, sql, parameters, trace)
         except FragmentFailed:
             return None
         finally:
             self._port.release(index)
+
+    def _narrowed_run(
+        self,
+        view: CatalogView,
+        plan: ScanPlan,
+        index: int,
+        sql: str,
+        parameters: object,
+        trace: list[tuple[str, ...]] | None,
+        known: Mapping[str, pa.Table] | None = None,
+    ) -> tuple[pa.Table | None, list[str]]:
+        """Read `plan`'s scans at barrier `index` (the rows in `known` are not read again)
+        and run the query over them."""
+        rows = read_scans(
+            plan,
+            view.table_rows,
+            lambda asked: self._port.fragments(index, asked),
+            trace,
+            known,
+        )
+        tables = [(scan.spec, scan.columns, rows[scan.key]) for scan in plan.scans]
+        with self._narrow.session(tables) as con:
+            return run(con, sql, parameters)
 
     def _plan(
         self, view: CatalogView, sql: str
@@ -476,7 +498,7 @@ class Coordinator:
         return plan, names, types
 
     def _distributed_read(
-        self, sql: str, consistency: str, trace: list[tuple[str, ...]] | None
+        self, sql: str, consistency: str, trace: list[Step] | None
     ) -> tuple[pa.Table, list[str], Distributed | Gather] | None:
         """Run a SELECT as planned on the partitions; None when the plan is to gather (or a
         fragment raised, so the query is run as written for DuckDB's own error; or the
@@ -498,8 +520,24 @@ class Coordinator:
             fragments = plan.fragments
             if plan.broadcasts:
                 inputs = self._broadcast(index, plan, trace)
-                if inputs is None:
-                    return None
+                if sum(rows.nbytes for _, rows in inputs) > BROADCAST_BYTES_MAX:
+                    # larger than it was worth sending: gather, with the rows read so far
+                    scans = self._scan_plan(view, sql)
+                    if isinstance(scans, str):
+                        return None
+                    known = {
+                        b.scan.key: rows
+                        for b, (_, rows) in zip(plan.broadcasts, inputs, strict=True)
+                    }
+                    parts: list[tuple[str, ...]] = []
+                    scanned, _ = self._narrowed_run(view, scans, index, sql, None, parts, known)
+                    if trace is not None:
+                        why = f"gathered: the broadcast tables came to over {BROADCAST_BYTES_MAX:,} bytes"
+                        trace.append(("gather", "coordinator", why, None, None))
+                        trace += _scan_steps(parts)
+                    if scanned is None:
+                        return None
+                    return scanned, types, plan
                 fragments = tuple(
                     dataclasses.replace(fragment, inputs=fragment.inputs + inputs)
                     for fragment in fragments
@@ -517,6 +555,7 @@ class Coordinator:
                         (
                             f"partition {partition}",
                             f"node {result.node}",
+                            "",
                             str(rows_sent.num_rows),
                             str(rows_sent.nbytes),
                         )
@@ -552,10 +591,10 @@ class Coordinator:
         return table, types, plan
 
     def _broadcast(
-        self, index: int, plan: Distributed, trace: list[tuple[str, ...]] | None
-    ) -> tuple[tuple[str, pa.Table], ...] | None:
+        self, index: int, plan: Distributed, trace: list[Step] | None
+    ) -> tuple[tuple[str, pa.Table], ...]:
         """The broadcast tables' scanned rows at barrier `index`, named for the fragments'
-        inputs; None when together they exceed BROADCAST_BYTES_MAX."""
+        inputs (in the order of `plan.broadcasts`)."""
         asked = [(broadcast, broadcast.scan.fragments()) for broadcast in plan.broadcasts]
         results = iter(self._port.fragments(index, [f for _, fs in asked for f in fs]))
         inputs = []
@@ -567,6 +606,7 @@ class Coordinator:
                         (
                             f"scanned {broadcast.scan.key}",
                             f"node {part.node}",
+                            "",
                             str(part.rows.num_rows),
                             str(part.rows.nbytes),
                         )
@@ -574,13 +614,11 @@ class Coordinator:
             rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
             inputs.append((broadcast.name, rows))
         size = sum(rows.nbytes for _, rows in inputs)
-        if size > BROADCAST_BYTES_MAX:
-            return None
-        if trace is not None:
+        if trace is not None and size <= BROADCAST_BYTES_MAX:
             for name, rows in inputs:
                 sent = str(rows.nbytes * len(plan.fragments))
                 where = f"sent as {name} to {len(plan.fragments)} fragments"
-                trace.append((f"broadcast {name}", where, str(rows.num_rows), sent))
+                trace.append((f"broadcast {name}", where, "", str(rows.num_rows), sent))
         return tuple(inputs)
 
     def _gathered_read(
@@ -611,7 +649,7 @@ class Coordinator:
             raise Unsupported("EXPLAIN [ANALYZE] takes one SELECT, without parameters")
         view = self._port.catalog()
         plan, _, _ = self._plan(view, statement.sql)
-        steps: list[tuple[str, str, str, str | None, str | None]] = []
+        steps: list[Step] = []
         if isinstance(plan, Gather):
             steps.append(("gather", "coordinator", f"gathered: {plan.reason}", None, None))
             scans = self._scan_plan(view, statement.sql)
@@ -645,13 +683,12 @@ class Coordinator:
                     (f"broadcast {broadcast.scan.key}", "every fragment", detail, None, None)
                 )
             steps.append(("fragment", where, plan.fragment_sql, None, None))
-            trace: list[tuple[str, ...]] = []
+            trace: list[Step] = []
             if analyze:
                 started = self._clock.monotonic_ns()
                 outcome = self._distributed_read(statement.sql, consistency, trace)
                 elapsed = (self._clock.monotonic_ns() - started) / 1e9
-                for step, node, rows, size in trace:
-                    steps.append((step, node, "", rows, size))
+                steps += trace
                 if outcome is None:
                     why = "the catalog moved, or the broadcast tables were too large"
                     steps.append(("gather", "coordinator", why, None, None))
@@ -662,7 +699,8 @@ class Coordinator:
                     steps.append(
                         (f"partition {partition}", f"one of nodes {holders}", "", None, None)
                     )
-            if not analyze or outcome is not None:
+            gathered = any(step[0] == "gather" for step in steps)
+            if not gathered:
                 steps.append(("merge", "coordinator", plan.merge_sql, None, None))
             if analyze and outcome is not None:
                 steps.append(
@@ -679,7 +717,7 @@ class Coordinator:
 
     def _analyzed_gather(
         self, statement: Statement, consistency: str, narrowed: bool
-    ) -> list[tuple[str, str, str, str | None, str | None]]:
+    ) -> list[Step]:
         """EXPLAIN ANALYZE's steps for a gathered query: run it over narrowed scans (or,
         when there are none or they fail, over whole tables), and say what each moved."""
         started = self._clock.monotonic_ns()
@@ -694,12 +732,7 @@ class Coordinator:
         else:
             answered = 0 if scanned[0] is None else scanned[0].num_rows
         elapsed = (self._clock.monotonic_ns() - started) / 1e9
-        steps: list[tuple[str, str, str, str | None, str | None]] = []
-        for key, node, count, size in scanned_parts:
-            if key.startswith("keys of "):  # a key set sent with later scans
-                steps.append((key, f"sent as {node}", "", count, size))
-            else:
-                steps.append((f"scanned {key}", f"node {node}", "", count, size))
+        steps = _scan_steps(scanned_parts)
         steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
         return steps
 
@@ -850,6 +883,17 @@ def _cast(
         con.unregister("dcluster_merged")
     assert result is not None
     return result
+
+
+def _scan_steps(parts: Sequence[tuple[str, ...]]) -> list[Step]:
+    """EXPLAIN ANALYZE's steps for what `query.scans.read_scans` traced."""
+    steps: list[Step] = []
+    for key, node, count, size in parts:
+        if key.startswith("keys of "):  # a key set sent with later scans
+            steps.append((key, f"sent as {node}", "", count, size))
+        else:
+            steps.append((f"scanned {key}", f"node {node}", "", count, size))
+    return steps
 
 
 def _ranges(numbers: Sequence[int]) -> str:

@@ -232,22 +232,28 @@ def read_scans(
     table_rows: Mapping[str, int],
     fetch: Fetch,
     trace: list[tuple[str, ...]] | None = None,
+    known: Mapping[str, pa.Table] | None = None,
 ) -> dict[str, pa.Table]:
     """Every scan's rows (table key -> rows), read round by round (`schedule`) through
     `fetch` (one call per round); the key sets of a round's scans go with the next
     rounds' scans that link to them. `trace` gets (table key, node, rows, bytes) for every
-    fragment, and (`keys of <table>.<column>`, name, values, bytes) for each key set."""
+    fragment, and (`keys of <table>.<column>`, name, values, bytes) for each key set.
+    `known` holds rows already read at the same barrier by a scan's `fragments()` (no
+    key sets): those scans are not read again."""
     rounds = schedule(plan, table_rows)
     names = key_names(rounds)
     inputs: dict[str, pa.Table] = {}
-    rows: dict[str, pa.Table] = {}
+    rows: dict[str, pa.Table] = dict(known or {})
     for scans in rounds:
         asked = []
         for scan, links in scans:
+            if scan.key in rows:
+                continue
             pairs = [(link.source, link.source_column) for link in links]
             usable = {pair: names[pair] for pair in pairs if names[pair] in inputs}
             asked.append((scan, scan.fragments(usable, inputs)))
-        results = iter(fetch([fragment for _, fragments in asked for fragment in fragments]))
+        wanted = [fragment for _, fragments in asked for fragment in fragments]
+        results = iter(fetch(wanted) if wanted else ())
         for scan, fragments in asked:
             parts = [next(results) for _ in fragments]
             if trace is not None:

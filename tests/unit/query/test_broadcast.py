@@ -171,6 +171,7 @@ def test_a_broadcast_too_large_at_run_time_is_gathered(
     steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
     assert "gather" in steps and "broadcast dcluster_rows_0" not in steps, steps
     assert "scanned main.f" in steps and "merge" not in steps, steps  # then gathered
+    assert steps.count("scanned main.dim") == 2, steps  # its rows read once, and reused
     pair.run(sql)
 
 
