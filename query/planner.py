@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import duckdb
@@ -59,6 +59,8 @@ _BROADCAST_TYPES = re.compile(
 )
 """Column types a broadcast table may have: each comes back from Arrow as itself, or as
 a type it casts back from exactly."""
+_SUBQUERY_POSITION = 1_000_000
+"""Positions of subqueries' tables start here (never broadcast)."""
 PINNED_VALUES_MAX = 1_000
 """IN-lists longer than this are not used to route (every partition is read)."""
 
@@ -202,6 +204,8 @@ class _Planner:
         self._choose_broadcasts(node)
         leaves = self._leaves(node["from_table"])
         partitioned = [leaf for leaf in leaves if not leaf.replicated]
+        where = _ast.conjuncts(node.get("where_clause"))
+        self._check_subqueries(node, [leaves], partitioned, {id(term) for term in where})
         if not partitioned:
             return self._on_one_node(node, leaves)
         self._check_co_located(node, partitioned)
@@ -445,8 +449,6 @@ class _Planner:
     def _check_expressions(self, node: Node) -> None:
         for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"}):
             cls = item.get("class")
-            if cls == "SUBQUERY":
-                raise _NotDistributable("a subquery")
             if cls == "WINDOW":
                 raise _NotDistributable("a window function")
             if cls == "STAR" or cls == "COLUMNS":
@@ -458,9 +460,157 @@ class _Planner:
                     if item.get("class") in ("SUBQUERY", "WINDOW"):
                         raise _NotDistributable("a subquery in a join condition")
 
+    # ---- subqueries ----
+
+    def _check_subqueries(
+        self,
+        node: Node,
+        scopes: list[list[_Leaf]],
+        local: list[_Leaf],
+        top_conjuncts: set[int],
+    ) -> None:
+        """Raise unless every subquery in `node`'s expressions (not its FROM) gives, on the
+        partition that holds an outer row, what it gives on the whole data:
+
+        - it reads only reference tables; or
+        - each partitioned table it reads is co-located with the query's and tied by
+          equality of partition keys — to an outer table's key by a conjunct of its WHERE
+          (`inner.k = outer.k`, correlated), or to another such table by its joins — so
+          every row it can see lies in the outer row's partition; or
+        - it is `outer.k IN (SELECT inner.k …)`, a conjunct of the query's WHERE, the
+          subquery without LIMIT, aggregated (if at all) by a key, its tables tied as
+          above to `inner`: every row it returns for key k comes from k's partition.
+
+        `scopes` are the enclosing FROM clauses, innermost first; `local` the partitioned
+        tables whose rows in a fragment are exactly its partition's."""
+        for subquery in _subqueries(node):
+            body = subquery["subquery"]["node"]
+            if body.get("type") != "SELECT_NODE" or body.get("cte_map", {}).get("map"):
+                raise _NotDistributable("a subquery with a set operation or WITH")
+            tables = _base_tables(body["from_table"])
+            positions = {id(table): _SUBQUERY_POSITION + i for i, table in enumerate(tables)}
+            leaves = self._joined(body["from_table"], positions)
+            inner = [leaf for leaf in leaves if not leaf.replicated]
+            if inner and not local:
+                raise _NotDistributable("a subquery reads a partitioned table")
+            for leaf in inner:
+                if not _same_distribution(leaf.spec, local[0].spec) or (
+                    self.view.placements.get(leaf.key) != self.view.placements.get(local[0].key)
+                ):
+                    raise _NotDistributable(f"a subquery reads {leaf.key}, not co-located")
+            inner_scopes = [leaves, *scopes]
+            tied: set[int] = set()
+            for term in _ast.conjuncts(body.get("where_clause")):
+                pair = self._scoped_key_equality(term, inner_scopes)
+                if pair is None:
+                    continue
+                a, b = pair
+                for this, other in ((a, b), (b, a)):
+                    if any(this is leaf for leaf in inner) and any(other is o for o in local):
+                        tied.add(id(this))
+            if inner and not tied:
+                tied = self._tied_by_in(subquery, body, inner, inner_scopes, scopes, local)
+                if id(subquery) not in top_conjuncts:
+                    tied = set()
+            self._spread_ties(body, inner, inner_scopes, tied)
+            untied = [leaf.key for leaf in inner if id(leaf) not in tied]
+            if untied:
+                raise _NotDistributable(
+                    f"a subquery reads {', '.join(untied)} beyond the outer row's partition"
+                )
+            self._check_subqueries(body, inner_scopes, local + inner, set())
+
+    def _tied_by_in(
+        self,
+        subquery: Node,
+        body: Node,
+        inner: list[_Leaf],
+        inner_scopes: list[list[_Leaf]],
+        scopes: list[list[_Leaf]],
+        local: list[_Leaf],
+    ) -> set[int]:
+        """The inner table an `outer.k IN (SELECT inner.k …)` ties (empty if none)."""
+        if (
+            subquery.get("subquery_type") != "ANY"
+            or subquery.get("comparison_type") != "COMPARE_EQUAL"
+            or len(body["select_list"]) != 1
+            or any(m.get("type") == "LIMIT_MODIFIER" for m in body.get("modifiers", []))
+        ):
+            return set()
+        outer = self._scoped_key_leaf(subquery["child"], scopes)
+        chosen = self._scoped_key_leaf(body["select_list"][0], inner_scopes)
+        if outer is None or chosen is None or not any(outer is leaf for leaf in local):
+            return set()
+        if not any(chosen is leaf for leaf in inner):
+            return set()
+        if (self._aggregates(body) or body.get("group_expressions")) and not (
+            self._grouped_by_key(body, inner)
+        ):
+            return set()
+        return {id(chosen)}
+
+    def _spread_ties(
+        self, body: Node, inner: list[_Leaf], scopes: list[list[_Leaf]], tied: set[int]
+    ) -> None:
+        """Add to `tied` every inner table joined on its key to a tied one."""
+        terms = _ast.conjuncts(body.get("where_clause")) + [
+            term
+            for join in _ast.walk(body["from_table"])
+            if join.get("type") == "JOIN"
+            for term in _ast.conjuncts(join.get("condition"))
+        ]
+        inner_ids = {id(leaf) for leaf in inner}
+        changed = True
+        while changed:
+            changed = False
+            for term in terms:
+                pair = self._scoped_key_equality(term, scopes)
+                if pair is None or not {id(pair[0]), id(pair[1])} <= inner_ids:
+                    continue
+                if (id(pair[0]) in tied) != (id(pair[1]) in tied):
+                    tied |= {id(pair[0]), id(pair[1])}
+                    changed = True
+
+    def _scoped_key_equality(
+        self, term: Node, scopes: list[list[_Leaf]]
+    ) -> tuple[_Leaf, _Leaf] | None:
+        if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
+            return None
+        a = self._scoped_key_leaf(term["left"], scopes)
+        b = self._scoped_key_leaf(term["right"], scopes)
+        if a is None or b is None or a is b:
+            return None
+        return a, b
+
+    def _scoped_key_leaf(self, expr: Node, scopes: list[list[_Leaf]]) -> _Leaf | None:
+        """The partitioned table whose partition key `expr` is, a name bound as DuckDB
+        binds it: in the innermost scope that has it (None when unsure)."""
+        if not _ast.is_column_ref(expr):
+            return None
+        names = [str(name).lower() for name in expr["column_names"]]
+        for scope in scopes:
+            if len(names) == 2:
+                matches = [leaf for leaf in scope if leaf.alias.lower() == names[0]]
+            elif len(names) == 1:
+                matches = [
+                    leaf
+                    for leaf in scope
+                    if names[0] in (c.lower() for c in self.columns_of(leaf.spec))
+                ]
+            else:
+                return None
+            if len(matches) > 1:
+                return None
+            if matches:
+                leaf = matches[0]
+                if leaf.replicated or leaf.spec.key is None:
+                    return None
+                return leaf if names[-1] == leaf.spec.key.lower() else None
+        return None
+
     def _aggregates(self, node: Node) -> list[Node]:
         found = []
-        for item in _ast.walk([node["select_list"], node.get("having"), node["modifiers"]]):
+        for item in _own_items([node["select_list"], node.get("having"), node["modifiers"]]):
             if item.get("class") == "FUNCTION" and self._is_aggregate(item):
                 found.append(item)
         return found
@@ -548,10 +698,11 @@ class _Planner:
         self, node: Node, leaves: list[_Leaf], partitions: Sequence[int]
     ) -> tuple[Fragment, ...]:
         fragments = []
+        inner = self._subquery_leaves(node)
         for partition in partitions:
             reads = []
             holders: list[int] | None = None
-            for leaf in leaves:
+            for leaf in leaves + inner:
                 if leaf.broadcast:
                     continue  # travels with the fragment
                 part = 0 if leaf.spec.reference else partition
@@ -560,11 +711,20 @@ class _Planner:
                 holders = list(held) if holders is None else [n for n in holders if n in held]
             if not holders:
                 raise _NotDistributable(f"no node holds every table of partition {partition}")
-            physical = self._physical(node, self._leaves(node["from_table"]), partition)
+            physical = self._physical(node, self._leaves(node["from_table"]) + inner, partition)
             fragments.append(
                 Fragment(_ast.to_sql(self.con, physical), tuple(sorted(set(reads))), tuple(holders))
             )
         return tuple(fragments)
+
+    def _subquery_leaves(self, node: Node) -> list[_Leaf]:
+        """The tables read by the subqueries in `node`'s expressions (checked already)."""
+        tables = [
+            item
+            for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"})
+            if item.get("type") == "BASE_TABLE"
+        ]
+        return [self._leaf(table, _SUBQUERY_POSITION + i) for i, table in enumerate(tables)]
 
     def _pushdown(
         self,
@@ -956,6 +1116,36 @@ class _Planner:
 
         result: Node = _ast.replaced(node, swap)
         return result
+
+
+def _own_items(value: object) -> Iterator[Node]:
+    """Every node of `value` but those inside its subqueries (their own SELECTs)."""
+    if isinstance(value, dict):
+        yield value
+        if value.get("class") == "SUBQUERY":
+            return
+        for item in value.values():
+            yield from _own_items(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _own_items(item)
+
+
+def _subqueries(node: Node) -> Iterator[Node]:
+    """The subqueries of `node`'s expressions, outside its FROM, not those nested in them."""
+
+    def visit(value: object) -> Iterator[Node]:
+        if isinstance(value, dict):
+            if value.get("class") == "SUBQUERY":
+                yield value
+                return
+            for item in value.values():
+                yield from visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from visit(item)
+
+    yield from visit({k: v for k, v in node.items() if k != "from_table"})
 
 
 def _named(leaf: _Leaf) -> str:

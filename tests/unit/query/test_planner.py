@@ -135,6 +135,59 @@ SHAPES = [
     ("gather", "SELECT count(DISTINCT ck), count(DISTINCT note) FROM o"),
     ("gather", "SELECT string_agg(note, ',' ORDER BY note) FROM o WHERE ok < 20"),
     ("pushdown (reference tables only: one node)", "SELECT count(*), max(name) FROM n"),
+    # subqueries that see only the outer row's partition run there
+    (
+        "pushdown",
+        "SELECT ok FROM o WHERE EXISTS (SELECT * FROM l WHERE l.lk = o.ok AND l.qty > 40) "
+        "ORDER BY 1",
+    ),
+    ("pushdown", "SELECT ok FROM o WHERE NOT EXISTS (SELECT * FROM l WHERE lk = ok) ORDER BY 1"),
+    (
+        "two_phase",
+        "SELECT o.ck, count(*) FROM o WHERE NOT EXISTS (SELECT * FROM l WHERE lk = ok "
+        "AND flag = 'A') GROUP BY 1 ORDER BY 1",
+    ),
+    (
+        "pushdown",
+        "SELECT ok, (SELECT sum(qty) FROM l WHERE l.lk = o.ok) AS s FROM o "
+        "ORDER BY s DESC NULLS LAST, ok LIMIT 20",
+    ),
+    (
+        "pushdown",
+        "SELECT ok, total FROM o WHERE ok IN (SELECT lk FROM l GROUP BY lk "
+        "HAVING sum(qty) > 110) AND ck < 9 ORDER BY 1",
+    ),
+    (
+        "pushdown",
+        "SELECT ok FROM o WHERE ck IN (SELECT nk FROM n WHERE name LIKE '%1%') "
+        "AND ok NOT IN (SELECT nk FROM n) ORDER BY 1 LIMIT 30",
+    ),
+    (
+        "pushdown",
+        "SELECT ok FROM o WHERE EXISTS (SELECT * FROM l WHERE l.lk = o.ok AND l.qty > "
+        "(SELECT avg(l2.qty) + 20 FROM l l2 WHERE l2.lk = l.lk)) ORDER BY 1",
+    ),
+    (
+        "gather",
+        "SELECT ok FROM o WHERE ok NOT IN (SELECT lk FROM l GROUP BY lk HAVING sum(qty) > 110) "
+        "ORDER BY 1",
+    ),
+    ("gather", "SELECT ok FROM o WHERE ok IN (SELECT qty FROM l) ORDER BY 1"),
+    (
+        "gather",
+        "SELECT ok FROM o WHERE ok IN (SELECT lk FROM l WHERE qty > 48) OR ok < 3 ORDER BY 1",
+    ),
+    ("gather", "SELECT ok FROM o WHERE EXISTS (SELECT * FROM l WHERE l.qty = o.ck) ORDER BY 1"),
+    (
+        "gather",
+        "SELECT ok FROM o WHERE EXISTS (SELECT * FROM l WHERE l.lk = o.ok AND l.qty > "
+        "(SELECT avg(qty) FROM l l2)) ORDER BY 1",
+    ),
+    ("gather", "SELECT ok FROM o WHERE EXISTS (SELECT * FROM o WHERE o.ok = ck) ORDER BY 1"),
+    (
+        "gather",
+        "SELECT ok FROM o WHERE ok IN (SELECT lk FROM l ORDER BY lk LIMIT 3) ORDER BY 1",
+    ),
 ]
 
 
