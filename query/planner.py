@@ -200,23 +200,51 @@ class _Planner:
         for item in _ast.walk(node):
             if item.get("class") == "PARAMETER":
                 raise _NotDistributable("a prepared parameter")
+        core = self._core(node)
         self._check_expressions(node)
-        self._choose_broadcasts(node)
-        leaves = self._leaves(node["from_table"])
+        self._check_expressions(core)
+        self._choose_broadcasts(core)
+        leaves = self._leaves(core["from_table"])
         partitioned = [leaf for leaf in leaves if not leaf.replicated]
-        where = _ast.conjuncts(node.get("where_clause"))
-        self._check_subqueries(node, [leaves], partitioned, {id(term) for term in where})
+        where = _ast.conjuncts(core.get("where_clause"))
+        self._check_subqueries(core, [leaves], partitioned, {id(term) for term in where})
+        if core is not node:  # the outer query sees only the derived table's columns
+            self._check_subqueries(node, [[]], partitioned, set())
         if not partitioned:
             return self._on_one_node(node, leaves)
-        self._check_co_located(node, partitioned)
-        partitions = self._routed(node, partitioned)
+        self._check_co_located(core, partitioned)
+        partitions = self._routed(core, partitioned)
         if self._aggregates(node) or node.get("group_expressions"):
-            if self._grouped_by_key(node, partitioned):
+            if core is node and self._grouped_by_key(node, partitioned):
                 return self._pushdown(node, leaves, partitioned, partitions, "grouped by the key")
             return self._two_phase(node, leaves, partitioned, partitions)
         return self._pushdown(node, leaves, partitioned, partitions, "")
 
     # ---- FROM ----
+
+    def _core(self, node: Node) -> Node:
+        """The SELECT whose FROM and WHERE pick the rows: `node` itself, or the derived
+        table it reads alone (`SELECT … FROM (SELECT … FROM t JOIN u … WHERE …) AS x`) when
+        that is a plain join — no aggregate, GROUP BY, DISTINCT, ORDER BY, LIMIT, window
+        or WITH — whose rows are then the union of its rows on each partition."""
+        ref = node["from_table"]
+        if ref.get("type") != "SUBQUERY":
+            return node
+        body: Node = ref["subquery"]["node"]
+        if (
+            body.get("type") != "SELECT_NODE"
+            or body.get("cte_map", {}).get("map")
+            or body.get("modifiers")
+            or body.get("group_expressions")
+            or body.get("having") is not None
+            or body.get("qualify") is not None
+            or body.get("sample") is not None
+            or ref.get("sample") is not None
+            or body["from_table"].get("type") not in ("BASE_TABLE", "JOIN")
+            or self._aggregates(body)
+        ):
+            raise _NotDistributable("a SUBQUERY in FROM that is not a plain join")
+        return body
 
     def _leaves(self, ref: Node) -> list[_Leaf]:
         """The tables of a FROM clause, left to right; raises for a shape not planned."""
@@ -698,7 +726,10 @@ class _Planner:
         self, node: Node, leaves: list[_Leaf], partitions: Sequence[int]
     ) -> tuple[Fragment, ...]:
         fragments = []
+        core = self._core(node)
         inner = self._subquery_leaves(node)
+        if core is not node:
+            inner += self._subquery_leaves(core, len(inner))
         for partition in partitions:
             reads = []
             holders: list[int] | None = None
@@ -711,20 +742,20 @@ class _Planner:
                 holders = list(held) if holders is None else [n for n in holders if n in held]
             if not holders:
                 raise _NotDistributable(f"no node holds every table of partition {partition}")
-            physical = self._physical(node, self._leaves(node["from_table"]) + inner, partition)
+            physical = self._physical(node, self._leaves(core["from_table"]) + inner, partition)
             fragments.append(
                 Fragment(_ast.to_sql(self.con, physical), tuple(sorted(set(reads))), tuple(holders))
             )
         return tuple(fragments)
 
-    def _subquery_leaves(self, node: Node) -> list[_Leaf]:
+    def _subquery_leaves(self, node: Node, first: int = 0) -> list[_Leaf]:
         """The tables read by the subqueries in `node`'s expressions (checked already)."""
         tables = [
             item
             for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"})
             if item.get("type") == "BASE_TABLE"
         ]
-        return [self._leaf(table, _SUBQUERY_POSITION + i) for i, table in enumerate(tables)]
+        return [self._leaf(table, _SUBQUERY_POSITION + first + i) for i, table in enumerate(tables)]
 
     def _pushdown(
         self,

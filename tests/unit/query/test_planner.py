@@ -135,6 +135,32 @@ SHAPES = [
     ("gather", "SELECT count(DISTINCT ck), count(DISTINCT note) FROM o"),
     ("gather", "SELECT string_agg(note, ',' ORDER BY note) FROM o WHERE ok < 20"),
     ("pushdown (reference tables only: one node)", "SELECT count(*), max(name) FROM n"),
+    # a derived table that is a plain join is read on the partitions
+    (
+        "two_phase",
+        "SELECT flag, sum(v) FROM (SELECT l.flag, l.qty * o.total AS v FROM o JOIN l "
+        "ON o.ok = l.lk WHERE o.ck < 10) AS x GROUP BY flag ORDER BY 1 NULLS FIRST",
+    ),
+    (
+        "pushdown",
+        "SELECT name, ok FROM (SELECT c.name, o.ok FROM o JOIN c ON o.ck = c.ck) AS x "
+        "ORDER BY 2 LIMIT 10",
+    ),
+    ("pushdown + router", "SELECT * FROM (SELECT ok, total FROM o WHERE ok = 42) AS x"),
+    ("two_phase", "SELECT ok, count(*) FROM (SELECT ck AS ok FROM o) AS x GROUP BY ok ORDER BY 1"),
+    (
+        "two_phase",
+        "SELECT ok, count(*) FROM (SELECT o.ok FROM o JOIN l ON o.ok = l.lk) AS x "
+        "GROUP BY ok ORDER BY 2 DESC, 1 LIMIT 7",
+    ),
+    ("gather", "SELECT max(s) FROM (SELECT ck, sum(total) s FROM o GROUP BY ck) AS t"),
+    ("gather", "SELECT count(*) FROM (SELECT ok FROM o ORDER BY ok LIMIT 10) AS t"),
+    ("gather", "SELECT count(*) FROM (SELECT DISTINCT ck FROM o) AS t"),
+    (
+        "gather",
+        "SELECT ok FROM (SELECT ok FROM o) AS x WHERE EXISTS (SELECT * FROM l "
+        "WHERE l.lk = x.ok) ORDER BY 1",
+    ),
     # subqueries that see only the outer row's partition run there
     (
         "pushdown",
