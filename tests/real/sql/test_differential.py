@@ -201,6 +201,14 @@ QUERIES = (
     "SELECT extra, count(*) FROM h GROUP BY extra ORDER BY extra",
     "SELECT * FROM l WHERE region IS NULL ORDER BY id",
     "SELECT * FROM ref ORDER BY code NULLS FIRST",
+    # joins of tables not co-located (a broadcast when one is small enough), subqueries
+    # tied to the outer row's partition, a derived table that is a plain join
+    "SELECT h.id, r.m, r.s FROM h JOIN r ON h.k = r.k WHERE h.id < 60 ORDER BY 1, 2, 3",
+    "SELECT r.k, count(*), sum(h.m) FROM r JOIN h ON h.k = r.k GROUP BY 1 ORDER BY 1",
+    "SELECT id, s FROM h WHERE EXISTS (SELECT * FROM h AS h2 WHERE h2.id = h.id "
+    "AND h2.k > 3) ORDER BY id, s",
+    "SELECT name, count(*) FROM (SELECT h.id, ref.name FROM h LEFT JOIN ref "
+    "ON ref.code = h.k % 4) AS x GROUP BY name ORDER BY name NULLS FIRST",
 )
 WRITES = (
     "INSERT INTO {t} SELECT k + 1, n, v FROM {t} WHERE n > 0",
