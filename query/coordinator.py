@@ -438,19 +438,26 @@ class Coordinator:
         plan = self._scan_plan(view, sql)
         if isinstance(plan, str):
             return None
-        index = 0
-        if consistency == "strong":
-            barrier = self._port.barrier()
-            index = barrier.index
-            if barrier.catalog_version != view.catalog_version:
-                self._port.release(index)
-                return None
+        index = self._barrier(view, consistency)
+        if index is None:
+            return None
         try:
             return self._narrowed_run(view, plan, index, sql, parameters, trace)
         except FragmentFailed:
             return None
         finally:
             self._port.release(index)
+
+    def _barrier(self, view: CatalogView, consistency: str) -> int | None:
+        """The index to read at: a new read barrier ('strong'), or 0 ('stale'); None (and
+        nothing held) when the catalog moved since `view`."""
+        if consistency != "strong":
+            return 0
+        barrier = self._port.barrier()
+        if barrier.catalog_version != view.catalog_version:
+            self._port.release(barrier.index)
+            return None
+        return barrier.index
 
     def _narrowed_run(
         self,
@@ -509,13 +516,9 @@ class Coordinator:
         if not isinstance(plan, Distributed):
             return None
         shape = self._shape
-        index = 0
-        if consistency == "strong":
-            barrier = self._port.barrier()
-            index = barrier.index
-            if barrier.catalog_version != view.catalog_version:
-                self._port.release(index)
-                return None  # the catalog moved: the gather path re-reads it at a barrier
+        index = self._barrier(view, consistency)
+        if index is None:
+            return None  # the catalog moved: the gather path re-reads it at a barrier
         try:
             fragments = plan.fragments
             if plan.broadcasts:

@@ -277,13 +277,7 @@ class _Planner:
                 position = parent[position]
             return position
 
-        terms = _ast.conjuncts(node.get("where_clause")) + [
-            term
-            for join in _ast.walk(node["from_table"])
-            if join.get("type") == "JOIN"
-            for term in _ast.conjuncts(join.get("condition"))
-        ]
-        for term in terms:
+        for term in _where_and_on_terms(node):
             pair = self._key_equality(term, partitioned)
             if pair is None:
                 continue
@@ -448,36 +442,11 @@ class _Planner:
             raise _NotDistributable(f"{', '.join(missing)} not joined on the partition key")
 
     def _key_equality(self, term: Node, leaves: list[_Leaf]) -> tuple[_Leaf, _Leaf] | None:
-        if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
-            return None
-        a = self._key_leaf(term["left"], leaves)
-        b = self._key_leaf(term["right"], leaves)
-        if a is None or b is None or a is b:
-            return None
-        return a, b
+        return self._scoped_key_equality(term, [leaves])
 
     def _key_leaf(self, expr: Node, leaves: list[_Leaf]) -> _Leaf | None:
         """The leaf whose partition key `expr` is (a plain column reference), if any."""
-        if not _ast.is_column_ref(expr):
-            return None
-        leaf = self._owner(expr, leaves)
-        if leaf is None or leaf.replicated or leaf.spec.key is None:
-            return None
-        return leaf if expr["column_names"][-1].lower() == leaf.spec.key.lower() else None
-
-    def _owner(self, ref: Node, leaves: list[_Leaf]) -> _Leaf | None:
-        names = [str(name) for name in ref["column_names"]]
-        if len(names) == 2:
-            matches = [leaf for leaf in leaves if leaf.alias.lower() == names[0].lower()]
-        elif len(names) == 1:
-            matches = [
-                leaf
-                for leaf in leaves
-                if names[0].lower() in (c.lower() for c in self.columns_of(leaf.spec))
-            ]
-        else:
-            return None
-        return matches[0] if len(matches) == 1 else None
+        return self._scoped_key_leaf(expr, [leaves])
 
     # ---- expressions ----
 
@@ -588,12 +557,7 @@ class _Planner:
         self, body: Node, inner: list[_Leaf], scopes: list[list[_Leaf]], tied: set[int]
     ) -> None:
         """Add to `tied` every inner table joined on its key to a tied one."""
-        terms = _ast.conjuncts(body.get("where_clause")) + [
-            term
-            for join in _ast.walk(body["from_table"])
-            if join.get("type") == "JOIN"
-            for term in _ast.conjuncts(join.get("condition"))
-        ]
+        terms = _where_and_on_terms(body)
         inner_ids = {id(leaf) for leaf in inner}
         changed = True
         while changed:
@@ -1154,6 +1118,16 @@ class _Planner:
 
         result: Node = _ast.replaced(node, swap)
         return result
+
+
+def _where_and_on_terms(node: Node) -> list[Node]:
+    """The conjuncts of `node`'s WHERE and of every join condition in its FROM."""
+    return _ast.conjuncts(node.get("where_clause")) + [
+        term
+        for join in _ast.walk(node["from_table"])
+        if join.get("type") == "JOIN"
+        for term in _ast.conjuncts(join.get("condition"))
+    ]
 
 
 def _own_items(value: object) -> Iterator[Node]:
