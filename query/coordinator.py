@@ -541,6 +541,12 @@ class Coordinator:
                     if scanned is None:
                         return None
                     return scanned, types, plan
+                if trace is not None:
+                    count = len(fragments)
+                    for name, rows in inputs:
+                        where = f"sent as {name} to {count} fragments"
+                        sent = str(rows.nbytes * count)
+                        trace.append((f"broadcast {name}", where, "", str(rows.num_rows), sent))
                 fragments = tuple(
                     dataclasses.replace(fragment, inputs=fragment.inputs + inputs)
                     for fragment in fragments
@@ -616,12 +622,6 @@ class Coordinator:
                     )
             rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
             inputs.append((broadcast.name, rows))
-        size = sum(rows.nbytes for _, rows in inputs)
-        if trace is not None and size <= BROADCAST_BYTES_MAX:
-            for name, rows in inputs:
-                sent = str(rows.nbytes * len(plan.fragments))
-                where = f"sent as {name} to {len(plan.fragments)} fragments"
-                trace.append((f"broadcast {name}", where, "", str(rows.num_rows), sent))
         return tuple(inputs)
 
     def _gathered_read(
