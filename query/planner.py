@@ -703,14 +703,20 @@ class _Planner:
             inner += self._subquery_leaves(core, len(inner))
         for partition in partitions:
             reads = []
-            holders: list[int] | None = None
+            held_by: list[tuple[int, ...]] = []
             for leaf in leaves + inner:
                 if leaf.broadcast:
                     continue  # travels with the fragment
                 part = 0 if leaf.spec.reference else partition
                 reads.append((leaf.key, part))
-                held = self.view.placements[leaf.key][part]
-                holders = list(held) if holders is None else [n for n in holders if n in held]
+                held = tuple(self.view.placements[leaf.key][part])
+                if leaf.spec.reference:
+                    held_by.append(held)
+                else:
+                    # Its order (primary first) is the one that spreads the fragments over
+                    # the nodes; a reference table's is the same for every partition.
+                    held_by.insert(0, held)
+            holders = [n for n in (held_by[0] if held_by else ()) if all(n in h for h in held_by)]
             if not holders:
                 raise _NotDistributable(f"no node holds every table of partition {partition}")
             physical = self._physical(node, self._leaves(core["from_table"]) + inner, partition)

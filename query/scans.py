@@ -20,6 +20,12 @@ DuckDB's parse tree of the query (query._ast) and says, for every cluster table 
   a subquery or a parameter stay behind, and no condition moves when the query calls a
   volatile function (it must run once, on the coordinator).
 
+- **key links**: a join `t.a = s.b` on integers lets `t`'s scan keep only rows whose `a`
+  is among the `b`s of `s`'s scan. When `s` is a reference table (held on every node),
+  the scan checks that in its own SQL against the rows of `s` that meet the conditions of
+  the place it is joined at (`inline_references`); otherwise the key set is sent from an
+  earlier round (`schedule`, `read_scans`).
+
 The query itself is then run unchanged over tables that hold just those columns and rows,
 so its answer is the one over whole tables: every row left out fails a condition that the
 query applies to every result row it could have produced.
@@ -32,7 +38,7 @@ columns, a name that is both a CTE and a table, or a parse tree DuckDB cannot pr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import duckdb
 import pyarrow as pa
@@ -64,6 +70,9 @@ class KeyLink:
     source: str
     """The table key of the other side."""
     source_column: str
+    place: int = 0
+    """Which place the other side is read at (an index into its scan's `places`): only
+    rows meeting that place's conditions can be the partner."""
 
 
 KeysNames = Mapping[tuple[str, str], str]
@@ -78,11 +87,15 @@ class TableScan:
     spec: TableSpec
     columns: tuple[tuple[str, str], ...]
     """(name, DuckDB type) of the columns kept, in the table's order."""
-    places: tuple[tuple[tuple[str, ...], tuple[KeyLink, ...]], ...] | None
+    places: tuple[tuple[tuple[str, ...], tuple[KeyLink, ...]], ...]
     """Per place the table is read: its conditions (SQL over the unqualified column names)
-    and its key links; None when some place keeps every row."""
+    and its key links (a place with neither keeps every row)."""
     partitions: tuple[tuple[int, tuple[int, ...]], ...]
     """(partition, holders) of each partition read (one for a reference table)."""
+    inline: tuple[tuple[KeyLink, TableScan], ...] = ()
+    """Links whose source is a reference table, with its scan: checked in this scan's own
+    SQL (`column IN (SELECT source_column FROM source WHERE …)`), on a node that holds the
+    reference table too, so no round waits for their key sets (see `inline_references`)."""
 
     @property
     def filter(self) -> str | None:
@@ -91,33 +104,67 @@ class TableScan:
 
     @property
     def links(self) -> tuple[KeyLink, ...]:
-        """Every key link of every place (a link helps only when each place has one)."""
-        if self.places is None:
+        """Every key link of every place (a link helps only when each place has one),
+        but those checked inline."""
+        if not all(terms or links for terms, links in self.places):
             return ()
-        return tuple(dict.fromkeys(link for _, links in self.places for link in links))
+        inline = {link for link, _ in self.inline}
+        every = (link for _, links in self.places for link in links)
+        return tuple(dict.fromkeys(link for link in every if link not in inline))
 
-    def condition(self, keys: KeysNames) -> str | None:
-        """The scan's condition with the key sets named in `keys` (others left out)."""
-        if self.places is None:
-            return None
+    def condition(self, keys: KeysNames, physical: bool = True) -> str | None:
+        """The scan's condition with the key sets named in `keys` (others left out), and
+        the inline links; their reference tables by their stored names when `physical`,
+        else by their logical names (for EXPLAIN)."""
         alternatives = []
-        for terms, links in self.places:
-            parts = [f"({term})" for term in terms]
-            for link in links:
-                name = keys.get((link.source, link.source_column))
-                if name is not None:
-                    column = quote_identifier(link.column)
-                    parts.append(f"({column} IN (SELECT k FROM {name}))")
-            if not parts:
+        for place in range(len(self.places)):
+            alternative = self.place_condition(place, keys, physical)
+            if alternative is None:
                 return None
-            alternatives.append(" AND ".join(parts))
+            alternatives.append(alternative)
         unique = sorted(set(alternatives))
+        if not unique:
+            return None
         return unique[0] if len(unique) == 1 else " OR ".join(f"({a})" for a in unique)
 
+    def place_condition(self, place: int, keys: KeysNames, physical: bool = True) -> str | None:
+        """What every row read at one place meets (`condition`'s parts); None: nothing."""
+        terms, links = self.places[place]
+        inline = dict(self.inline)
+        parts = [f"({term})" for term in terms]
+        for link in links:
+            column = quote_identifier(link.column)
+            source = inline.get(link)
+            name = keys.get((link.source, link.source_column))
+            if source is not None:
+                table = source.table_name(0) if physical else source.logical_name
+                where = source.place_condition(link.place, {}, physical)
+                scan = _select_sql(((link.source_column, ""),), where, table)
+                parts.append(f"({column} IN ({scan}))")
+            elif name is not None:
+                parts.append(f"({column} IN (SELECT k FROM {name}))")
+        return " AND ".join(parts) if parts else None
+
+    @property
+    def logical_name(self) -> str:
+        return f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}"
+
+    def table_name(self, partition: int) -> str:
+        """The stored table of one partition, as fragments name it."""
+        return f"main.{quote_identifier(partition_table_name(self.key, partition))}"
+
     def select_sql(self, keys: KeysNames | None = None) -> str:
-        """The scan with the table's logical name (for EXPLAIN)."""
-        table = f"{quote_identifier(self.spec.schema)}.{quote_identifier(self.spec.name)}"
-        return _select_sql(self.columns, self.condition(keys or {}), table)
+        """The scan with the tables' logical names (for EXPLAIN)."""
+        return _select_sql(self.columns, self.condition(keys or {}, False), self.logical_name)
+
+    def inline_sources(self) -> dict[str, TableScan]:
+        """Table key -> scan of every reference table the condition reads (inline links,
+        and theirs)."""
+        found: dict[str, TableScan] = {}
+        for _, source in self.inline:
+            found[source.key] = source
+            found.update(source.inline_sources())
+        return found
 
     def fragments(
         self, keys: KeysNames | None = None, inputs: Mapping[str, pa.Table] | None = None
@@ -129,11 +176,13 @@ class TableScan:
             for name, table in sorted((inputs or {}).items())
             if condition is not None and name in condition
         )
+        sources = self.inline_sources().values()
         fragments = []
         for partition, holders in self.partitions:
-            physical = f"main.{quote_identifier(partition_table_name(self.key, partition))}"
-            sql = _select_sql(self.columns, condition, physical)
-            fragments.append(Fragment(sql, ((self.key, partition),), holders, used))
+            sql = _select_sql(self.columns, condition, self.table_name(partition))
+            reads = ((self.key, partition), *((source.key, 0) for source in sources))
+            held = [n for n in holders if all(n in s.partitions[0][1] for s in sources)]
+            fragments.append(Fragment(sql, reads, tuple(held), used))
         return tuple(fragments)
 
 
@@ -161,6 +210,36 @@ ROUNDS_MAX = 4
 """Scans wait for key sets through at most this many rounds."""
 TARGET_ROWS_MIN = 50_000
 """A table estimated smaller is not worth a round's wait (a few ms): it is never reduced."""
+
+
+def inline_references(plan: ScanPlan, table_rows: Mapping[str, int]) -> ScanPlan:
+    """The plan with every key link checked inline that can be: its source is another,
+    narrowed reference table, estimated (`table_rows`) REDUCTION_RATIO times smaller than
+    the scanned table, held by a holder of each of its partitions. Tables are taken
+    smallest first and a source must come earlier, so inline conditions never cycle."""
+    unknown = float("inf")
+
+    def size(key: str) -> float:
+        return table_rows.get(key, unknown)
+
+    done: dict[str, TableScan] = {}
+    for scan in sorted(plan.scans, key=lambda scan: (size(scan.key), scan.key)):
+        inline = []
+        for link in scan.links:
+            source = done.get(link.source)
+            if (
+                source is not None
+                and source.spec.reference
+                and source.place_condition(link.place, {}) is not None
+                and size(source.key) * REDUCTION_RATIO <= size(scan.key) < unknown
+            ):
+                inline.append((link, source))
+        if inline:
+            candidate = replace(scan, inline=tuple(inline))
+            if all(fragment.holders for fragment in candidate.fragments()):
+                scan = candidate
+        done[scan.key] = scan
+    return ScanPlan(tuple(done[scan.key] for scan in plan.scans))
 
 
 def schedule(
@@ -375,9 +454,8 @@ class _Scans:
             for item in nodes:
                 if item.get("type") == "SELECT_NODE":
                     self._push_conditions(item)
-        return ScanPlan(
-            tuple(self._scan(key, names, paths, every_table_whole) for key in self._keys())
-        )
+        scans = tuple(self._scan(key, names, paths, every_table_whole) for key in self._keys())
+        return inline_references(ScanPlan(scans), self.view.table_rows)
 
     def _mark_whole_rows(self, value: object, scopes: list[list[_Reference]]) -> None:
         """A column reference that may name a table in its own or an enclosing SELECT's
@@ -462,11 +540,15 @@ class _Scans:
             node, keys[0], alias, every_column=renamed, renamed=renamed
         )
 
+    def _places_of(self, key: str) -> list[_Reference]:
+        """Where the table `key` is read, in the order of its scan's `places`."""
+        return [reference for reference in self.references.values() if reference.key == key]
+
     def _scan(
         self, key: str, names: set[str], paths: list[tuple[str, ...]], every_table_whole: bool
     ) -> TableScan:
         spec = self.specs[key]
-        places = [reference for reference in self.references.values() if reference.key == key]
+        places = self._places_of(key)
         stored = list(self.columns_of(spec))
         if every_table_whole or any(place.every_column for place in places):
             kept = stored
@@ -480,15 +562,13 @@ class _Scans:
                     if len(path) > length and path[:length] in qualifiers:
                         wanted.add(path[length])
             kept = [(name, kind) for name, kind in stored if name.lower() in wanted] or stored[:1]
-        places_read: tuple[tuple[tuple[str, ...], tuple[KeyLink, ...]], ...] | None = None
-        if all(place.conditions or place.links for place in places):
-            places_read = tuple(
-                (
-                    tuple(self._printed(term, place) for term in place.conditions or ()),
-                    tuple(dict.fromkeys(place.links)),
-                )
-                for place in places
+        places_read = tuple(
+            (
+                tuple(self._printed(term, place) for term in place.conditions or ()),
+                tuple(dict.fromkeys(place.links)),
             )
+            for place in places
+        )
         partitions = (0,) if spec.reference else tuple(range(spec.partitions))
         holders = tuple((p, tuple(self.view.placements[key][p])) for p in partitions)
         return TableScan(key, spec, tuple(kept), places_read, holders)
@@ -619,7 +699,9 @@ class _Scans:
             (leaf_b, b, column_b, a, column_a),
         ):
             if any(leaf is item for item in targets):
-                target.links.append(KeyLink(column, source.key, source_column))
+                places = self._places_of(source.key)
+                place = next(n for n, item in enumerate(places) if item is source)
+                target.links.append(KeyLink(column, source.key, source_column, place))
 
     def _outer_owner(self, column: Node, scope: list[Node]) -> Node | None:
         """The leaf of an enclosing SELECT a column reference surely binds to: it surely

@@ -163,6 +163,24 @@ def test_explain_analyze_shows_the_scan_and_what_was_sent(pair: Pair) -> None:
     ]
 
 
+def test_a_broadcast_scan_keeps_only_rows_a_filtered_reference_table_can_join(
+    pair: Pair,
+) -> None:
+    """r is held wherever dim is: dim's scan joins it there, and sends one row, not 40."""
+    sql = (
+        "SELECT r.region, dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
+        "JOIN r ON dim.dk = r.rk WHERE r.region = 'région 2' GROUP BY 1, 2"
+    )
+    rows = pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    steps = {str(row[0]): row for row in rows}
+    assert steps["broadcast main.dim"][2] == (
+        'SELECT "dk", "name" FROM "main"."dim" WHERE ("dk" IN (SELECT "rk" FROM "main"."r" '
+        "WHERE ((region = 'région 2')))), sent as dcluster_rows_0"
+    )
+    assert steps["broadcast dcluster_rows_0"][3] == "1"
+    pair.run(sql)
+
+
 def test_a_broadcast_too_large_at_run_time_is_gathered(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,8 @@ SETUP = [
     "FROM range(40) t(i)",
     "INSERT INTO tiny VALUES (0, 'zero'), (1, 'one'), (2, NULL), (NULL, 'none')",
     "INSERT INTO prod SELECT i, CASE WHEN i % 3 = 0 THEN 'a' ELSE 'b' END FROM range(17) t(i)",
+    "CREATE TABLE zone (zg INTEGER, tag VARCHAR) REFERENCE",
+    "INSERT INTO zone VALUES (0, 'x'), (1, 'y')",
 ]
 
 Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
@@ -176,6 +178,101 @@ def test_a_key_set_over_the_limit_is_not_sent(pair: Pair, monkeypatch: pytest.Mo
     monkeypatch.setattr(scans, "KEYS_MAX", 2)
     assert fact_rows_sent(pair, sql) > reduced
     same_answer(pair, sql)
+
+
+CHAIN = REDUCED[2][0]
+
+
+def test_a_reference_tables_keys_are_checked_in_the_scan_itself(pair: Pair) -> None:
+    """tiny is held wherever dim's partitions are: dim's scan reads it in its own SQL, in
+    the first round, so fact waits one round (for dim's keys), not two."""
+    coordinator, port, _ = pair
+    steps = explained(coordinator, CHAIN)
+    where, dim_sql = steps["scan main.dim"]
+    inline = """("grp" IN (SELECT "g" FROM "main"."tiny" WHERE (("label" = 'one'))))"""
+    assert dim_sql.endswith(f"WHERE {inline}"), dim_sql
+    assert "round" not in where, where
+    assert steps["scan main.fact"][0] == "every partition, round 2"
+    before = len(port.fragment_calls)
+    same_answer(pair, CHAIN)
+    dim_scans = [
+        fragment
+        for _, fragments in port.fragment_calls[before:]
+        for fragment in fragments
+        if ("main.dim", 0) in fragment.reads or ("main.dim", 1) in fragment.reads
+    ]
+    assert len(dim_scans) == 2
+    for fragment in dim_scans:
+        assert ("main.tiny", 0) in fragment.reads, fragment
+        assert '"main.tiny__p0"' in fragment.sql, fragment.sql
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # tiny's only NULL key: no dim row can match (NULL = NULL is not true)
+        "SELECT count(*) FROM dim JOIN tiny ON dim.grp = tiny.g WHERE tiny.label = 'none'",
+        "SELECT count(*) FROM dim JOIN tiny ON dim.grp = tiny.g WHERE tiny.label IS NULL",
+        "SELECT count(*), sum(fact.v) FROM fact JOIN dim ON fact.dk = dim.k, tiny "
+        "WHERE dim.grp = tiny.g AND (tiny.label = 'zero' OR tiny.g = 2)",
+        "SELECT dim.k FROM dim WHERE dim.grp IN (SELECT g FROM tiny WHERE label LIKE 'o%')",
+        "SELECT count(*) FROM dim LEFT JOIN tiny ON dim.grp = tiny.g AND tiny.label = 'one'",
+        # tiny at two places with different conditions: each link keeps its own place's
+        "SELECT count(*), sum(fact.v) FROM fact JOIN dim ON fact.dk = dim.k "
+        "JOIN tiny AS t1 ON dim.grp = t1.g JOIN tiny AS t2 ON fact.v = t2.g "
+        "WHERE t1.label = 'one' AND t2.label = 'zero'",
+        "SELECT count(*), sum(fact.v) FROM fact JOIN tiny AS t2 ON fact.v = t2.g "
+        "JOIN dim ON fact.dk = dim.k JOIN tiny AS t1 ON dim.grp = t1.g "
+        "WHERE t1.label = 'one' AND t2.label = 'zero'",
+    ],
+)
+def test_inline_reference_keys_answer_as_duckdb(pair: Pair, sql: str) -> None:
+    same_answer(pair, sql)
+
+
+def test_inline_keys_follow_the_place_and_chain_through_reference_tables(pair: Pair) -> None:
+    """tiny is read twice, filtered at one place only (so its scan is whole); dim is linked
+    to that place, which is linked to zone's: dim's scan checks both, in one round."""
+    coordinator, port, _ = pair
+    sql = (
+        "SELECT count(*), sum(t2.g) FROM fact JOIN dim ON fact.dk = dim.k "
+        "JOIN tiny AS t1 ON dim.grp = t1.g JOIN zone ON t1.g = zone.zg "
+        "JOIN tiny AS t2 ON fact.v = t2.g WHERE zone.tag = 'y'"
+    )
+    steps = explained(coordinator, sql)
+    assert steps["scan main.tiny"][1] == 'SELECT "g" FROM "main"."tiny"'
+    where, dim_sql = steps["scan main.dim"]
+    chained = (
+        """("grp" IN (SELECT "g" FROM "main"."tiny" """
+        """WHERE ("g" IN (SELECT "zg" FROM "main"."zone" WHERE ((tag = 'y'))))))"""
+    )
+    assert dim_sql.endswith(f"WHERE {chained}"), dim_sql
+    assert "round" not in where
+    before = len(port.fragment_calls)
+    same_answer(pair, sql)
+    reads = {
+        read
+        for _, fragments in port.fragment_calls[before:]
+        for fragment in fragments
+        if ("main.dim", 0) in fragment.reads
+        for read in fragment.reads
+    }
+    assert reads == {("main.dim", 0), ("main.tiny", 0), ("main.zone", 0)}
+
+
+def test_a_reference_table_read_whole_is_not_checked_inline(pair: Pair) -> None:
+    coordinator, _, _ = pair
+    steps = explained(
+        coordinator,
+        "SELECT count(*) FROM fact JOIN dim ON fact.dk = dim.k JOIN tiny ON dim.grp = tiny.g "
+        "WHERE dim.k > 3",
+    )
+    assert steps["scan main.dim"][1].endswith("WHERE ((k > 3))"), steps
+    same_answer(
+        pair,
+        "SELECT count(*) FROM fact JOIN dim ON fact.dk = dim.k "
+        "JOIN tiny ON dim.grp = tiny.g WHERE dim.k > 3",
+    )
 
 
 def test_key_sets_hold_distinct_values_without_nulls() -> None:

@@ -302,3 +302,28 @@ def test_a_runtime_error_in_a_fragment_is_duckdbs(
         coordinator.execute(sql)
     assert str(ours.value) == str(theirs.value)
     assert ours.value.duckdb_error == "ConversionException"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT n.name, sum(l.qty) FROM n, o, l WHERE o.ok = l.lk AND o.ck = n.nk GROUP BY 1",
+        "SELECT count(*) FROM o WHERE ck IN (SELECT nk FROM n)",
+        "SELECT o.ok FROM n JOIN o ON o.ck = n.nk ORDER BY 1 LIMIT 3",
+    ],
+)
+def test_each_fragment_goes_first_to_its_partitions_primary(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection], sql: str
+) -> None:
+    """Not to the first holder of a reference table listed first: every fragment would go
+    to the same node, and the others would idle."""
+    coordinator, port, _ = pair
+    placements = port.catalog().placements
+    before = len(port.fragment_calls)
+    coordinator.execute(sql).fetchall()
+    ((_, fragments),) = port.fragment_calls[before:]
+    assert len(fragments) == 4
+    for fragment in fragments:
+        (partition,) = {part for table, part in fragment.reads if table == "main.o"}
+        assert fragment.holders[0] == placements["main.o"][partition][0], fragment
+    assert len({fragment.holders[0] for fragment in fragments}) > 1
