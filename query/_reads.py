@@ -419,10 +419,15 @@ class ReadDatabase:
 
     @contextmanager
     def session(
-        self, tables: Sequence[tuple[TableSpec, Sequence[tuple[str, str]], pa.Table]]
+        self,
+        tables: Sequence[tuple[TableSpec, Sequence[tuple[str, str]], pa.Table]],
+        copied: bool = False,
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         """Each (spec, columns, rows) as a view named like the cluster's table; the rows
-        must stay valid until the block ends. Materialise every result inside the block."""
+        must stay valid until the block ends. Materialise every result inside the block.
+        `copied`: tables holding a copy of the rows instead of views, for a statement that
+        raised, so that DuckDB words its error as over stored tables (a runtime error's
+        position marker differs when the rows are read from Arrow)."""
         if self._con is None:
             self._con = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
         con = self._con
@@ -440,14 +445,15 @@ class ReadDatabase:
                     column = quote_identifier(name)
                     same = arrived == kind
                     typed.append(column if same else f"CAST({column} AS {kind}) AS {column}")
+                kind = "TABLE" if copied else "VIEW"
                 con.execute(
-                    f"CREATE VIEW {qualified(spec)} AS SELECT {', '.join(typed)} FROM {source}"
+                    f"CREATE {kind} {qualified(spec)} AS SELECT {', '.join(typed)} FROM {source}"
                 ).fetchall()
             yield con
         finally:
             try:
                 for view, source in reversed(created):
-                    con.execute(f"DROP VIEW IF EXISTS {view}").fetchall()
+                    con.execute(f"DROP {'TABLE' if copied else 'VIEW'} IF EXISTS {view}").fetchall()
                     con.unregister(source)
             except duckdb.Error:
                 self.close()  # opened afresh next time rather than trusted half-emptied

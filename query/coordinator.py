@@ -43,6 +43,7 @@ from cluster.sql_protocol import (
     TableWrite,
     table_key,
 )
+from query._ast import NotATree
 from query._reads import (
     BindFailed,
     CatalogMoved,
@@ -81,6 +82,7 @@ from query.port import (
     FragmentFailed,
     PortError,
 )
+from query.scalars import ScalarSubqueries, literal
 from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, schedule
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
@@ -113,6 +115,8 @@ gathered instead, over narrowed scans that reuse the rows already read. Sending 
 about 2 ms per MB per worker and every worker builds its own hash table of them, so a
 large broadcast loses to a gather of the (often well filtered) other side. Far below
 `cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX`, which bounds a fragment's inputs."""
+SCALARS_DEPTH_MAX = 3
+"""Scalar subqueries inside scalar subqueries are answered first this many levels deep."""
 WRITE_ATTEMPTS_MAX = 8
 """Times a statement is planned and run again after its commit met a Conflict."""
 BACKOFF_FIRST_S = 0.002
@@ -384,18 +388,117 @@ class Coordinator:
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
     ) -> StatementResult:
         if statement.kind == StatementKind.SELECT:
-            if parameters is None:
-                distributed = self._distributed_read(statement.sql, consistency, None)
-                if distributed is not None:
-                    table, types, _ = distributed
-                    return self._result(table, types)
-            else:
+            if parameters is not None:
                 self._bind(statement.sql, parameters)
-            scanned = self._scanned_read(statement.sql, parameters, consistency, None)
-            if scanned is not None:
-                table, types = scanned
+            answered = self._planned_read(statement.sql, parameters, consistency, None)
+            if answered is not None:
+                table, types = answered
                 return self._result(table, types, _rowcount(statement, words, table))
         return self._gathered_read(statement, words, parameters, consistency)
+
+    def _planned_read(
+        self, sql: str, parameters: object, consistency: str, trace: list[Step] | None
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """A SELECT answered at one read barrier: on the partitions as planned, else over
+        narrowed scans (`_answer`); None when the catalog moved or neither could answer
+        (the caller gathers whole tables, for DuckDB's own error if there is one)."""
+        view = self._port.catalog()
+        index = self._barrier(view, consistency)
+        if index is None:
+            return None
+        try:
+            return self._answer(view, sql, parameters, index, trace, 0)
+        finally:
+            self._port.release(index)
+
+    def _answer(
+        self,
+        view: CatalogView,
+        sql: str,
+        parameters: object,
+        index: int,
+        trace: list[Step] | None,
+        depth: int,
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """`sql` at barrier `index`: its distributed plan; or, when it gathers, the same
+        query with its uncorrelated scalar subqueries answered first (query.scalars, up to
+        SCALARS_DEPTH_MAX deep); or over narrowed scans. None when none of them answered."""
+        if parameters is None:
+            plan, names, types = self._plan(view, sql)
+            shape = self._shape
+            if trace is not None:
+                trace += self._plan_steps(view, sql, plan, True)
+            if isinstance(plan, Distributed):
+                answered = self._distributed_run(view, sql, plan, names, types, shape, index, trace)
+                if answered is not None:
+                    return answered
+                if trace is not None:
+                    why = "a fragment failed: the query runs as written"
+                    trace.append(("gather", "coordinator", why, None, None))
+            elif depth < SCALARS_DEPTH_MAX:
+                substituted = self._substituted(view, sql, index, trace, depth)
+                if substituted is not None:
+                    try:
+                        answered = self._answer(view, substituted, None, index, trace, depth + 1)
+                    except SqlError:
+                        answered = None  # raised again below, quoting the query as written
+                    if answered is not None:
+                        table = answered[0]
+                        return (None if table is None else table.rename_columns(names)), types
+        return self._scanned_run(view, sql, parameters, index, trace)
+
+    def _substituted(
+        self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
+    ) -> str | None:
+        """`sql` with each uncorrelated scalar subquery that reads a partitioned table
+        replaced by its answer at barrier `index`; None when there is none (or the query
+        calls a volatile function: it must run once, as written)."""
+        work = self._work
+        texts = self._scalar_candidates(sql)
+        if not texts:
+            return None
+        constants = {}
+        for text in texts:
+            if trace is not None:
+                trace.append(("scalar subquery", "first, at the same barrier", text, None, None))
+            try:
+                answered = self._answer(view, text, None, index, trace, depth + 1)
+            except SqlError:
+                continue  # the query as written says what DuckDB says
+            if answered is None or answered[0] is None:
+                continue
+            constant = literal(work.con, answered[0], answered[1][0])
+            if constant is not None:
+                constants[text] = constant
+                if trace is not None:
+                    trace.append(("constant", "coordinator", constant, None, None))
+        if not constants:
+            return None
+        return ScalarSubqueries(work.con, sql, work.specs).substituted(constants)
+
+    def _scanned_run(
+        self,
+        view: CatalogView,
+        sql: str,
+        parameters: object,
+        index: int,
+        trace: list[Step] | None,
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """Run a SELECT over just the columns and rows of each table it can use (query.
+        scans), read on the partitions at barrier `index`; None when there is no such plan,
+        or a scan raised (the caller then gathers whole tables, for DuckDB's own error).
+        `trace` (EXPLAIN ANALYZE) receives each scan fragment's node, rows and bytes."""
+        plan = self._scan_plan(view, sql)
+        if isinstance(plan, str):
+            return None
+        parts: list[tuple[str, ...]] = []
+        try:
+            answered = self._narrowed_run(view, plan, index, sql, parameters, parts)
+        except FragmentFailed:
+            return None
+        if trace is not None:
+            trace += self._scan_plan_steps(view, sql) + _scan_steps(parts)
+        return answered
 
     def _bind(self, sql: str, parameters: object) -> None:
         """DuckDB's own errors for a statement that does not bind (run over no rows)."""
@@ -422,31 +525,6 @@ class Coordinator:
             work.stored_columns,
             lambda spec: table_key(spec.schema, spec.name) in generated,
         )
-
-    def _scanned_read(
-        self,
-        sql: str,
-        parameters: object,
-        consistency: str,
-        trace: list[tuple[str, ...]] | None,
-    ) -> tuple[pa.Table | None, list[str]] | None:
-        """Run a SELECT over just the columns and rows of each table it can use (query.
-        scans), read on the partitions; None when there is no such plan, the catalog moved,
-        or a scan raised (the caller then gathers whole tables, for DuckDB's own error).
-        `trace` (EXPLAIN ANALYZE) receives each scan fragment's node, rows and bytes."""
-        view = self._port.catalog()
-        plan = self._scan_plan(view, sql)
-        if isinstance(plan, str):
-            return None
-        index = self._barrier(view, consistency)
-        if index is None:
-            return None
-        try:
-            return self._narrowed_run(view, plan, index, sql, parameters, trace)
-        except FragmentFailed:
-            return None
-        finally:
-            self._port.release(index)
 
     def _barrier(self, view: CatalogView, consistency: str) -> int | None:
         """The index to read at: a new read barrier ('strong'), or 0 ('stale'); None (and
@@ -479,8 +557,12 @@ class Coordinator:
             known,
         )
         tables = [(scan.spec, scan.columns, rows[scan.key]) for scan in plan.scans]
-        with self._narrow.session(tables) as con:
-            return run(con, sql, parameters)
+        try:
+            with self._narrow.session(tables) as con:
+                return run(con, sql, parameters)
+        except DuckDBError:
+            with self._narrow.session(tables, copied=True) as con:  # for DuckDB's words
+                return run(con, sql, parameters)
 
     def _plan(
         self, view: CatalogView, sql: str
@@ -504,21 +586,22 @@ class Coordinator:
         )
         return plan, names, types
 
-    def _distributed_read(
-        self, sql: str, consistency: str, trace: list[Step] | None
-    ) -> tuple[pa.Table, list[str], Distributed | Gather] | None:
-        """Run a SELECT as planned on the partitions; None when the plan is to gather (or a
-        fragment raised, so the query is run as written for DuckDB's own error; or the
-        broadcast tables came to more than BROADCAST_BYTES_MAX). `trace` (EXPLAIN ANALYZE)
-        receives (step, node, rows, bytes) for every broadcast scan and fragment."""
-        view = self._port.catalog()
-        plan, names, types = self._plan(view, sql)
-        if not isinstance(plan, Distributed):
-            return None
-        shape = self._shape
-        index = self._barrier(view, consistency)
-        if index is None:
-            return None  # the catalog moved: the gather path re-reads it at a barrier
+    def _distributed_run(
+        self,
+        view: CatalogView,
+        sql: str,
+        plan: Distributed,
+        names: list[str],
+        types: list[str],
+        shape: pa.Schema | None,
+        index: int,
+        trace: list[Step] | None,
+    ) -> tuple[pa.Table, list[str]] | None:
+        """Run a SELECT as planned on the partitions at barrier `index`; None when a
+        fragment raised (the query is then run as written, for DuckDB's own error). When
+        the broadcast tables came to more than BROADCAST_BYTES_MAX, it is gathered over
+        narrowed scans instead. `trace` (EXPLAIN ANALYZE) receives (step, node, rows,
+        bytes) for every broadcast scan and fragment."""
         try:
             fragments = plan.fragments
             if plan.broadcasts:
@@ -540,7 +623,7 @@ class Coordinator:
                         trace += _scan_steps(parts)
                     if scanned is None:
                         return None
-                    return scanned, types, plan
+                    return scanned, types
                 if trace is not None:
                     count = len(fragments)
                     for name, rows in inputs:
@@ -584,12 +667,12 @@ class Coordinator:
                 )
             finally:
                 con.unregister(raw)
+            if trace is not None:
+                trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         except FragmentFailed:
             # DuckDB's message quotes the statement it ran: the gather path runs the
             # query as written, for the same error in the same words.
             return None
-        finally:
-            self._port.release(index)
         assert merged is not None
         table = _cast(self._work.con, merged, merged_types, names, types)
         if shape is not None and table.schema != shape:
@@ -597,7 +680,7 @@ class Coordinator:
                 table = table.cast(shape)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
                 return None
-        return table, types, plan
+        return table, types
 
     def _broadcast(
         self, index: int, plan: Distributed, trace: list[Step] | None
@@ -650,65 +733,16 @@ class Coordinator:
         statement = self._parse(query, tokens(query)) if query else None
         if statement is None or statement.kind != StatementKind.SELECT or parameters is not None:
             raise Unsupported("EXPLAIN [ANALYZE] takes one SELECT, without parameters")
-        view = self._port.catalog()
-        plan, _, _ = self._plan(view, statement.sql)
-        steps: list[Step] = []
-        if isinstance(plan, Gather):
-            steps.append(("gather", "coordinator", f"gathered: {plan.reason}", None, None))
-            scans = self._scan_plan(view, statement.sql)
-            if isinstance(scans, str):
-                steps.append(("whole tables", "coordinator", scans, None, None))
-                keys = self._work.tables_named(tokens(statement.sql))
-                for key in keys:
-                    steps.append((f"scan {key}", "every partition", "all rows", None, None))
-            else:
-                rounds = schedule(scans, view.table_rows)
-                names = key_names(rounds)
-                for number, scans_in_round in enumerate(rounds):
-                    for scan, links in scans_in_round:
-                        where = "one node" if scan.spec.reference else "every partition"
-                        if number:
-                            where += f", round {number + 1}"
-                        pairs = [(link.source, link.source_column) for link in links]
-                        used = {pair: names[pair] for pair in pairs}
-                        steps.append((f"scan {scan.key}", where, scan.select_sql(used), None, None))
-                for (source, column), name in names.items():
-                    why = f"{name}: distinct {column} of the {source} scan, if at most {KEYS_MAX:,}"
-                    steps.append((f"keys of {source}.{column}", "coordinator", why, None, None))
-            if analyze:
-                steps += self._analyzed_gather(statement, consistency, not isinstance(scans, str))
+        if analyze:
+            steps = self._analyzed(statement, consistency)
         else:
-            where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
-            steps.append(("plan", "coordinator", plan.tier, None, None))
-            for broadcast in plan.broadcasts:
-                detail = f"{broadcast.scan.select_sql()}, sent as {broadcast.name}"
-                steps.append(
-                    (f"broadcast {broadcast.scan.key}", "every fragment", detail, None, None)
-                )
-            steps.append(("fragment", where, plan.fragment_sql, None, None))
-            trace: list[Step] = []
-            if analyze:
-                started = self._clock.monotonic_ns()
-                outcome = self._distributed_read(statement.sql, consistency, trace)
-                elapsed = (self._clock.monotonic_ns() - started) / 1e9
-                steps += trace
-                if outcome is None:
-                    why = "the catalog moved, or the broadcast tables were too large"
-                    steps.append(("gather", "coordinator", why, None, None))
-                    steps += self._analyzed_gather(statement, consistency, True)
-            else:
-                for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
-                    holders = ", ".join(str(node) for node in fragment.holders)
-                    steps.append(
-                        (f"partition {partition}", f"one of nodes {holders}", "", None, None)
-                    )
-            gathered = any(step[0] == "gather" for step in steps)
-            if not gathered:
-                steps.append(("merge", "coordinator", plan.merge_sql, None, None))
-            if analyze and outcome is not None:
-                steps.append(
-                    ("result", "coordinator", f"{elapsed:.6f} s", str(outcome[0].num_rows), None)
-                )
+            view = self._port.catalog()
+            plan, _, _ = self._plan(view, statement.sql)
+            steps = self._plan_steps(view, statement.sql, plan, False)
+            if isinstance(plan, Gather):
+                for text in self._scalar_candidates(statement.sql):
+                    where = "answered first, at the same barrier"
+                    steps.append(("scalar subquery", where, text, None, None))
         columns = ["step", "runs_on", "detail", "rows", "bytes"]
         table = pa.table(
             {
@@ -718,26 +752,90 @@ class Coordinator:
         )
         return self._result(table, ["VARCHAR"] * len(columns))
 
-    def _analyzed_gather(
-        self, statement: Statement, consistency: str, narrowed: bool
+    def _plan_steps(
+        self, view: CatalogView, sql: str, plan: Distributed | Gather, analyze: bool
     ) -> list[Step]:
-        """EXPLAIN ANALYZE's steps for a gathered query: run it over narrowed scans (or,
-        when there are none or they fail, over whole tables), and say what each moved."""
-        started = self._clock.monotonic_ns()
-        scanned_parts: list[tuple[str, ...]] = []
-        scanned = None
-        if narrowed:
-            scanned = self._scanned_read(statement.sql, None, consistency, scanned_parts)
-        if scanned is None:
-            scanned_parts = []
-            result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
-            answered = len(result)
-        else:
-            answered = 0 if scanned[0] is None else scanned[0].num_rows
-        elapsed = (self._clock.monotonic_ns() - started) / 1e9
-        steps = _scan_steps(scanned_parts)
-        steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(answered), None))
+        """EXPLAIN's rows for one planned query: the tier, broadcasts and fragment (and,
+        not analyzing, where each partition may run and the merge); or why it gathers and
+        the scans it would read."""
+        steps: list[Step] = []
+        if isinstance(plan, Gather):
+            steps.append(("gather", "coordinator", f"gathered: {plan.reason}", None, None))
+            if not analyze:  # analyzing: written where the scans are read
+                steps += self._scan_plan_steps(view, sql)
+            return steps
+        where = f"partitions {_ranges(plan.partitions)} of {plan.partitions_total}"
+        steps.append(("plan", "coordinator", plan.tier, None, None))
+        for broadcast in plan.broadcasts:
+            detail = f"{broadcast.scan.select_sql()}, sent as {broadcast.name}"
+            steps.append((f"broadcast {broadcast.scan.key}", "every fragment", detail, None, None))
+        steps.append(("fragment", where, plan.fragment_sql, None, None))
+        if not analyze:
+            for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
+                holders = ", ".join(str(node) for node in fragment.holders)
+                steps.append((f"partition {partition}", f"one of nodes {holders}", "", None, None))
+            steps.append(("merge", "coordinator", plan.merge_sql, None, None))
         return steps
+
+    def _scan_plan_steps(self, view: CatalogView, sql: str) -> list[Step]:
+        """EXPLAIN's rows for the narrowed scans of a gathered query, round by round."""
+        steps: list[Step] = []
+        scans = self._scan_plan(view, sql)
+        if isinstance(scans, str):
+            steps.append(("whole tables", "coordinator", scans, None, None))
+            for key in self._work.tables_named(tokens(sql)):
+                steps.append((f"scan {key}", "every partition", "all rows", None, None))
+            return steps
+        rounds = schedule(scans, view.table_rows)
+        names = key_names(rounds)
+        for number, scans_in_round in enumerate(rounds):
+            for scan, links in scans_in_round:
+                where = "one node" if scan.spec.reference else "every partition"
+                if number:
+                    where += f", round {number + 1}"
+                pairs = [(link.source, link.source_column) for link in links]
+                used = {pair: names[pair] for pair in pairs}
+                steps.append((f"scan {scan.key}", where, scan.select_sql(used), None, None))
+        for (source, column), name in names.items():
+            why = f"{name}: distinct {column} of the {source} scan, if at most {KEYS_MAX:,}"
+            steps.append((f"keys of {source}.{column}", "coordinator", why, None, None))
+        return steps
+
+    def _analyzed(self, statement: Statement, consistency: str) -> list[Step]:
+        """EXPLAIN ANALYZE's steps: the query run as `_read` runs it, with each planned
+        query's steps and what every scan, fragment and broadcast moved."""
+        started = self._clock.monotonic_ns()
+        steps: list[Step] = []
+        answered = self._planned_read(statement.sql, None, consistency, steps)
+        if answered is None:
+            steps.append(("gather", "coordinator", "whole tables", None, None))
+            result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
+            rows = len(result)
+        else:
+            rows = 0 if answered[0] is None else answered[0].num_rows
+        elapsed = (self._clock.monotonic_ns() - started) / 1e9
+        steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(rows), None))
+        return steps
+
+    def _scalar_candidates(self, sql: str) -> list[str]:
+        """The scalar subqueries `_substituted` would answer first (bound alone)."""
+        work = self._work
+        try:
+            candidates = ScalarSubqueries(work.con, sql, work.specs)
+        except NotATree:
+            return []
+        if not candidates.texts or ddl.volatile_functions(sql, work.con):
+            return []
+        found = []
+        for text in candidates.texts:
+            try:
+                with work.session({}) as con:
+                    _, types = run(con, text)
+            except SqlError:
+                continue
+            if len(types) == 1:
+                found.append(text)
+        return found
 
     # -- writes ------------------------------------------------------------------------------
 

@@ -657,7 +657,7 @@ class _Planner:
             matches = [
                 (c, v)
                 for c, v in pairs
-                if self._key_leaf(c, partitioned) and v.get("class") == "CONSTANT"
+                if self._key_leaf(c, partitioned) and _is_constant(v)
             ]
             if not matches:
                 return None
@@ -667,7 +667,7 @@ class _Planner:
             column, *constants = term["children"]
             if not self._key_leaf(column, partitioned) or len(constants) > PINNED_VALUES_MAX:
                 return None
-            if not all(c.get("class") == "CONSTANT" for c in constants):
+            if not all(_is_constant(c) for c in constants):
                 return None
         else:
             return None
@@ -1199,3 +1199,10 @@ def _order_sql(column: str, order: Node) -> str:
         "NULLS LAST": " NULLS LAST",
     }.get(order["null_order"], "")
     return f"{column}{direction}{nulls}"
+
+
+def _is_constant(node: Node) -> bool:
+    """A literal, or a literal cast to a type (how query.scalars writes an answer)."""
+    if node.get("class") == "CAST":
+        return _is_constant(node["child"])
+    return node.get("class") == "CONSTANT"
