@@ -209,6 +209,10 @@ QUERIES = (
     "AND h2.k > 3) ORDER BY id, s",
     "SELECT name, count(*) FROM (SELECT h.id, ref.name FROM h LEFT JOIN ref "
     "ON ref.code = h.k % 4) AS x GROUP BY name ORDER BY name NULLS FIRST",
+    # uncorrelated scalar subqueries answered first, then pushed down as constants
+    "SELECT k, sum(m) AS total FROM h GROUP BY k HAVING sum(m) > (SELECT avg(m) * 3 FROM h) "
+    "ORDER BY total DESC, k",
+    "SELECT count(*), max(s) FROM r WHERE m > (SELECT avg(m) FROM h WHERE h.k < 5)",
 )
 WRITES = (
     "INSERT INTO {t} SELECT k + 1, n, v FROM {t} WHERE n > 0",
