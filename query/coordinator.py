@@ -7,9 +7,14 @@ same data — same columns, names, types and rows, same errors with the same mes
 - DDL: bound against the shadow catalog (`Catalog.prepare`, DuckDB's own errors) and
   committed as one DDL command. CREATE TABLE … AS runs its query at a read barrier and
   commits the table and its rows in that one command, so both appear atomically.
-- Reads (SELECT, COPY … TO): the rows of every table the statement may read are gathered
-  at one read barrier ('strong', the default: one consistent snapshot of the cluster) or as
-  applied now ('stale'), and the statement runs in the coordinator's DuckDB (query._reads).
+- Reads (SELECT): at one read barrier ('strong', the default: one consistent snapshot of
+  the cluster) or as applied now ('stale'), the SELECT runs as query.planner plans it on
+  the partitions (fragments, broadcasts, a merge here); when the plan gathers, its
+  uncorrelated scalar subqueries are answered first at that barrier and put in as
+  constants (query.scalars) and it is planned again; failing that, it runs here over the
+  narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO)
+  are the whole tables it may read gathered and the statement run in the coordinator's
+  DuckDB (query._reads) — also how a fragment's runtime error is raised in DuckDB's words.
 - Writes (INSERT, UPDATE, DELETE, COPY … FROM): run once here, only the changed rows are
   staged and one commit names them (query._writes). A commit refused because what the
   statement read has changed (`Conflict`) is planned and run again from the start, up to
