@@ -976,6 +976,8 @@ def _cast(
 ) -> pa.Table:
     """The merged rows with the query's own column names and DuckDB types."""
     assert len(found) == len(types) == len(names), (found, types, names)
+    if list(found) == list(types):
+        return table.rename_columns(list(names))  # what the SELECT below would give
     renamed = table.rename_columns([f"m{i}" for i in range(table.num_columns)])
     con.register("dcluster_merged", renamed)
     try:
