@@ -459,8 +459,8 @@ class Coordinator:
         replaced by its answer at barrier `index`; None when there is none (or the query
         calls a volatile function: it must run once, as written)."""
         work = self._work
-        texts = self._scalar_candidates(sql)
-        if not texts:
+        candidates, texts = self._scalar_candidates(sql)
+        if candidates is None or not texts:
             return None
         constants = {}
         for text in texts:
@@ -479,7 +479,7 @@ class Coordinator:
                     trace.append(("constant", "coordinator", constant, None, None))
         if not constants:
             return None
-        return ScalarSubqueries(work.con, sql, work.specs).substituted(constants)
+        return candidates.substituted(constants)
 
     def _scanned_run(
         self,
@@ -745,7 +745,7 @@ class Coordinator:
             plan, _, _ = self._plan(view, statement.sql)
             steps = self._plan_steps(view, statement.sql, plan, False)
             if isinstance(plan, Gather):
-                for text in self._scalar_candidates(statement.sql):
+                for text in self._scalar_candidates(statement.sql)[1]:
                     where = "answered first, at the same barrier"
                     steps.append(("scalar subquery", where, text, None, None))
         columns = ["step", "runs_on", "detail", "rows", "bytes"]
@@ -822,15 +822,16 @@ class Coordinator:
         steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(rows), None))
         return steps
 
-    def _scalar_candidates(self, sql: str) -> list[str]:
-        """The scalar subqueries `_substituted` would answer first (bound alone)."""
+    def _scalar_candidates(self, sql: str) -> tuple[ScalarSubqueries | None, list[str]]:
+        """The query's scalar subqueries, and the texts of those `_substituted` would
+        answer first (they bind alone)."""
         work = self._work
         try:
             candidates = ScalarSubqueries(work.con, sql, work.specs)
         except NotATree:
-            return []
+            return None, []
         if not candidates.texts or ddl.volatile_functions(sql, work.con):
-            return []
+            return candidates, []
         found = []
         for text in candidates.texts:
             try:
@@ -840,7 +841,7 @@ class Coordinator:
                 continue
             if len(types) == 1:
                 found.append(text)
-        return found
+        return candidates, found
 
     # -- writes ------------------------------------------------------------------------------
 

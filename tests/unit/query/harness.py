@@ -76,6 +76,20 @@ class Pair:
         self.reference = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
         self.text = duckdb.connect(":memory:")
 
+    @classmethod
+    @contextmanager
+    def loaded(cls, setup: Sequence[str]) -> Iterator[Pair]:
+        """A pair that ran every statement of `setup` (compared), with the catalog's row
+        estimates refreshed after them; closed on leaving."""
+        pair = cls()
+        try:
+            for statement in setup:
+                pair.run(statement)
+            pair.port.catalog(refresh=True)
+            yield pair
+        finally:
+            pair.close()
+
     def close(self) -> None:
         self.coordinator.close()
         self.port.close()

@@ -46,14 +46,8 @@ SETUP = [
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    pair = Pair()
-    try:
-        for statement in SETUP:
-            pair.run(statement)
-        pair.port.catalog(refresh=True)  # row estimates after the inserts
+    with Pair.loaded(SETUP) as pair:  # row estimates after the inserts
         yield pair
-    finally:
-        pair.close()
 
 
 def plan_of(pair: Pair, sql: str) -> tuple[str, list[str]]:

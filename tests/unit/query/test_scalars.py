@@ -39,14 +39,8 @@ SETUP = [
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    pair = Pair()
-    try:
-        for statement in SETUP:
-            pair.run(statement)
-        pair.port.catalog(refresh=True)
+    with Pair.loaded(SETUP) as pair:  # row estimates after the inserts
         yield pair
-    finally:
-        pair.close()
 
 
 def analyzed(pair: Pair, sql: str) -> list[tuple[str, str, str]]:
