@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import duckdb
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clock import Clock, SystemClock
 from cluster.sql_protocol import (
@@ -77,7 +78,7 @@ from query._reads import (
     tokens,
 )
 from query._writes import Changes, Target, export, find_target, plan_write, run_write, stage
-from query.planner import FRAGMENTS_RELATION, Distributed, Gather, plan_select
+from query.planner import FRAGMENTS_RELATION, Broadcast, Distributed, Gather, plan_select
 from query.port import (
     CatalogChanged,
     CatalogView,
@@ -92,7 +93,7 @@ from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, s
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
-from storage.placement import place
+from storage.placement import partition_expression, place
 
 __all__ = [
     "BindFailed",
@@ -120,6 +121,10 @@ gathered instead, over narrowed scans that reuse the rows already read. Sending 
 about 2 ms per MB per worker and every worker builds its own hash table of them, so a
 large broadcast loses to a gather of the (often well filtered) other side. Far below
 `cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX`, which bounds a fragment's inputs."""
+REPARTITION_BYTES_MAX = 32 * 1024 * 1024
+"""A repartitioned table's rows dealt to one fragment above this (all such tables
+together) are not sent: the query is gathered instead, as for BROADCAST_BYTES_MAX. Below
+`cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` with room for the broadcast tables."""
 SCALARS_DEPTH_MAX = 3
 """Scalar subqueries inside scalar subqueries are answered first this many levels deep."""
 WRITE_ATTEMPTS_MAX = 8
@@ -610,20 +615,26 @@ class Coordinator:
         try:
             fragments = plan.fragments
             if plan.broadcasts:
-                inputs = self._broadcast(index, plan, trace)
-                if sum(rows.nbytes for _, rows in inputs) > BROADCAST_BYTES_MAX:
+                moved = self._broadcast(index, plan, trace)
+                whole = sum(rows.nbytes for b, rows in moved if b.split is None)
+                dealt = _dealt(moved, plan.partitions)
+                largest = max((sum(t.nbytes for _, t in part) for part in dealt), default=0)
+                if whole > BROADCAST_BYTES_MAX or largest > REPARTITION_BYTES_MAX:
                     # larger than it was worth sending: gather, with the rows read so far
                     scans = self._scan_plan(view, sql)
                     if isinstance(scans, str):
                         return None
-                    known = {
-                        b.scan.key: rows
-                        for b, (_, rows) in zip(plan.broadcasts, inputs, strict=True)
-                    }
+                    known = {b.scan.key: _scanned(b, rows) for b, rows in moved}
                     parts: list[tuple[str, ...]] = []
                     scanned, _ = self._narrowed_run(view, scans, index, sql, None, parts, known)
                     if trace is not None:
-                        why = f"gathered: the broadcast tables came to over {BROADCAST_BYTES_MAX:,} bytes"
+                        why = (
+                            f"gathered: the broadcast tables came to over "
+                            f"{BROADCAST_BYTES_MAX:,} bytes"
+                            if whole > BROADCAST_BYTES_MAX
+                            else f"gathered: a fragment's repartitioned rows came to over "
+                            f"{REPARTITION_BYTES_MAX:,} bytes"
+                        )
                         trace.append(("gather", "coordinator", why, None, None))
                         trace += _scan_steps(parts)
                     if scanned is None:
@@ -631,13 +642,20 @@ class Coordinator:
                     return scanned, types
                 if trace is not None:
                     count = len(fragments)
-                    for name, rows in inputs:
-                        where = f"sent as {name} to {count} fragments"
-                        sent = str(rows.nbytes * count)
-                        trace.append((f"broadcast {name}", where, "", str(rows.num_rows), sent))
+                    for b, rows in moved:
+                        if b.split is None:
+                            step, where = "broadcast", f"sent as {b.name} to {count} fragments"
+                            sent = rows.nbytes * count
+                        else:
+                            column = quote_identifier(b.split.column)
+                            step = "repartition"
+                            where = f"dealt by {column} as {b.name} to {count} fragments"
+                            sent = sum(t.nbytes for part in dealt for n, t in part if n == b.name)
+                        row = (f"{step} {b.name}", where, "", str(rows.num_rows), str(sent))
+                        trace.append(row)
                 fragments = tuple(
-                    dataclasses.replace(fragment, inputs=fragment.inputs + inputs)
-                    for fragment in fragments
+                    dataclasses.replace(fragment, inputs=fragment.inputs + part)
+                    for fragment, part in zip(fragments, dealt, strict=True)
                 )
             results = self._port.fragments(index, fragments)
             parts = [
@@ -689,12 +707,23 @@ class Coordinator:
 
     def _broadcast(
         self, index: int, plan: Distributed, trace: list[Step] | None
-    ) -> tuple[tuple[str, pa.Table], ...]:
-        """The broadcast tables' scanned rows at barrier `index`, named for the fragments'
-        inputs (in the order of `plan.broadcasts`)."""
-        asked = [(broadcast, broadcast.scan.fragments()) for broadcast in plan.broadcasts]
+    ) -> list[tuple[Broadcast, pa.Table]]:
+        """The moved tables' scanned rows at barrier `index` (in the order of
+        `plan.broadcasts`); a repartitioned table's with one more column, last: the
+        partition each row goes to (computed where it was scanned)."""
+        asked = []
+        for broadcast in plan.broadcasts:
+            fragments = broadcast.scan.fragments()
+            if broadcast.split is not None:
+                split = broadcast.split
+                partition = partition_expression(split.spec, quote_identifier(split.column))
+                fragments = tuple(
+                    dataclasses.replace(f, sql=f"SELECT *, {partition} FROM ({f.sql})")
+                    for f in fragments
+                )
+            asked.append((broadcast, fragments))
         results = iter(self._port.fragments(index, [f for _, fs in asked for f in fs]))
-        inputs = []
+        moved = []
         for broadcast, fragments in asked:
             parts = [next(results) for _ in fragments]
             if trace is not None:
@@ -709,8 +738,8 @@ class Coordinator:
                         )
                     )
             rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
-            inputs.append((broadcast.name, rows))
-        return tuple(inputs)
+            moved.append((broadcast, rows))
+        return moved
 
     def _gathered_read(
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
@@ -773,7 +802,12 @@ class Coordinator:
         steps.append(("plan", "coordinator", plan.tier, None, None))
         for broadcast in plan.broadcasts:
             detail = f"{broadcast.scan.select_sql()}, sent as {broadcast.name}"
-            steps.append((f"broadcast {broadcast.scan.key}", "every fragment", detail, None, None))
+            if broadcast.split is None:
+                step, to = f"broadcast {broadcast.scan.key}", "every fragment"
+            else:
+                step = f"repartition {broadcast.scan.key}"
+                to = f"each fragment its rows, by {quote_identifier(broadcast.split.column)}"
+            steps.append((step, to, detail, None, None))
         steps.append(("fragment", where, plan.fragment_sql, None, None))
         if not analyze:
             for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
@@ -992,6 +1026,30 @@ def _cast(
         con.unregister("dcluster_merged")
     assert result is not None
     return result
+
+
+def _dealt(
+    moved: Sequence[tuple[Broadcast, pa.Table]], partitions: Sequence[int]
+) -> list[tuple[tuple[str, pa.Table], ...]]:
+    """Each fragment's inputs, in the order of `partitions`: every broadcast table whole,
+    and of each repartitioned table the rows of that fragment's partition."""
+    dealt: list[tuple[tuple[str, pa.Table], ...]] = []
+    for partition in partitions:
+        inputs = []
+        for broadcast, rows in moved:
+            if broadcast.split is None:
+                inputs.append((broadcast.name, rows))
+                continue
+            last = rows.num_columns - 1
+            mine = rows.filter(pc.equal(rows.column(last), partition)).remove_column(last)
+            inputs.append((broadcast.name, mine))
+        dealt.append(tuple(inputs))
+    return dealt
+
+
+def _scanned(broadcast: Broadcast, rows: pa.Table) -> pa.Table:
+    """A moved table's rows as its scan reads them (without the partition column)."""
+    return rows if broadcast.split is None else rows.remove_column(rows.num_columns - 1)
 
 
 def _scan_steps(parts: Sequence[tuple[str, ...]]) -> list[Step]:

@@ -35,11 +35,13 @@ tables (`storage.partitions.partition_table_sql`), so a worker runs them as they
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import duckdb
+import msgspec
 
 from query import _ast
 from query._ast import Node
@@ -54,6 +56,9 @@ FRAGMENTS_RELATION = "dcluster_fragments"
 """The name the merge SQL reads the fragments' concatenated rows by."""
 BROADCAST_ROWS_MAX = 2_000_000
 """A table estimated to have more rows is never broadcast."""
+REPARTITION_ROWS_MAX = 50_000_000
+"""A table estimated to have more rows is never repartitioned (its scanned rows pass
+through the coordinator's memory at once)."""
 BROADCAST_RATIO = 2
 """A broadcast table is estimated to have this many times fewer rows than the largest
 table of the partitions the fragments run on, or it is not broadcast."""
@@ -118,12 +123,35 @@ class _NotDistributable(Exception):
 
 
 @dataclass(frozen=True)
+class Split:
+    """How a repartitioned table's rows are dealt out: each goes to the fragment of the
+    partition its `column`'s value falls in under `spec`'s partitioning (the main group's:
+    `partition_expression(spec, column)`)."""
+
+    column: str
+    spec: TableSpec
+
+
+@dataclass(frozen=True)
 class Broadcast:
-    """A table sent whole (as scanned: `scan`'s columns and rows) with every fragment,
-    under the input name `name`: the fragments read it as they read a reference table."""
+    """A table moved to the fragments (as scanned: `scan`'s columns and rows) under the
+    input name `name`, read there as a table: sent whole with every fragment, or, with
+    `split`, repartitioned: each fragment gets only the rows of its own partition."""
 
     scan: TableScan
     name: str
+    split: Split | None = None
+
+
+@dataclass(frozen=True)
+class _Move:
+    """How one table of the FROM clause reaches the main group's fragments: broadcast
+    (`split` None) or repartitioned; `rows` is its estimated size."""
+
+    split: Split | None
+    placed_as: str
+    """The main table whose placement a repartitioned table takes."""
+    rows: int
 
 
 @dataclass
@@ -135,11 +163,26 @@ class _Leaf:
     position: int
     """Its place among the FROM clause's tables, left to right (stable across copies)."""
     broadcast: bool = False
+    repartitioned: bool = False
+    """Its rows are dealt out to the fragments by `spec`'s key (`Split`): `spec` is then
+    the main group's partitioning over that column, and `placed_as` the main table whose
+    placement it takes — it plans as a table co-located with the main group."""
+    placed_as: str = ""
 
     @property
     def replicated(self) -> bool:
         """Every fragment reads all of its rows (a reference table, or broadcast)."""
         return self.spec.reference or self.broadcast
+
+    @property
+    def moved(self) -> bool:
+        """Its rows travel with the fragments (`Broadcast`), not read where they are."""
+        return self.broadcast or self.repartitioned
+
+    @property
+    def placement(self) -> str:
+        """The table key whose placement this table's partitions follow."""
+        return self.placed_as or self.key
 
 
 def plan_select(
@@ -176,7 +219,9 @@ class _Planner:
         self.output_names = [name.lower() for name in output_names]
         self._scans = scans
         self._broadcast: dict[int, Broadcast] = {}
-        """FROM position -> how that table is broadcast."""
+        """FROM position -> how that table is moved to the fragments."""
+        self._moves: dict[int, _Move] = {}
+        """FROM position -> how that table is moved (while choosing, and once chosen)."""
         self._aggregate_names: dict[str, bool] = {}
         self.con = con
         self.view = view
@@ -210,7 +255,7 @@ class _Planner:
         core = self._core(node)
         self._check_expressions(node)
         self._check_expressions(core)
-        self._choose_broadcasts(core)
+        self._choose_moves(core)
         leaves = self._leaves(core["from_table"])
         partitioned = [leaf for leaf in leaves if not leaf.replicated]
         where = _ast.conjuncts(core.get("where_clause"))
@@ -220,6 +265,9 @@ class _Planner:
         if not partitioned:
             return self._on_one_node(node, leaves)
         self._check_co_located(core, partitioned)
+        if core is not node and (self._aggregates(core) or core.get("group_expressions")):
+            if not self._grouped_by_key(core, partitioned):
+                raise _NotDistributable("a SUBQUERY in FROM aggregated across partitions")
         partitions = self._routed(core, partitioned)
         if self._aggregates(node) or node.get("group_expressions"):
             if core is node and self._grouped_by_key(node, partitioned):
@@ -232,8 +280,9 @@ class _Planner:
     def _core(self, node: Node) -> Node:
         """The SELECT whose FROM and WHERE pick the rows: `node` itself, or the derived
         table it reads alone (`SELECT … FROM (SELECT … FROM t JOIN u … WHERE …) AS x`) when
-        that is a plain join — no aggregate, GROUP BY, DISTINCT, ORDER BY, LIMIT, window
-        or WITH — whose rows are then the union of its rows on each partition."""
+        that is a join, maybe grouped — no DISTINCT, ORDER BY, LIMIT, window or WITH.
+        Its rows are the union of its rows on each partition when it is a plain join, or
+        grouped by a partition key (`plan` checks that once the tables are known)."""
         ref = node["from_table"]
         if ref.get("type") != "SUBQUERY":
             return node
@@ -242,15 +291,12 @@ class _Planner:
             body.get("type") != "SELECT_NODE"
             or body.get("cte_map", {}).get("map")
             or body.get("modifiers")
-            or body.get("group_expressions")
-            or body.get("having") is not None
             or body.get("qualify") is not None
             or body.get("sample") is not None
             or ref.get("sample") is not None
             or body["from_table"].get("type") not in ("BASE_TABLE", "JOIN")
-            or self._aggregates(body)
         ):
-            raise _NotDistributable("a SUBQUERY in FROM that is not a plain join")
+            raise _NotDistributable("a SUBQUERY in FROM that is not a join (maybe grouped)")
         return body
 
     def _leaves(self, ref: Node) -> list[_Leaf]:
@@ -258,12 +304,24 @@ class _Planner:
         positions = {id(table): i for i, table in enumerate(_base_tables(ref))}
         return self._joined(ref, positions)
 
-    def _choose_broadcasts(self, node: Node) -> None:
+    def _choose_moves(self, node: Node) -> None:
         """Split the partitioned tables into groups that are co-located and joined on their
-        partition keys. The fragments run on the partitions of the group with the most
-        rows; every other table is broadcast to them when it is small enough (estimated at
-        most BROADCAST_ROWS_MAX rows and BROADCAST_RATIO times fewer than that group's
-        largest table), else the query is gathered."""
+        partition keys, pick the group the fragments run on (the main group), and how each
+        other partitioned table reaches them:
+
+        - **repartitioned** (`Split`) when it is joined by equality, on a column of the same
+          type, to the partition key of a main table (or of a table repartitioned already):
+          its scanned rows are dealt out by that column, each to the fragment of the
+          partition its value falls in, so it joins as a table co-located with the main
+          group — on either side of an outer join;
+        - else **broadcast** (sent whole to every fragment) when small enough: estimated at
+          most BROADCAST_ROWS_MAX rows and BROADCAST_RATIO times fewer than the main group's
+          largest table, and never on the preserved side of an outer join.
+
+        Every group that can be the main one is tried (the FROM clause must then plan as
+        co-located tables); the one moving the fewest estimated rows wins, a broadcast
+        counting once per partition. With none, the query is gathered, saying why."""
+        self._moves = {}
         self._broadcast = {}
         tables = _base_tables(node["from_table"])
         leaves = [self._leaf(table, position) for position, table in enumerate(tables)]
@@ -277,7 +335,8 @@ class _Planner:
                 position = parent[position]
             return position
 
-        for term in _where_and_on_terms(node):
+        terms = _where_and_on_terms(node)
+        for term in terms:
             pair = self._key_equality(term, partitioned)
             if pair is None:
                 continue
@@ -292,31 +351,48 @@ class _Planner:
         if len(groups) == 1:
             return
         rows = self.view.table_rows
-        main = max(
+        biggest_first = sorted(
             groups.values(),
-            key=lambda group: (sum(rows.get(leaf.key, 0) for leaf in group), -group[0].position),
+            key=lambda group: (-sum(rows.get(leaf.key, 0) for leaf in group), group[0].position),
         )
-        main_rows = max(rows.get(leaf.key, 0) for leaf in main)
-        others = [leaf for leaf in partitioned if leaf not in main]
-        what = (
-            f"{', '.join(_named(leaf) for leaf in others)} not co-located with "
-            f"{', '.join(_named(leaf) for leaf in main)}"
-        )
+        options: list[tuple[int, int, dict[int, _Move]]] = []
+        reasons: list[str] = []
+        for order, main in enumerate(biggest_first):
+            others = [leaf for leaf in partitioned if leaf not in main]
+            what = (
+                f"{', '.join(_named(leaf) for leaf in others)} not co-located with "
+                f"{', '.join(_named(leaf) for leaf in main)}"
+            )
+            moves = self._moves_into(main, others, leaves, terms)
+            if isinstance(moves, str):
+                reasons.append(f"{what}; {moves}")
+                continue
+            self._moves = moves
+            try:  # the FROM clause must plan with these tables moved
+                joined = self._leaves(node["from_table"])
+                self._check_co_located(node, [leaf for leaf in joined if not leaf.replicated])
+            except _NotDistributable as why:
+                reasons.append(f"{what}; moved, {why}")
+                continue
+            finally:
+                self._moves = {}
+            copies = main[0].spec.partitions
+            cost = sum(move.rows * (1 if move.split else copies) for move in moves.values())
+            options.append((cost, order, moves))
+        if not options:
+            raise _NotDistributable(reasons[0] if len(reasons) == 1 else "; or ".join(reasons))
         if self._scans is None:
-            raise _NotDistributable(what)
-        for leaf in others:
-            estimate = rows.get(leaf.key)
-            if estimate is None or estimate > min(BROADCAST_ROWS_MAX, main_rows / BROADCAST_RATIO):
-                size = "unknown" if estimate is None else f"about {estimate:,}"
-                raise _NotDistributable(f"{what}; {_named(leaf)} too large to broadcast ({size})")
-            if leaf.node.get("column_name_alias"):
-                raise _NotDistributable(f"{what}; {_named(leaf)} has its columns renamed")
+            raise _NotDistributable("no scans to move tables by")
+        _, _, moves = min(options, key=lambda option: option[:2])
         plan = self._scans()
         if isinstance(plan, str):
-            raise _NotDistributable(f"{what}; no scan to broadcast by: {plan}")
+            raise _NotDistributable(f"tables not co-located; no scan to move them by: {plan}")
         scans = {scan.key: scan for scan in plan.scans}
-        names: dict[str, str] = {}
-        for leaf in others:
+        names: dict[tuple[str, str | None], str] = {}
+        for leaf in partitioned:
+            move = moves.get(leaf.position)
+            if move is None:
+                continue
             scan = scans.get(leaf.key)
             unsafe = (
                 ["not scanned"]
@@ -324,9 +400,110 @@ class _Planner:
                 else [kind for _, kind in scan.columns if not _BROADCAST_TYPES.fullmatch(kind)]
             )
             if scan is None or unsafe:
-                raise _NotDistributable(f"{what}; {_named(leaf)} not broadcast: {unsafe[0]}")
-            name = names.setdefault(leaf.key, BROADCAST_INPUT.format(len(names)))
-            self._broadcast[leaf.position] = Broadcast(scan, name)
+                raise _NotDistributable(f"{_named(leaf)} not moved: {unsafe[0]}")
+            column = None if move.split is None else move.split.column
+            name = names.setdefault((leaf.key, column), BROADCAST_INPUT.format(len(names)))
+            self._broadcast[leaf.position] = Broadcast(scan, name, move.split)
+        self._moves = moves
+
+    def _moves_into(
+        self, main: list[_Leaf], others: list[_Leaf], leaves: list[_Leaf], terms: list[Node]
+    ) -> dict[int, _Move] | str:
+        """How each of `others` reaches `main`'s fragments (`_choose_moves`), or why not."""
+        rows = self.view.table_rows
+        main_rows = max(rows.get(leaf.key, 0) for leaf in main)
+        target = main[0].spec
+        keyed = list(main)
+        moves: dict[int, _Move] = {}
+        pending = list(others)
+        while pending:
+            found = None
+            for leaf in pending:
+                by = self._split_by(leaf, keyed, leaves, terms)
+                if by is not None:
+                    found = leaf, by
+                    break
+            if found is None:
+                break
+            leaf, (column, into) = found
+            pending.remove(leaf)
+            split = Split(column, target)
+            moves[leaf.position] = _Move(split, into.placement, rows.get(leaf.key, 0))
+            keyed.append(self._repartitioned(leaf, split, into.placement))
+        for leaf in pending:
+            estimate = rows.get(leaf.key)
+            if estimate is None or estimate > min(BROADCAST_ROWS_MAX, main_rows / BROADCAST_RATIO):
+                size = "unknown" if estimate is None else f"about {estimate:,}"
+                return f"{_named(leaf)} too large to broadcast ({size}) and not joined on a key"
+            moves[leaf.position] = _Move(None, "", estimate)
+        for leaf in others:
+            if leaf.node.get("column_name_alias"):
+                return f"{_named(leaf)} has its columns renamed"
+        return moves
+
+    def _split_by(
+        self, leaf: _Leaf, keyed: list[_Leaf], leaves: list[_Leaf], terms: list[Node]
+    ) -> tuple[str, _Leaf] | None:
+        """(`leaf`'s column, the keyed table) of a term `leaf.column = keyed.key` with both
+        of one type, when the main partitioning can deal `leaf`'s rows out by it."""
+        target = keyed[0].spec
+        if target.kind not in ("hash", "range"):  # a LIST value may be in no partition
+            return None
+        estimate = self.view.table_rows.get(leaf.key)
+        if estimate is None or estimate > REPARTITION_ROWS_MAX:
+            return None
+        moved = {k.position: k for k in keyed}
+        scope = [moved.get(each.position, each) for each in leaves]
+        types = {column.name.lower(): column.type.upper() for column in leaf.spec.columns}
+        for term in terms:
+            if term.get("class") != "COMPARISON" or term.get("type") != "COMPARE_EQUAL":
+                continue
+            for side, other in ((term["left"], term["right"]), (term["right"], term["left"])):
+                into = self._scoped_key_leaf(other, [scope])
+                if into is None or not any(into is k for k in keyed):
+                    continue
+                column = self._column_of(side, leaf, scope)
+                if column is not None and types.get(column.lower()) == (
+                    (target.key_type or "").upper()
+                ):
+                    return column, into
+        return None
+
+    def _column_of(self, expr: Node, leaf: _Leaf, scope: list[_Leaf]) -> str | None:
+        """The name of `leaf`'s column that `expr` is (a column reference bound to it)."""
+        if not _ast.is_column_ref(expr):
+            return None
+        names = [str(name) for name in expr["column_names"]]
+        columns = {c.lower(): c for c in self.columns_of(leaf.spec)}
+        if len(names) == 2:
+            if names[0].lower() != leaf.alias.lower():
+                return None
+            if sum(1 for other in scope if other.alias.lower() == names[0].lower()) != 1:
+                return None
+        elif len(names) == 1:
+            owners = [
+                other
+                for other in scope
+                if names[0].lower() in (c.lower() for c in self.columns_of(other.spec))
+            ]
+            if len(owners) != 1 or owners[0].position != leaf.position:
+                return None
+        else:
+            return None
+        return columns.get(names[-1].lower())
+
+    def _repartitioned(self, leaf: _Leaf, split: Split, placed_as: str) -> _Leaf:
+        """`leaf` as it plans once repartitioned by `split`."""
+        spec = msgspec.structs.replace(
+            leaf.spec,
+            kind=split.spec.kind,
+            key=split.column,
+            key_type=split.spec.key_type,
+            partitions=split.spec.partitions,
+            bounds=split.spec.bounds,
+            lists=split.spec.lists,
+        )
+        return dataclasses.replace(leaf, spec=spec, repartitioned=True, placed_as=placed_as)
 
     def _joined(self, ref: Node, positions: Mapping[int, int]) -> list[_Leaf]:
         kind = ref.get("type")
@@ -347,7 +524,7 @@ class _Planner:
                     leaf.replicated for leaf in (left if join_type == "RIGHT" else right)
                 ) and not self._keys_joined(ref.get("condition"), left, right):
                     raise _NotDistributable(f"a {join_type} JOIN not on the partition keys")
-            elif join_type == "OUTER":
+            elif join_type == "FULL":
                 if not self._keys_joined(ref.get("condition"), left, right):
                     raise _NotDistributable("a FULL JOIN not on the partition keys")
             elif join_type not in ("INNER", "LEFT", "RIGHT"):
@@ -383,8 +560,13 @@ class _Planner:
             raise _NotDistributable(f"{ref['table_name']} is not one cluster table (a view?)")
         key = keys[0]
         alias = str(ref.get("alias") or ref["table_name"])
-        broadcast = position in self._broadcast
-        return _Leaf(ref, key, self.specs[key], alias, position, broadcast)
+        leaf = _Leaf(ref, key, self.specs[key], alias, position)
+        move = self._moves.get(position)
+        if move is None:
+            return leaf
+        if move.split is None:
+            return dataclasses.replace(leaf, broadcast=True)
+        return self._repartitioned(leaf, move.split, move.placed_as)
 
     def _keys_joined(self, condition: Node | None, left: list[_Leaf], right: list[_Leaf]) -> bool:
         left_keys = {id(leaf) for leaf in left if not leaf.replicated}
@@ -403,7 +585,8 @@ class _Planner:
         first = partitioned[0]
         for leaf in partitioned[1:]:
             if not _same_distribution(first.spec, leaf.spec) or (
-                self.view.placements.get(first.key) != self.view.placements.get(leaf.key)
+                self.view.placements.get(first.placement)
+                != self.view.placements.get(leaf.placement)
             ):
                 raise _NotDistributable(
                     f"{first.key} and {leaf.key} are not partitioned alike (not co-located)"
@@ -432,7 +615,7 @@ class _Planner:
                     changed = True
         # outer joins on keys were checked in _leaves; their tables count as linked
         for join in _ast.walk(node["from_table"]):
-            if join.get("type") == "JOIN" and join.get("join_type") in ("LEFT", "RIGHT", "OUTER"):
+            if join.get("type") == "JOIN" and join.get("join_type") in ("LEFT", "RIGHT", "FULL"):
                 for term in _ast.conjuncts(join.get("condition")):
                     pair = self._key_equality(term, partitioned)
                     if pair is not None:
@@ -499,7 +682,8 @@ class _Planner:
                 raise _NotDistributable("a subquery reads a partitioned table")
             for leaf in inner:
                 if not _same_distribution(leaf.spec, local[0].spec) or (
-                    self.view.placements.get(leaf.key) != self.view.placements.get(local[0].key)
+                    self.view.placements.get(leaf.placement)
+                    != self.view.placements.get(local[0].placement)
                 ):
                     raise _NotDistributable(f"a subquery reads {leaf.key}, not co-located")
             inner_scopes = [leaves, *scopes]
@@ -634,7 +818,14 @@ class _Planner:
         groups = node.get("group_expressions") or []
         if node.get("aggregate_handling") != "STANDARD_HANDLING":
             return False
-        key_groups = {i for i, g in enumerate(groups) if self._key_leaf(g, partitioned) is not None}
+        # a null-extended table's NULL key comes from every partition: one group, split
+        extended = _null_extended(node["from_table"])
+        whole = [leaf for leaf in partitioned if id(leaf.node) not in extended]
+        key_groups = {
+            i
+            for i, g in enumerate(groups)
+            if self._key_leaf(self._group_expression(node, g) if _is_constant(g) else g, whole)
+        }
         sets = node.get("group_sets") or []
         return bool(key_groups) and bool(sets) and all(set(s) & key_groups for s in sets)
 
@@ -655,9 +846,7 @@ class _Planner:
         if term.get("class") == "COMPARISON" and term.get("type") == "COMPARE_EQUAL":
             pairs = [(term["left"], term["right"]), (term["right"], term["left"])]
             matches = [
-                (c, v)
-                for c, v in pairs
-                if self._key_leaf(c, partitioned) and _is_constant(v)
+                (c, v) for c, v in pairs if self._key_leaf(c, partitioned) and _is_constant(v)
             ]
             if not matches:
                 return None
@@ -705,7 +894,7 @@ class _Planner:
             reads = []
             held_by: list[tuple[int, ...]] = []
             for leaf in leaves + inner:
-                if leaf.broadcast:
+                if leaf.moved:
                     continue  # travels with the fragment
                 part = 0 if leaf.spec.reference else partition
                 reads.append((leaf.key, part))
@@ -1099,7 +1288,7 @@ class _Planner:
             leaf = targets.get(id(item))
             if leaf is None:
                 return None
-            if leaf.broadcast:
+            if leaf.moved:
                 broadcast = self._broadcast[leaf.position]
                 columns = ", ".join(
                     f"CAST({quote_identifier(name)} AS {kind}) AS {quote_identifier(name)}"
@@ -1164,6 +1353,18 @@ def _subqueries(node: Node) -> Iterator[Node]:
                 yield from visit(item)
 
     yield from visit({k: v for k, v in node.items() if k != "from_table"})
+
+
+def _null_extended(ref: Node) -> set[int]:
+    """The ids of a FROM clause's base tables on the null-supplying side of an outer join
+    (their columns are NULL in the rows it adds)."""
+    found: set[int] = set()
+    sides = {"LEFT": ("right",), "RIGHT": ("left",), "FULL": ("left", "right")}
+    for join in _ast.walk(ref):
+        if join.get("type") == "JOIN":
+            for side in sides.get(str(join.get("join_type")), ()):
+                found |= {id(table) for table in _base_tables(join[side])}
+    return found
 
 
 def _named(leaf: _Leaf) -> str:

@@ -113,8 +113,8 @@ SHAPES = [
         "JOIN dim d2 ON d2.dk = f.dk + 1 ORDER BY 1, 2, 3 LIMIT 40 OFFSET 3",
     ),
     # the preserved side of an outer join is never broadcast
-    (
-        "gather",
+    (  # the preserved side is not broadcast: f is repartitioned by dk instead
+        "pushdown (grouped by the key)",
         [],
         "SELECT dim.dk, count(f.fk) FROM dim LEFT JOIN f ON f.dk = dim.dk GROUP BY 1 ORDER BY 1",
     ),

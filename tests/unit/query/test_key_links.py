@@ -45,9 +45,10 @@ Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
 @pytest.fixture(autouse=True)
 def small_tables_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tables are far below the size a real cluster reduces; and the joins these
-    tests gather would be broadcast joins (query.planner) if small tables were broadcast."""
+    tests gather would be broadcast or repartitioned joins (query.planner) otherwise."""
     monkeypatch.setattr(scans, "TARGET_ROWS_MIN", 0)
     monkeypatch.setattr(planner, "BROADCAST_ROWS_MAX", -1)
+    monkeypatch.setattr(planner, "REPARTITION_ROWS_MAX", -1)
 
 
 @pytest.fixture(scope="module")

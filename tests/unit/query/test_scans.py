@@ -40,9 +40,11 @@ SETUP = [
 
 
 @pytest.fixture(autouse=True)
-def nothing_broadcast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Joins these tests gather would otherwise be broadcast joins (query.planner)."""
+def nothing_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joins these tests gather would otherwise be broadcast or repartitioned joins
+    (query.planner)."""
     monkeypatch.setattr(planner, "BROADCAST_ROWS_MAX", -1)
+    monkeypatch.setattr(planner, "REPARTITION_ROWS_MAX", -1)
 
 
 @pytest.fixture(scope="module")
