@@ -155,6 +155,23 @@ SHAPES = [
         "GROUP BY ok ORDER BY 2 DESC, 1 LIMIT 7",
     ),
     ("gather", "SELECT max(s) FROM (SELECT ck, sum(total) s FROM o GROUP BY ck) AS t"),
+    # a derived table grouped by the partition key: its groups are whole on each partition
+    (
+        "two_phase",
+        "SELECT n, count(*) FROM (SELECT o.ok, count(l.lk) AS n FROM o LEFT JOIN l "
+        "ON o.ok = l.lk WHERE o.ck < 12 GROUP BY o.ok HAVING count(*) > 1) AS t "
+        "GROUP BY n ORDER BY 1",
+    ),
+    (
+        "pushdown + router",
+        "SELECT * FROM (SELECT ok, max(total) FROM o WHERE ok IN (3, 4) GROUP BY ok) AS t",
+    ),
+    # … but not by the null-extended side's key (NULL is a group on every partition)
+    (
+        "gather",
+        "SELECT count(*) FROM (SELECT l.lk, count(*) FROM o LEFT JOIN l ON o.ok = l.lk "
+        "GROUP BY l.lk) AS t",
+    ),
     ("gather", "SELECT count(*) FROM (SELECT ok FROM o ORDER BY ok LIMIT 10) AS t"),
     ("gather", "SELECT count(*) FROM (SELECT DISTINCT ck FROM o) AS t"),
     (
