@@ -213,6 +213,11 @@ QUERIES = (
     "SELECT k, sum(m) AS total FROM h GROUP BY k HAVING sum(m) > (SELECT avg(m) * 3 FROM h) "
     "ORDER BY total DESC, k",
     "SELECT count(*), max(s) FROM r WHERE m > (SELECT avg(m) FROM h WHERE h.k < 5)",
+    # repartitioned: h dealt out by k into r's RANGE partitions, the preserved side kept
+    "SELECT n, count(*) FROM (SELECT r.k, count(h.id) AS n FROM r LEFT JOIN h ON h.k = r.k "
+    "GROUP BY r.k) AS t GROUP BY n ORDER BY n",
+    "SELECT h.id, r.id FROM h FULL JOIN r ON h.k = r.k WHERE h.id IS NULL OR h.id < 40 "
+    "ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
 )
 WRITES = (
     "INSERT INTO {t} SELECT k + 1, n, v FROM {t} WHERE n > 0",
