@@ -624,7 +624,12 @@ class Coordinator:
                     scans = self._scan_plan(view, sql)
                     if isinstance(scans, str):
                         return None
-                    known = {b.scan.key: _scanned(b, rows) for b, rows in moved}
+                    columns = {scan.key: scan.columns for scan in scans.scans}
+                    known = {  # a moved scan may keep fewer columns than the gather needs
+                        b.scan.key: _scanned(b, rows)
+                        for b, rows in moved
+                        if columns.get(b.scan.key) == b.scan.columns
+                    }
                     parts: list[tuple[str, ...]] = []
                     scanned, _ = self._narrowed_run(view, scans, index, sql, None, parts, known)
                     if trace is not None:

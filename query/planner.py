@@ -1266,6 +1266,7 @@ class _Planner:
             tier += " + router"
         if not partitions:  # nothing can match: one partition still answers (the shape)
             partitions = (0,)
+        fragment = self._trimmed_moves(fragment)
         return Distributed(
             tier=tier,
             fragments=self._fragments(fragment, leaves, partitions),
@@ -1277,6 +1278,97 @@ class _Planner:
             tables=tuple(sorted({leaf.key for leaf in leaves})),
             broadcasts=tuple({b.name: b for b in self._broadcast.values()}.values()),
         )
+
+    def _trimmed_moves(self, fragment: Node) -> Node:
+        """`fragment` without the conditions the moved tables' scans applied already, and
+        those scans keeping only the columns the fragment still names (fewer bytes moved).
+
+        A conjunct naming one moved table alone, which its scan applied (the table read
+        at that one place), is TRUE for every row the scan sends; it becomes TRUE where
+        no row of that table can be NULL-extended before it is evaluated (in WHERE: by no
+        outer join; in an ON: by none inside that join)."""
+        if not self._broadcast:
+            return fragment
+        core = self._core(fragment)
+        leaves = self._leaves(core["from_table"])
+        moved = _moved_leaves(leaves)
+        placed: list[tuple[Node, set[int]]] = [
+            (term, _null_extended(core["from_table"]))
+            for term in _ast.conjuncts(core.get("where_clause"))
+        ]
+        for join in _ast.walk(core["from_table"]):
+            if join.get("type") == "JOIN":
+                inside = _null_extended(join["left"]) | _null_extended(join["right"])
+                placed += [(term, inside) for term in _ast.conjuncts(join.get("condition"))]
+        applied_already: set[int] = set()
+        for leaf in moved:
+            scan = self._broadcast[leaf.position].scan
+            if len(scan.places) != 1 or not scan.places[0][0]:
+                continue
+            applied = set(scan.places[0][0])
+            for term, extended in placed:
+                if (
+                    id(leaf.node) not in extended
+                    and self._sole_leaf(term, leaves) is leaf
+                    and _ast.expression_sql(self.con, _unqualified(term)) in applied
+                ):
+                    applied_already.add(id(term))
+        true = _ast.expression(self.con, "TRUE")
+        trimmed: Node = _ast.replaced(
+            fragment, lambda item: true if id(item) in applied_already else None
+        )
+        # the columns the fragment still names, by input (one input may serve two places)
+        every = any(item.get("class") in ("STAR", "COLUMNS") for item in _ast.walk(trimmed))
+        refs = [
+            [str(name).lower() for name in item["column_names"]]
+            for item in _ast.walk(trimmed)
+            if _ast.is_column_ref(item)
+        ]
+        named: dict[str, set[str]] = {}
+        for leaf in _moved_leaves(self._leaves(self._core(trimmed)["from_table"])):
+            broadcast = self._broadcast[leaf.position]
+            columns = {name.lower() for name, _ in broadcast.scan.columns}
+            found = named.setdefault(broadcast.name, set())
+            alias = leaf.alias.lower()
+            if every or any(names == [alias] for names in refs):  # a whole row
+                found |= columns
+            for names in refs:
+                found |= {name for name in names if name in columns}
+        for position, broadcast in list(self._broadcast.items()):
+            scan = broadcast.scan
+            kept = tuple(c for c in scan.columns if c[0].lower() in named[broadcast.name])
+            scan = dataclasses.replace(scan, columns=kept or scan.columns[:1])
+            self._broadcast[position] = dataclasses.replace(broadcast, scan=scan)
+        return trimmed
+
+    def _sole_leaf(self, term: Node, leaves: list[_Leaf]) -> _Leaf | None:
+        """The one table every column of `term` surely names (None: unsure, or another
+        table too, or a subquery inside)."""
+        owners: set[int] = set()
+        for item in _ast.walk(term):
+            if item.get("class") == "SUBQUERY":
+                return None
+            if not _ast.is_column_ref(item):
+                continue
+            names = [str(name).lower() for name in item["column_names"]]
+            by_alias = [leaf for leaf in leaves if leaf.alias.lower() == names[0]]
+            if len(names) >= 2 and len(by_alias) == 1:
+                owners.add(by_alias[0].position)
+                continue
+            if by_alias:
+                return None
+            having = [
+                leaf
+                for leaf in leaves
+                if names[0] in (c.lower() for c in self.columns_of(leaf.spec))
+            ]
+            if len(having) != 1:
+                return None
+            owners.add(having[0].position)
+        if len(owners) != 1:
+            return None
+        position = owners.pop()
+        return next(leaf for leaf in leaves if leaf.position == position)
 
     def _physical(self, node: Node, leaves: list[_Leaf], partition: int) -> Node:
         """`node` with each leaf's table replaced by its physical partition table (the name
@@ -1353,6 +1445,23 @@ def _subqueries(node: Node) -> Iterator[Node]:
                 yield from visit(item)
 
     yield from visit({k: v for k, v in node.items() if k != "from_table"})
+
+
+def _unqualified(term: Node) -> Node:
+    """`term` with every column reference by its last name (as query.scans prints the
+    conditions it gives a scan)."""
+
+    def unqualify(item: Node) -> Node | None:
+        if _ast.is_column_ref(item):
+            return _ast.column_ref(str(item["column_names"][-1]))
+        return None
+
+    result: Node = _ast.replaced(term, unqualify)
+    return result
+
+
+def _moved_leaves(leaves: list[_Leaf]) -> list[_Leaf]:
+    return [leaf for leaf in leaves if leaf.moved]
 
 
 def _null_extended(ref: Node) -> set[int]:

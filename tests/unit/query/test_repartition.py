@@ -215,7 +215,7 @@ def test_explain_analyze_shows_what_was_dealt_out(pair: Pair) -> None:
     steps = {str(row[0]): row for row in rows}
     assert steps["repartition main.o"][1] == 'each fragment its rows, by "ck"'
     assert steps["repartition main.o"][2] == (
-        'SELECT "ck", "total" FROM "main"."o" WHERE ((total > 100)), sent as dcluster_rows_0'
+        'SELECT "ck" FROM "main"."o" WHERE ((total > 100)), sent as dcluster_rows_0'
     )
     scanned = [row for row in rows if row[0] == "scanned main.o"]
     total = sum(int(row[3]) for row in scanned)
@@ -231,10 +231,43 @@ def test_rows_dealt_past_the_limit_are_gathered(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(coordinator_module, "REPARTITION_BYTES_MAX", 1)
-    steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + Q13).fetchall()]
+    sql = "SELECT c.ck, count(o.ok), max(o.note) FROM c LEFT JOIN o ON o.ck = c.ck GROUP BY 1"
+    steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
     assert "gather" in steps and "merge" not in steps, steps
     assert steps.count("scanned main.o") == 3, steps  # its rows read once, and reused
+    pair.run(sql)
+    # o's moved scan left out a column the gather needs: read again, whole
+    steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + Q13).fetchall()]
+    assert "gather" in steps and steps.count("scanned main.o") == 6, steps
     pair.run(Q13, ordered=True)
+
+
+def test_a_moved_table_sends_only_what_its_scan_did_not_apply(pair: Pair) -> None:
+    """q13's ON condition on o is applied by o's scan: the fragment reads TRUE in its
+    place, and the note column, named nowhere else, is not sent."""
+    rows = pair.coordinator.execute("EXPLAIN " + Q13).fetchall()
+    steps = {str(row[0]): str(row[2]) for row in rows}
+    assert steps["repartition main.o"] == (
+        'SELECT "ok", "ck" FROM "main"."o" WHERE ((note !~~ \'%3%\')), sent as dcluster_rows_0'
+    )
+    assert "note" not in steps["fragment"] and "(c.ck = o.ck) AND true" in steps["fragment"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [  # o is NULL-extended before the WHERE: its condition must stay in the fragment
+        "SELECT c.ck, o.ok FROM c LEFT JOIN o ON o.ck = c.ck WHERE o.total > 100 "
+        "OR o.total IS NULL",
+        "SELECT c.ck, count(o.ok) FROM c LEFT JOIN o ON o.ck = c.ck WHERE o.total > 100 GROUP BY 1",
+        "SELECT count(*) FROM o FULL JOIN c ON o.ck = c.ck WHERE o.note LIKE '%4'",
+        # … and inside the ON of an outer join above
+        "SELECT count(*), count(o.ok) FROM c x LEFT JOIN (c LEFT JOIN o ON o.ck = c.ck) "
+        "ON x.ck = c.ck AND o.total > 10",
+    ],
+)
+def test_a_condition_after_an_outer_join_stays(pair: Pair, sql: str) -> None:
+    assert plan_of(pair, sql)[1] == ["main.o"]
+    pair.run(sql)
 
 
 def test_an_error_in_a_repartitioned_column_is_duckdbs(pair: Pair) -> None:
