@@ -615,7 +615,7 @@ class Coordinator:
         try:
             fragments = plan.fragments
             if plan.broadcasts:
-                moved = self._broadcast(index, plan, trace)
+                moved = self._broadcast(view, index, plan, trace)
                 whole = sum(rows.nbytes for b, rows in moved if b.split is None)
                 dealt = _dealt(moved, plan.partitions)
                 largest = max((sum(t.nbytes for _, t in part) for part in dealt), default=0)
@@ -711,39 +711,33 @@ class Coordinator:
         return table, types
 
     def _broadcast(
-        self, index: int, plan: Distributed, trace: list[Step] | None
+        self, view: CatalogView, index: int, plan: Distributed, trace: list[Step] | None
     ) -> list[tuple[Broadcast, pa.Table]]:
         """The moved tables' scanned rows at barrier `index` (in the order of
         `plan.broadcasts`); a repartitioned table's with one more column, last: the
-        partition each row goes to (computed where it was scanned)."""
-        asked = []
+        partition each row goes to (computed where it was scanned). Scans of different
+        tables go in rounds (`query.scans.read_scans`): one narrowed by another's key set
+        waits for it (q09's partsupp for part's keys)."""
+        scans = []
         for broadcast in plan.broadcasts:
-            fragments = broadcast.scan.fragments()
+            scan = broadcast.scan
             if broadcast.split is not None:
                 split = broadcast.split
-                partition = partition_expression(split.spec, quote_identifier(split.column))
-                fragments = tuple(
-                    dataclasses.replace(f, sql=f"SELECT *, {partition} FROM ({f.sql})")
-                    for f in fragments
-                )
-            asked.append((broadcast, fragments))
-        results = iter(self._port.fragments(index, [f for _, fs in asked for f in fs]))
-        moved = []
-        for broadcast, fragments in asked:
-            parts = [next(results) for _ in fragments]
-            if trace is not None:
-                for part in parts:
-                    trace.append(
-                        (
-                            f"scanned {broadcast.scan.key}",
-                            f"node {part.node}",
-                            "",
-                            str(part.rows.num_rows),
-                            str(part.rows.nbytes),
-                        )
-                    )
-            rows = pa.concat_tables([part.rows for part in parts], promote_options="permissive")
-            moved.append((broadcast, rows))
+                column = quote_identifier(split.column)
+                scan = dataclasses.replace(scan, extra=(partition_expression(split.spec, column),))
+            scans.append(scan)
+        fetch = lambda asked: self._port.fragments(index, asked)  # noqa: E731
+        parts: list[tuple[str, ...]] = []
+        if len({scan.key for scan in scans}) == len(scans):
+            read = read_scans(ScanPlan(tuple(scans)), view.table_rows, fetch, parts)
+            moved = [(b, read[scan.key]) for b, scan in zip(plan.broadcasts, scans, strict=True)]
+        else:  # one table moved twice (e.g. whole and repartitioned): one round, no key sets
+            moved = []
+            for broadcast, scan in zip(plan.broadcasts, scans, strict=True):
+                read = read_scans(ScanPlan((scan,)), {}, fetch, parts)
+                moved.append((broadcast, read[scan.key]))
+        if trace is not None:
+            trace += _scan_steps(parts)
         return moved
 
     def _gathered_read(

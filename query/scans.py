@@ -96,6 +96,9 @@ class TableScan:
     """Links whose source is a reference table, with its scan: checked in this scan's own
     SQL (`column IN (SELECT source_column FROM source WHERE …)`), on a node that holds the
     reference table too, so no round waits for their key sets (see `inline_references`)."""
+    extra: tuple[str, ...] = ()
+    """SQL expressions over the table's columns, selected after `columns` (e.g. the
+    partition a repartitioned row goes to)."""
 
     @property
     def filter(self) -> str | None:
@@ -179,15 +182,20 @@ class TableScan:
         sources = self.inline_sources().values()
         fragments = []
         for partition, holders in self.partitions:
-            sql = _select_sql(self.columns, condition, self.table_name(partition))
+            sql = _select_sql(self.columns, condition, self.table_name(partition), self.extra)
             reads = ((self.key, partition), *((source.key, 0) for source in sources))
             held = [n for n in holders if all(n in s.partitions[0][1] for s in sources)]
             fragments.append(Fragment(sql, reads, tuple(held), used))
         return tuple(fragments)
 
 
-def _select_sql(columns: Sequence[tuple[str, str]], condition: str | None, table: str) -> str:
-    names = ", ".join(quote_identifier(name) for name, _ in columns)
+def _select_sql(
+    columns: Sequence[tuple[str, str]],
+    condition: str | None,
+    table: str,
+    extra: Sequence[str] = (),
+) -> str:
+    names = ", ".join([quote_identifier(name) for name, _ in columns] + list(extra))
     where = "" if condition is None else f" WHERE {condition}"
     return f"SELECT {names} FROM {table}{where}"
 

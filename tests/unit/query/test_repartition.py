@@ -21,7 +21,7 @@ import duckdb
 import pytest
 
 from query import coordinator as coordinator_module
-from query import planner
+from query import planner, scans
 from storage.placement import partition_expression
 from tests.unit.query.harness import Pair
 
@@ -268,6 +268,27 @@ def test_a_moved_table_sends_only_what_its_scan_did_not_apply(pair: Pair) -> Non
 def test_a_condition_after_an_outer_join_stays(pair: Pair, sql: str) -> None:
     assert plan_of(pair, sql)[1] == ["main.o"]
     pair.run(sql)
+
+
+def test_a_moved_table_waits_for_the_keys_of_a_smaller_one(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c and wide are both broadcast to o and li; c's scan is narrowed by the keys of the
+    filtered wide (read first, query.scans.read_scans), as q09's partsupp by part's."""
+    monkeypatch.setattr(scans, "TARGET_ROWS_MIN", 0)  # these tables are tiny
+    sql = (
+        "SELECT c.seg, count(*), sum(li.price) FROM li JOIN o ON o.ok = li.ok "
+        "JOIN c ON c.ck = o.ck JOIN wide ON wide.ck = c.ck WHERE wide.w LIKE 'w1%' "
+        "GROUP BY 1 ORDER BY 1 NULLS FIRST"
+    )
+    assert plan_of(pair, sql) == ("two_phase", [], ["main.c", "main.wide"])
+    rows = pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    steps = [str(row[0]) for row in rows]
+    keys = steps.index("keys of main.wide.ck")
+    assert steps.index("scanned main.wide") < keys < steps.index("scanned main.c")
+    scanned = sum(int(row[3]) for row in rows if row[0] == "scanned main.c")
+    assert scanned == 11  # w1, w10 … w19: 11 keys, one customer each
+    pair.run(sql, ordered=True)
 
 
 def test_an_error_in_a_repartitioned_column_is_duckdbs(pair: Pair) -> None:
