@@ -462,8 +462,36 @@ class _Scans:
             for item in nodes:
                 if item.get("type") == "SELECT_NODE":
                     self._push_conditions(item)
+            self._chain_links()
         scans = tuple(self._scan(key, names, paths, every_table_whole) for key in self._keys())
         return inline_references(ScanPlan(scans), self.view.table_rows)
+
+    def _chain_links(self) -> None:
+        """Links through a middle table: `t.x = m.y` and `m.y = s.z` give `t.x` a link
+        to `s.z` (q09: partsupp to part through lineitem's partkey). A row of t meets a
+        row of m at that place, which meets one of s there: its x is among s's z values,
+        and t need not wait for m's (larger) scan. Not through a reference table: a link
+        to one is checked inline, and the chain with it."""
+        for _ in range(ROUNDS_MAX):
+            added = False
+            for reference in self.references.values():
+                for link in list(reference.links):
+                    if self.specs[link.source].reference:
+                        continue  # checked inline, with its own links (inline_references)
+                    middle = self._places_of(link.source)[link.place]
+                    for onward in list(middle.links):
+                        if (
+                            onward.column.lower() == link.source_column.lower()
+                            and onward.source != reference.key
+                        ):
+                            chained = KeyLink(
+                                link.column, onward.source, onward.source_column, onward.place
+                            )
+                            if chained not in reference.links:
+                                reference.links.append(chained)
+                                added = True
+            if not added:
+                return
 
     def _mark_whole_rows(self, value: object, scopes: list[list[_Reference]]) -> None:
         """A column reference that may name a table in its own or an enclosing SELECT's

@@ -261,6 +261,25 @@ def test_inline_keys_follow_the_place_and_chain_through_reference_tables(pair: P
     assert reads == {("main.dim", 0), ("main.tiny", 0), ("main.zone", 0)}
 
 
+def test_a_link_chains_through_a_partitioned_middle_table(pair: Pair) -> None:
+    """dim.k = fact.dk and fact.dk = prod.pk: dim need not wait for fact (the largest)
+    to be narrowed by prod's keys — its scan takes them straight from prod (q09's
+    partsupp, through lineitem to part)."""
+    coordinator, _, _ = pair
+    sql = (
+        "SELECT count(*), sum(fact.v) FROM fact JOIN dim ON dim.k = fact.dk "
+        "JOIN prod ON prod.pk = fact.dk WHERE prod.kind = 'a'"
+    )
+    steps = explained(coordinator, sql)
+    prod_keys = steps["keys of main.prod.pk"][1].split(":")[0]
+    assert steps["scan main.dim"] == (
+        "every partition, round 2",
+        f'SELECT "k" FROM "main"."dim" WHERE ("k" IN (SELECT k FROM {prod_keys}))',
+    )
+    assert steps["scan main.fact"][0] == "every partition, round 3"
+    same_answer(pair, sql)
+
+
 def test_a_reference_table_read_whole_is_not_checked_inline(pair: Pair) -> None:
     coordinator, _, _ = pair
     steps = explained(
