@@ -1,0 +1,78 @@
+"""The coordinator remembers plans (query.coordinator PLANS_CACHED_MAX): a query text
+asked again against the same catalog view is not bound and planned again — and any
+change that could change its plan (DDL, a write, a fresh catalog view) plans it anew, so
+the answer is always single-node DuckDB's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from query import coordinator as coordinator_module
+from tests.unit.query.harness import Pair
+
+SETUP = [
+    "CREATE TABLE t (k INTEGER, v VARCHAR) PARTITION BY HASH(k) PARTITIONS 3",
+    "INSERT INTO t SELECT i, 'v' || (i % 7) FROM range(100) t(i)",
+]
+QUERY = "SELECT v, count(*) FROM t GROUP BY v ORDER BY v"
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    with Pair.loaded(SETUP) as pair:
+        yield pair
+
+
+@pytest.fixture
+def plans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The query texts the coordinator plans (calls of the planner)."""
+    planned: list[str] = []
+    real = coordinator_module.plan_select
+
+    def counting(con: Any, sql: str, *args: Any) -> Any:
+        planned.append(sql)
+        return real(con, sql, *args)
+
+    monkeypatch.setattr(coordinator_module, "plan_select", counting)
+    return planned
+
+
+def test_a_repeated_query_is_planned_once(pair: Pair, plans: list[str]) -> None:
+    for _ in range(3):
+        pair.run(QUERY, ordered=True)
+    assert plans == [QUERY]
+    pair.run(QUERY.replace("ORDER BY v", "ORDER BY v DESC"), ordered=True)
+    assert len(plans) == 2
+
+
+def test_a_write_or_ddl_plans_it_again(pair: Pair, plans: list[str]) -> None:
+    pair.run(QUERY, ordered=True)
+    pair.run("INSERT INTO t VALUES (1000, 'new')")
+    pair.run(QUERY, ordered=True)
+    assert plans == [QUERY, QUERY]
+    pair.run("ALTER TABLE t ADD COLUMN w INTEGER")
+    pair.run(QUERY, ordered=True)
+    pair.run("SELECT * FROM t ORDER BY k", ordered=True)  # the new column is there
+    assert plans.count(QUERY) == 3
+
+
+def test_a_fresh_catalog_view_plans_it_again(pair: Pair, plans: list[str]) -> None:
+    pair.run(QUERY, ordered=True)
+    pair.port.catalog(refresh=True)
+    pair.run(QUERY, ordered=True)
+    assert plans == [QUERY, QUERY]
+
+
+def test_the_cache_is_bounded(
+    pair: Pair, plans: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator_module, "PLANS_CACHED_MAX", 2)
+    texts = [f"SELECT count(*) FROM t WHERE k > {n}" for n in range(3)]
+    for text in texts:
+        pair.run(text)
+    pair.run(texts[2])  # still remembered
+    pair.run(texts[0])  # forgotten: planned again
+    assert plans == [*texts, texts[0]]
