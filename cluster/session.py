@@ -92,6 +92,11 @@ SCAN_ROUNDS_MAX = 3
 COMMIT_HEDGE_MS = 500
 """How long a node may stay silent about a command before the next node is asked too
 (same request id: the command still applies at most once)."""
+CATALOG_MAX_AGE_MS = 1_000
+"""A catalog view fetched longer ago is fetched again when next asked for: which holder
+of a partition is primary may have moved (a failure) without a write of this session.
+Within it a session plans against one view (query.coordinator remembers plans per view);
+a barrier's catalog version still refuses a view whose tables changed."""
 CATALOG_HEDGE_MS = 300
 EARLY_MESSAGES_MAX = 4_096
 """Control messages `_send_bulk` keeps while it waits out backpressure (a stage's acks:
@@ -141,6 +146,7 @@ class TransportPort:
         self._catalog_bytes = b""
         """The snapshot `_view.catalog` was restored from."""
         self._known_index = 0
+        self._view_fetched_ns = 0
         """The highest log index this session has seen applied (commit or barrier)."""
         self._held: dict[int, list[BulkReceived]] = {}
         """Barrier index -> scan deliveries whose memory the coordinator may still read."""
@@ -152,9 +158,16 @@ class TransportPort:
 
     def catalog(self, refresh: bool = False) -> CatalogView:
         view = self._view
-        if view is not None and not refresh and view.index >= self._known_index:
+        now_ns = self._clock.monotonic_ns()
+        if (
+            view is not None
+            and not refresh
+            and view.index >= self._known_index
+            and now_ns - self._view_fetched_ns < CATALOG_MAX_AGE_MS * NS_PER_MS
+        ):
             return view
         response = self._fetch_catalog()
+        self._view_fetched_ns = now_ns
         # The replaced view is not closed here: a statement in progress may still bind
         # against it; its DuckDB closes when the last reference goes. An unchanged catalog
         # keeps its DuckDB (restoring one costs ~25 ms); versions and placements are new.
@@ -195,14 +208,18 @@ class TransportPort:
     # ---- log commands ----
 
     def barrier(self) -> Barrier:
-        response = self._append(Command(CommandKind.BARRIER))
+        # A barrier changes no catalog: the session's catalog view stays usable (the
+        # coordinator compares the barrier's catalog version with the view's).
+        response = self._append(Command(CommandKind.BARRIER), seen=False)
         return Barrier(response.index, dict(response.versions), response.catalog_version)
 
     def commit(self, command: Command) -> Committed:
         response = self._append(command)
         return Committed(response.index, response.catalog_version, dict(response.versions))
 
-    def _append(self, command: Command) -> SqlResponse:
+    def _append(self, command: Command, seen: bool = True) -> SqlResponse:
+        """Commit `command` through the log; `seen`: the session's next catalog view must
+        be at least as new as its index (a write or DDL it must read back)."""
         client = self.client
         request_id = next(client._request_ids)
         encoded = encode_command(
@@ -219,7 +236,8 @@ class TransportPort:
         )
         request = SqlRequest(request_id, encoded, client._reply_address)
         response = self._until_applied(request)
-        self._known_index = max(self._known_index, response.index)
+        if seen:
+            self._known_index = max(self._known_index, response.index)
         if response.ok:
             return response
         message = response.error or "refused"

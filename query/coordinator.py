@@ -432,6 +432,9 @@ class Coordinator:
         (the caller gathers whole tables, for DuckDB's own error if there is one)."""
         view = self._port.catalog()
         index = self._barrier(view, consistency)
+        if index is None:  # the catalog moved since the view: once more, with a fresh one
+            view = self._port.catalog(refresh=True)
+            index = self._barrier(view, consistency)
         if index is None:
             return None
         try:

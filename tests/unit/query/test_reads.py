@@ -152,6 +152,24 @@ def test_a_table_created_by_another_client_is_found(port: FakePort) -> None:
     theirs.close()
 
 
+def test_a_read_after_another_clients_ddl_is_still_planned(port: FakePort) -> None:
+    """The barrier's catalog version tells the session its view is behind: it fetches a
+    fresh one and plans against it, rather than gathering whole tables."""
+    ours = Coordinator(port)
+    theirs = Coordinator(port.client())
+    ours.execute("CREATE TABLE t (k INTEGER) PARTITION BY HASH(k) PARTITIONS 2")
+    ours.execute("INSERT INTO t VALUES (1), (2)")
+    assert ours.execute("SELECT sum(k) FROM t").fetchall() == [(3,)]
+    theirs.execute("ALTER TABLE t ADD COLUMN v INTEGER DEFAULT 7")
+    theirs.execute("INSERT INTO t VALUES (3, 1)")
+    port.scans.clear()
+    port.fragment_calls.clear()
+    assert ours.execute("SELECT sum(k) FROM t").fetchall() == [(6,)]
+    assert port.scans == [] and len(port.fragment_calls) == 1  # two-phase, not gathered
+    ours.close()
+    theirs.close()
+
+
 def test_copy_to_writes_what_duckdb_writes(pair: Pair, folder: Path) -> None:
     pair.run("CREATE TABLE t (k INTEGER, v VARCHAR) PARTITION BY HASH(k) PARTITIONS 2")
     pair.run("INSERT INTO t SELECT i, 'v' || i FROM range(10) AS s(i)")
