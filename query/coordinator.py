@@ -9,7 +9,9 @@ same data — same columns, names, types and rows, same errors with the same mes
   commits the table and its rows in that one command, so both appear atomically.
 - Reads (SELECT): at one read barrier ('strong', the default: one consistent snapshot of
   the cluster) or as applied now ('stale'), the SELECT runs as query.planner plans it on
-  the partitions (fragments, broadcasts, a merge here); when the plan gathers, its
+  the partitions (fragments, tables moved to them — broadcast whole or dealt out by a
+  join key — and a merge here; plans are remembered per query text and catalog view,
+  PLANS_CACHED_MAX); when the plan gathers, its
   uncorrelated scalar subqueries are answered first at that barrier and put in as
   constants (query.scalars) and it is planned again; failing that, it runs here over the
   narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO)

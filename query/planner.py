@@ -16,13 +16,17 @@
   FILTER clauses stay on the partials.
 - **router**: either of the above restricted to the partitions the WHERE clause pins by
   the partition key (`key = c`, `key IN (c, …)`).
-- **broadcast** (with either): partitioned tables that are not co-located with the
-  largest group are scanned first and sent whole with every fragment (`Broadcast`), and
-  count as reference tables — when small enough and never on an outer join's preserved
-  side.
+- **repartition** and **broadcast** (with either): partitioned tables not co-located
+  with the main group (`_choose_moves`) are scanned first and moved to its fragments
+  (`Broadcast`): dealt out by a column joined to a main partition key (`Split`: each
+  fragment gets its partition's rows, and the table plans as a co-located one), or sent
+  whole with every fragment, counting as a reference table — when small enough and never
+  on an outer join's preserved side. A moved table's conditions applied by its scan read
+  TRUE in the fragment, and its scan keeps only the columns the fragment names.
 - subqueries in expressions run inside the fragments when each sees only the outer row's
   partition (`_check_subqueries`), and a query reading one derived table that is a plain
-  join is planned over that join's FROM and WHERE (`_core`).
+  join, or a join grouped by a partition key, is planned over that join's FROM and WHERE
+  (`_core`).
 - otherwise **gather** (the caller's fallback): `plan_select` returns a `Gather` saying
   why, and the coordinator pulls the base tables and runs the query itself.
 
