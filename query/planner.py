@@ -50,7 +50,7 @@ import msgspec
 from query import _ast
 from query._ast import Node
 from query.port import CatalogView, Fragment
-from query.scans import ScanPlan, TableScan
+from query.scans import ScanPlan, TableScan, condition_sql
 from storage import ddl
 from storage.ddl import TableSpec, quote_identifier
 from storage.partitions import partition_table_name
@@ -1295,7 +1295,7 @@ class _Planner:
             return fragment
         core = self._core(fragment)
         leaves = self._leaves(core["from_table"])
-        moved = _moved_leaves(leaves)
+        moved = [leaf for leaf in leaves if leaf.moved]
         placed: list[tuple[Node, set[int]]] = [
             (term, _null_extended(core["from_table"]))
             for term in _ast.conjuncts(core.get("where_clause"))
@@ -1314,7 +1314,7 @@ class _Planner:
                 if (
                     id(leaf.node) not in extended
                     and self._sole_leaf(term, leaves) is leaf
-                    and _ast.expression_sql(self.con, _unqualified(term)) in applied
+                    and condition_sql(self.con, term) in applied
                 ):
                     applied_already.add(id(term))
         true = _ast.expression(self.con, "TRUE")
@@ -1329,7 +1329,7 @@ class _Planner:
             if _ast.is_column_ref(item)
         ]
         named: dict[str, set[str]] = {}
-        for leaf in _moved_leaves(self._leaves(self._core(trimmed)["from_table"])):
+        for leaf in moved:  # positions and aliases are the same in `trimmed`
             broadcast = self._broadcast[leaf.position]
             columns = {name.lower() for name, _ in broadcast.scan.columns}
             found = named.setdefault(broadcast.name, set())
@@ -1449,23 +1449,6 @@ def _subqueries(node: Node) -> Iterator[Node]:
                 yield from visit(item)
 
     yield from visit({k: v for k, v in node.items() if k != "from_table"})
-
-
-def _unqualified(term: Node) -> Node:
-    """`term` with every column reference by its last name (as query.scans prints the
-    conditions it gives a scan)."""
-
-    def unqualify(item: Node) -> Node | None:
-        if _ast.is_column_ref(item):
-            return _ast.column_ref(str(item["column_names"][-1]))
-        return None
-
-    result: Node = _ast.replaced(term, unqualify)
-    return result
-
-
-def _moved_leaves(leaves: list[_Leaf]) -> list[_Leaf]:
-    return [leaf for leaf in leaves if leaf.moved]
 
 
 def _null_extended(ref: Node) -> set[int]:

@@ -189,6 +189,19 @@ class TableScan:
         return tuple(fragments)
 
 
+def condition_sql(con: duckdb.DuckDBPyConnection, term: Node) -> str:
+    """A single-table conjunct as a scan's `places` hold it: printed by DuckDB with every
+    column reference by its last name (query.planner matches a fragment's conjuncts
+    against these texts)."""
+
+    def unqualify(item: Node) -> Node | None:
+        if _ast.is_column_ref(item):
+            return _ast.column_ref(str(item["column_names"][-1]))
+        return None
+
+    return _ast.expression_sql(con, _ast.replaced(term, unqualify))
+
+
 def _select_sql(
     columns: Sequence[tuple[str, str]],
     condition: str | None,
@@ -610,15 +623,9 @@ class _Scans:
         return TableScan(key, spec, tuple(kept), places_read, holders)
 
     def _printed(self, term: Node, place: _Reference) -> str:
-        """The conjunct with its column references unqualified (they name `place`'s table
-        alone, checked by `_owner`)."""
-
-        def unqualify(item: Node) -> Node | None:
-            if _ast.is_column_ref(item):
-                return _ast.column_ref(str(item["column_names"][-1]))
-            return None
-
-        return _ast.expression_sql(self.con, _ast.replaced(term, unqualify))
+        """The conjunct as `place`'s scan reads it (its columns name that table alone,
+        checked by `_owner`)."""
+        return condition_sql(self.con, term)
 
     # ---- which rows ----
 
