@@ -14,6 +14,8 @@ chunk per segment, each chunk announced by a reference frame on the same FIFO as
 frames, so one source's control and bulk keep one order. The receiver maps the segments
 and reads them zero-copy; it delivers one `BulkReceived` when the last chunk is in, and
 its `release()` sends a release frame so the sender returns the segments to its pool.
+A bulk whose stream fits in one queue message travels inside it instead (an inline frame:
+no segment to write, map or release), in the same order.
 
 Invariants: a partial transfer is never delivered (a source that dies or restarts
 mid-transfer has its partial chunks dropped and their mappings closed); segments are
@@ -89,6 +91,14 @@ class _Large(msgspec.Struct, frozen=True, array_like=True):
     length: int
 
 
+class _Inline(msgspec.Struct, frozen=True, array_like=True):
+    """A whole bulk transfer small enough for one queue message: the encoded header frame
+    and the Arrow IPC stream itself (no segment, so nothing to release)."""
+
+    header: bytes
+    stream: bytes
+
+
 class _Release(msgspec.Struct, frozen=True, array_like=True):
     """The receiver is done with the segments of `transfer` (lent by `incarnation`)."""
 
@@ -108,6 +118,7 @@ INTERNAL_MESSAGES: dict[str, type[msgspec.Struct]] = {
     "ipc.local.large": _Large,
     "ipc.local.release": _Release,
     "ipc.local.abort": _Abort,
+    "ipc.local.inline": _Inline,
 }
 
 
@@ -430,6 +441,8 @@ class LocalTransport:
         if isinstance(data, pa.Table) and self._pool.lent_bytes:
             if self._pool.lent_bytes + data.nbytes > self._options.lent_bytes_max:
                 raise Backpressure(target, len(peer.pending))
+        if isinstance(data, pa.Table) and self._send_inline(peer, ready_at, header_frame, data):
+            return
         schema, batches = _schema_and_batches(data)
         transfer = self._new_lend(peer, [])
         try:
@@ -439,6 +452,22 @@ class LocalTransport:
             raise
         self._stats.bulk_sent += 1
         self._stats.bulk_bytes_sent += total
+
+    def _send_inline(
+        self, peer: _Peer, ready_at: int, header_frame: bytes, table: pa.Table
+    ) -> bool:
+        """Send a table whose stream fits one queue message in that message (no segment to
+        write, map and release); False when it does not fit."""
+        if peer.message_bytes == 0 or table.nbytes > peer.message_bytes:
+            return False
+        stream = shm.stream_bytes(table)
+        frame = self._codec.encode(self._node_id, peer.node_id, _Inline(header_frame, stream))
+        if len(frame) > peer.message_bytes:
+            return False
+        self._enqueue(peer, frame, 0, ready_at)
+        self._stats.bulk_sent += 1
+        self._stats.bulk_bytes_sent += len(stream)
+        return True
 
     def poll(self) -> list[Delivery]:
         if self._closed:
@@ -884,6 +913,8 @@ class LocalTransport:
                 deliveries.append(Received(source, message))
         elif isinstance(message, _Chunk):
             self._on_chunk(source, message, deliveries)
+        elif isinstance(message, _Inline):
+            self._on_inline(source, message, deliveries)
         elif isinstance(message, _Release):
             self._on_release(source, message)
         elif isinstance(message, _Abort):
@@ -927,6 +958,27 @@ class LocalTransport:
         if partial is not None:
             self._stats.count_dropped("bulk_aborted")
         self._send_release(source, abort.incarnation, abort.transfer)
+
+    def _on_inline(self, source: int, inline: _Inline, deliveries: list[Delivery]) -> None:
+        if self._faults.active and self._faults.blocks(source, self._node_id):
+            self._stats.count_dropped("fault_drop")
+            return
+        try:
+            header = self._codec.decode(inline.header)
+        except RemoteProtocolError as error:
+            self._refuse(error)
+            return
+        if header.source != source or header.target != self._node_id:
+            self._refuse(CorruptBulk("bulk header names other nodes"))
+            return
+        try:
+            table = shm.read_stream(pa.py_buffer(inline.stream))
+        except CorruptBulk as error:
+            self._refuse(error)
+            return
+        self._stats.bulk_received += 1
+        self._stats.bulk_bytes_received += len(inline.stream)
+        deliveries.append(BulkReceived(source, header.message, table, len(inline.stream)))
 
     def _on_chunk(self, source: int, chunk: _Chunk, deliveries: list[Delivery]) -> None:
         key = (source, chunk.incarnation, chunk.transfer)

@@ -246,6 +246,15 @@ def write_stream(segment: Segment, schema: pa.Schema, batches: list[pa.RecordBat
     return length
 
 
+def stream_bytes(table: pa.Table) -> bytes:
+    """The table as one Arrow IPC stream in memory (for tables small enough to travel
+    inside a control frame)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def write_bytes(segment: Segment, data: bytes) -> None:
     assert segment.mapping is not None, segment.name
     assert len(data) <= segment.capacity, (len(data), segment.capacity)

@@ -27,7 +27,14 @@ from clock import SystemClock
 from ipc import mq, registry, shm
 from ipc.codec import Codec, cluster_id_for
 from ipc.errors import Backpressure, HostLimitError, MessageTooLarge, TransportError
-from ipc.local import INTERNAL_MESSAGES, LocalOptions, LocalTransport, _Chunk, reclaim_cluster
+from ipc.local import (
+    INTERNAL_MESSAGES,
+    LocalOptions,
+    LocalTransport,
+    _Chunk,
+    _Inline,
+    reclaim_cluster,
+)
 from ipc.transport import BulkReceived, Received
 from tests.conformance.harness import CLUSTER_NAME, TEST_MESSAGES, Header, Ping
 from tests.conformance.harness_local import HARNESS_OPTIONS, LocalHarness
@@ -135,7 +142,7 @@ def kill(process: subprocess.Popen[str]) -> None:
 def test_queue_segments_and_entry_are_private(harness: LocalHarness) -> None:
     harness.start(1)
     harness.start(2)
-    harness.transport(1).send_bulk(2, Header("t"), ints(10))
+    harness.transport(1).send_bulk(2, Header("t"), ints(100_000))  # too big to travel inline
     queue = posix_ipc.MessageQueue(registry.queue_name(harness.token, 2, 1))
     try:
         assert stat.S_IMODE(os.fstat(queue.mqd).st_mode) == 0o600
@@ -305,6 +312,48 @@ def test_a_bulk_that_does_not_read_back_is_counted_and_dropped(harness: LocalHar
         chunk = _Chunk(1, transfer, 0, segment, 4096, True, header)
         harness.inject(2, codec.encode(9, 2, chunk))
     assert harness.pump(lambda: receiver.stats().errors.get("corrupt_bulk", 0) == 2, WAIT_S)
+    harness.transport(1).send(2, Ping(1))
+    assert harness.pump(lambda: pings(harness, 2, 1) == [1], WAIT_S)
+    assert bulks(harness, 2) == []
+
+
+def test_a_small_bulk_travels_inside_one_frame_in_order_with_control(
+    harness: LocalHarness,
+) -> None:
+    one = harness.start(1)
+    harness.start(2)
+    small = pa.table({"x": pa.array([1, None, 3], pa.int64()), "s": ["a", "ü", None]})
+    one.send(2, Ping(1))
+    one.send_bulk(2, Header("inline", 7), small)
+    one.send(2, Ping(2))
+    assert harness.pump(lambda: len(harness.inbox[2]) == 3, WAIT_S)
+    first, delivery, last = harness.inbox[2]
+    assert isinstance(first, Received) and first.message == Ping(1)
+    assert isinstance(last, Received) and last.message == Ping(2)
+    assert isinstance(delivery, BulkReceived) and delivery.header == Header("inline", 7)
+    assert delivery.table.equals(small) and delivery.table.schema == small.schema
+    # no segment was written, so none is lent or mapped, and release is a no-op
+    assert shm.segment_files(shm.SHM_DIR, registry.cluster_prefix(harness.token)) == []
+    delivery.release()
+    assert one.stats().bulk_sent == 1 and harness.transport(2).stats().bulk_received == 1
+
+
+def test_an_inline_bulk_that_does_not_read_back_is_counted_and_dropped(
+    harness: LocalHarness,
+) -> None:
+    harness.start(1)
+    receiver = harness.start(2)
+    codec = Codec(cluster_id_for(CLUSTER_NAME), {**TEST_MESSAGES, **INTERNAL_MESSAGES})
+    good = shm.stream_bytes(ints(10))
+    cases = [
+        _Inline(codec.encode(9, 2, Header("bad")), b"\xff" * 64),  # not a stream
+        _Inline(codec.encode(9, 2, Header("cut")), good[: len(good) // 2]),  # cut short
+        _Inline(codec.encode(8, 2, Header("other")), good),  # header names another source
+        _Inline(b"\x00" * 8, good),  # header is not a frame
+    ]
+    for inline in cases:
+        harness.inject(2, codec.encode(9, 2, inline))
+    assert harness.pump(lambda: sum(receiver.stats().errors.values()) == len(cases), WAIT_S)
     harness.transport(1).send(2, Ping(1))
     assert harness.pump(lambda: pings(harness, 2, 1) == [1], WAIT_S)
     assert bulks(harness, 2) == []
