@@ -61,6 +61,9 @@ from storage.staging import StagedFile, StagingArea, StagingError
 
 SNAPSHOT_IDLE_MS = 30_000
 SNAPSHOTS_KEPT_MAX = 32
+SELECTS_KEPT_MAX = 256
+"""Fragment texts remembered as parsed to one SELECT: a coordinator sends the same texts
+again and again (one per partition, and a remembered plan's on every run)."""
 FETCH_WAIT_MS = 2_000
 """How long the apply lane waits for one fetch of a missing batch before asking again."""
 CHECKPOINT_INTERVAL_MS = 500
@@ -214,6 +217,8 @@ class Applier:
         self._checkpointed_ns = clock.monotonic_ns()
         self._dirty = False
         self._parser: duckdb.DuckDBPyConnection | None = None
+        self._selects: OrderedDict[str, None] = OrderedDict()
+        """Fragment texts the parser found to be one SELECT (the scan lane's alone)."""
         """Parses fragments' SQL (never runs any); the scan lane's alone."""
         self._fragment_watch = FragmentWatch(clock, fragment_time_limit_ms)
 
@@ -599,11 +604,16 @@ class Applier:
         reads: tuple[tuple[str, int], ...],
         inputs: tuple[tuple[str, bytes], ...] = (),
     ) -> pa.Table:
-        if self._parser is None:
-            self._parser = duckdb.connect(":memory:", config={"threads": 1})
-        refusal = select_refusal(self._parser, sql)
-        if refusal is not None:
-            raise refusal
+        if sql not in self._selects:
+            if self._parser is None:
+                self._parser = duckdb.connect(":memory:", config={"threads": 1})
+            refusal = select_refusal(self._parser, sql)
+            if refusal is not None:
+                raise refusal
+            self._selects[sql] = None
+            if len(self._selects) > SELECTS_KEPT_MAX:
+                self._selects.popitem(last=False)
+        self._selects.move_to_end(sql)
         try:
             tables = decode_fragment_inputs(inputs)
         except FragmentInputError as error:

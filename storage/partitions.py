@@ -147,6 +147,7 @@ class ReadSnapshot:
             cursor.execute("BEGIN TRANSACTION READ ONLY")
             # The first statement assigns the snapshot: from here on it is fixed.
             self.applied_index: int = _read_applied_index(cursor)
+        self._partitions: list[tuple[str, int]] | None = None
 
     def query(self, sql: str, inputs: Mapping[str, pa.Table] | None = None) -> pa.Table:
         """Run any read-only SQL over the local partition tables (see `partition_table_sql`)
@@ -163,8 +164,12 @@ class ReadSnapshot:
         return self.query(f"SELECT * FROM {partition_table_sql(table, partition)} {sql_suffix}")
 
     def partitions(self) -> list[tuple[str, int]]:
-        with _duckdb_errors():
-            return local_partitions(self._open_cursor())
+        """The (table, partition) pairs this snapshot holds; read once (the transaction's
+        catalog is fixed, like its rows)."""
+        if self._partitions is None:
+            with _duckdb_errors():
+                self._partitions = local_partitions(self._open_cursor())
+        return list(self._partitions)
 
     def export_partition(self, table: str, partition: int) -> pa.Table:
         """Every row of the partition, tagged with this snapshot's applied index in the
