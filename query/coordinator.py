@@ -138,6 +138,7 @@ WRITE_ATTEMPTS_MAX = 8
 BACKOFF_FIRST_S = 0.002
 BACKOFF_MAX_S = 0.25
 CONSISTENCIES = ("strong", "stale")
+SCHEMAS_KEPT_MAX = 256
 CONSISTENCY_SETTING = "dcluster_consistency"
 _TRANSACTION_WORDS = frozenset(
     {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"}
@@ -146,6 +147,26 @@ _TRANSACTION_WORDS = frozenset(
 T = TypeVar("T")
 Step = tuple[str, str, str, str | None, str | None]
 """One row of EXPLAIN: step, where it runs, detail, rows and bytes (ANALYZE)."""
+
+
+class _FoundTypes:
+    """The DuckDB types DuckDB reads an Arrow schema as, asked of DuckDB once per schema
+    (a bind costs about half a millisecond; the same schemas come back query after query).
+    Keyed by the serialized schema: field metadata (extension types) decides types too."""
+
+    def __init__(self) -> None:
+        self._types: dict[bytes, list[str]] = {}
+
+    def read(self, con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> list[str]:
+        """The types of the Arrow relation registered on `con` as `name`, with `schema`."""
+        key = schema.serialize().to_pybytes()
+        found = self._types.get(key)
+        if found is None:
+            found = [str(type_name) for type_name in con.sql(f"SELECT * FROM {name}").types]
+            self._types[key] = found
+            if len(self._types) > SCHEMAS_KEPT_MAX:
+                self._types.pop(next(iter(self._types)))
+        return found
 
 
 class _Converter:
@@ -157,6 +178,7 @@ class _Converter:
     def __init__(self) -> None:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._names = (f"dcluster_result_{n}" for n in itertools.count())
+        self._found_types = _FoundTypes()
 
     def close(self) -> None:
         if self._con is not None:
@@ -174,7 +196,7 @@ class _Converter:
         name = next(self._names)
         con.register(name, renamed)
         try:
-            found = [str(type_name) for type_name in con.sql(f"SELECT * FROM {name}").types]
+            found = self._found_types.read(con, name, renamed.schema)
             select = ", ".join(
                 (f"c{i}" if found[i] == types[i] else f"CAST(c{i} AS {types[i]})")
                 + f" AS {quote_identifier(column)}"
@@ -274,6 +296,8 @@ class Coordinator:
         self._shape: pa.Schema | None = None
         """The Arrow schema of the last planned query's result (from its run on no rows)."""
         self._converter = _Converter()
+        self._found_types = _FoundTypes()
+        """For the work database's connection (fragments' rows at the merge)."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
         """Query text -> its plan, for the catalog view it was planned against (a plan is
         a function of the two alone), newest last; emptied by any other statement."""
@@ -716,9 +740,9 @@ class Coordinator:
             raw = f"{FRAGMENTS_RELATION}_raw"
             con.register(raw, rows)
             try:
-                found = con.sql(f"SELECT * FROM {raw}").types
+                found = self._found_types.read(con, raw, rows.schema)
                 typed = ", ".join(
-                    (f"c{i}" if str(found[i]) == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
+                    (f"c{i}" if found[i] == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
                     for i, wanted in enumerate(plan.fragment_types)
                 )
                 merged, merged_types = run(

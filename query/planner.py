@@ -1229,13 +1229,14 @@ class _Planner:
         if function.get("schema") or function.get("catalog"):
             raise _NotDistributable(f"a qualified aggregate {name}")
         arg = [_ast.expression_sql(self.con, a) for a in args]
+        # A count is BIGINT, as on one node (a sum of counts would be HUGEINT).
         if name == "count_star" or (name == "count" and not arg):
-            return f"coalesce(sum({partial('count_star()', function)}), 0)"
+            return f"CAST(coalesce(sum({partial('count_star()', function)}), 0) AS BIGINT)"
         if len(arg) != 1:
             raise _NotDistributable(f"the aggregate {name} with {len(arg)} arguments")
         x = arg[0]
         if name == "count":
-            return f"coalesce(sum({partial(f'count({x})', function)}), 0)"
+            return f"CAST(coalesce(sum({partial(f'count({x})', function)}), 0) AS BIGINT)"
         if name == "sum":
             return f"sum({partial(f'sum({x})', function)})"
         if name in _SIMPLE_AGGREGATES:
