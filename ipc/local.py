@@ -987,11 +987,15 @@ class LocalTransport:
             partial = self._start_partial(source, chunk)
             self._partials[key] = partial
         elif chunk.index != partial.next_index:
-            self._fail(partial, CorruptBulk(f"chunk {chunk.index} came after {partial.next_index - 1}"))
+            self._fail(
+                partial, CorruptBulk(f"chunk {chunk.index} came after {partial.next_index - 1}")
+            )
         partial.next_index = chunk.index + 1
         if not (partial.failed or partial.fault_dropped):
             try:
-                buffer = self._segment_buffer(source, chunk.incarnation, chunk.segment, chunk.length)
+                buffer = self._segment_buffer(
+                    source, chunk.incarnation, chunk.segment, chunk.length
+                )
                 partial.pieces.append(shm.read_stream(buffer))
             except CorruptBulk as error:
                 self._fail(partial, error)
@@ -1006,7 +1010,9 @@ class LocalTransport:
         if self._faults.active and self._faults.blocks(source, self._node_id):
             partial.fault_dropped = True
         elif chunk.index != 0:
-            self._fail(partial, CorruptBulk(f"transfer {chunk.transfer} began at chunk {chunk.index}"))
+            self._fail(
+                partial, CorruptBulk(f"transfer {chunk.transfer} began at chunk {chunk.index}")
+            )
         elif len(self._partials) >= self._options.inbound_transfers_max:
             self._fail(partial, CorruptBulk("too many bulk transfers in progress"))
         else:
@@ -1050,11 +1056,7 @@ class LocalTransport:
 
     def _abort_partials(self, source: int, below_incarnation: int) -> None:
         """Drop partial transfers from incarnations of `source` older than the given one."""
-        stale = [
-            key
-            for key in self._partials
-            if key[0] == source and key[1] < below_incarnation
-        ]
+        stale = [key for key in self._partials if key[0] == source and key[1] < below_incarnation]
         for key in stale:
             del self._partials[key]
             self._stats.count_dropped("bulk_aborted")
