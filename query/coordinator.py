@@ -157,16 +157,58 @@ class _FoundTypes:
     def __init__(self) -> None:
         self._types: dict[bytes, list[str]] = {}
 
-    def read(self, con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> list[str]:
-        """The types of the Arrow relation registered on `con` as `name`, with `schema`."""
-        key = schema.serialize().to_pybytes()
+    def read(self, con: duckdb.DuckDBPyConnection, table: pa.Table) -> list[str]:
+        """The types DuckDB (`con`) reads `table`'s columns as."""
+        key = table.schema.serialize().to_pybytes()
         found = self._types.get(key)
         if found is None:
-            found = [str(type_name) for type_name in con.sql(f"SELECT * FROM {name}").types]
+            con.register("dcluster_typed", table.slice(0, 0))
+            try:
+                relation = con.sql("SELECT * FROM dcluster_typed")
+                found = [str(type_name) for type_name in relation.types]
+            finally:
+                con.unregister("dcluster_typed")
             self._types[key] = found
             if len(self._types) > SCHEMAS_KEPT_MAX:
                 self._types.pop(next(iter(self._types)))
         return found
+
+
+_PYTHON_ALIKE: dict[str, tuple[pa.DataType, ...]] = {
+    "BOOLEAN": (pa.bool_(),),
+    "TINYINT": (pa.int8(),),
+    "SMALLINT": (pa.int16(),),
+    "INTEGER": (pa.int32(),),
+    "BIGINT": (pa.int64(),),
+    "UTINYINT": (pa.uint8(),),
+    "USMALLINT": (pa.uint16(),),
+    "UINTEGER": (pa.uint32(),),
+    "UBIGINT": (pa.uint64(),),
+    "FLOAT": (pa.float32(),),
+    "DOUBLE": (pa.float64(),),
+    "VARCHAR": (pa.string(), pa.large_string(), pa.string_view()),
+    "DATE": (pa.date32(),),
+    "TIMESTAMP": (pa.timestamp("us"),),
+}
+"""DuckDB types whose Arrow column (of these types) pyarrow turns into the very Python
+values DuckDB's `fetchall()` gives (tests/unit/query/test_converter.py holds them to it).
+Not here: HUGEINT (a decimal in Arrow), time zones (DuckDB's TimeZone setting), INTERVAL,
+nested and extension types. Dates and timestamps beyond Python's range make pyarrow
+raise, and DuckDB is asked then."""
+
+
+def _python_alike(types: Sequence[str], schema: pa.Schema) -> bool:
+    """Whether pyarrow's Python values of `schema` are DuckDB's for these `types`."""
+    for type_name, field in zip(types, schema, strict=True):
+        if field.metadata:
+            return False
+        arrow = field.type
+        if pa.types.is_decimal128(arrow):
+            if type_name != f"DECIMAL({arrow.precision},{arrow.scale})":
+                return False
+        elif arrow not in _PYTHON_ALIKE.get(type_name, ()):
+            return False
+    return len(types) > 0
 
 
 class _Converter:
@@ -185,6 +227,16 @@ class _Converter:
             self._con.close()
         self._con = None
 
+    def rows(self, table: pa.Table, types: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The rows as DuckDB's `fetchall()` gives them: straight from Arrow when every
+        column's Python values are DuckDB's anyway (`_python_alike`), else through DuckDB."""
+        if _python_alike(types, table.schema):
+            try:
+                return list(zip(*(column.to_pylist() for column in table.columns), strict=True))
+            except (OverflowError, ValueError, pa.ArrowException):
+                pass  # a date beyond Python's: DuckDB says what it becomes
+        return self.apply(table, types, lambda relation: relation.fetchall())
+
     def apply(
         self, table: pa.Table, types: Sequence[str], action: Callable[[duckdb.DuckDBPyRelation], T]
     ) -> T:
@@ -196,7 +248,7 @@ class _Converter:
         name = next(self._names)
         con.register(name, renamed)
         try:
-            found = self._found_types.read(con, name, renamed.schema)
+            found = self._found_types.read(con, renamed)
             select = ", ".join(
                 (f"c{i}" if found[i] == types[i] else f"CAST(c{i} AS {types[i]})")
                 + f" AS {quote_identifier(column)}"
@@ -240,7 +292,9 @@ class StatementResult:
         return self._apply(lambda relation: relation.to_arrow_table())
 
     def fetchall(self) -> list[tuple[Any, ...]]:
-        return self._apply(lambda relation: relation.fetchall()) or []
+        if self.table is None:
+            return []
+        return self._converter.rows(self.table, self._types)
 
     def fetchone(self) -> tuple[Any, ...] | None:
         """The first row (None when there is none). Stateless, like a relation: the
@@ -298,6 +352,8 @@ class Coordinator:
         self._converter = _Converter()
         self._found_types = _FoundTypes()
         """For the work database's connection (fragments' rows at the merge)."""
+        self._selects: dict[str, Statement] = {}
+        """SELECT texts -> their parse (at most PLANS_CACHED_MAX, oldest dropped first)."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
         """Query text -> its plan, for the catalog view it was planned against (a plan is
         a function of the two alone), newest last; emptied by any other statement."""
@@ -357,8 +413,13 @@ class Coordinator:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _parse(self, sql: str, words: list[Token]) -> Statement:
+        """The statement classified; a SELECT's is remembered by its text (a parse is a
+        function of the text alone, and asks DuckDB's parser)."""
+        known = self._selects.get(sql)
+        if known is not None:
+            return known
         try:
-            return ddl.parse(sql)
+            statement = ddl.parse(sql)
         except ddl.SqlSyntaxError as error:
             raise ParseFailed(str(error), "ParserException") from error
         except ddl.UnsupportedStatement as error:
@@ -371,6 +432,11 @@ class Coordinator:
             raise Unsupported(str(error)) from error
         except ddl.DdlError as error:
             raise Refused(str(error)) from error
+        if statement.kind == StatementKind.SELECT:
+            self._selects[sql] = statement
+            if len(self._selects) > PLANS_CACHED_MAX:
+                self._selects.pop(next(iter(self._selects)))
+        return statement
 
     def _dispatch(
         self,
@@ -737,20 +803,24 @@ class Coordinator:
                         )
                     )
             con = self._work.con
-            raw = f"{FRAGMENTS_RELATION}_raw"
-            con.register(raw, rows)
-            try:
-                found = self._found_types.read(con, raw, rows.schema)
-                typed = ", ".join(
-                    (f"c{i}" if found[i] == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
-                    for i, wanted in enumerate(plan.fragment_types)
-                )
-                merged, merged_types = run(
-                    con,
-                    f"WITH {FRAGMENTS_RELATION} AS (SELECT {typed} FROM {raw}) {plan.merge_sql}",
-                )
-            finally:
-                con.unregister(raw)
+            found = self._found_types.read(con, rows)
+            if plan.concatenates and found == list(plan.fragment_types):
+                merged, merged_types = rows, found  # nothing for DuckDB to do
+            else:
+                raw = f"{FRAGMENTS_RELATION}_raw"
+                con.register(raw, rows)
+                try:
+                    typed = ", ".join(
+                        (f"c{i}" if found[i] == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
+                        for i, wanted in enumerate(plan.fragment_types)
+                    )
+                    merged, merged_types = run(
+                        con,
+                        f"WITH {FRAGMENTS_RELATION} AS (SELECT {typed} FROM {raw}) "
+                        + plan.merge_sql,
+                    )
+                finally:
+                    con.unregister(raw)
             if trace is not None:
                 trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         except FragmentFailed:

@@ -121,6 +121,13 @@ class Distributed:
     broadcasts: tuple[Broadcast, ...] = ()
     """Tables scanned first and sent with every fragment (`Fragment.inputs`)."""
 
+    @property
+    def concatenates(self) -> bool:
+        """The merge only puts the fragments' rows one after another: all their columns,
+        in order, nothing sorted, cut or made distinct."""
+        columns = ", ".join(f"c{i}" for i in range(len(self.fragment_types)))
+        return self.merge_sql == f"SELECT {columns} FROM {FRAGMENTS_RELATION}"
+
 
 class _NotDistributable(Exception):
     pass

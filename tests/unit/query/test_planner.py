@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from query.coordinator import Coordinator, ExecutionFailed
+from query.planner import Distributed
 from tests.unit.query.fake_port import FakePort
 from tests.unit.query.harness import beside_duckdb
 
@@ -283,6 +284,28 @@ def test_types_and_names_are_duckdbs(
         theirs = reference.sql(sql)
         assert ours.columns == theirs.columns, sql
         assert ours.types == [str(t) for t in theirs.types], sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "concatenates"),
+    [
+        ("SELECT note, ok FROM o WHERE ok > 3", True),
+        ("SELECT note FROM o ORDER BY note", False),
+        ("SELECT DISTINCT note FROM o", False),
+        ("SELECT count(*) FROM o", False),
+        ("SELECT note FROM o LIMIT 2", False),
+    ],
+)
+def test_only_a_plain_pushdown_merges_by_concatenating(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection], sql: str, concatenates: bool
+) -> None:
+    coordinator, _, reference = pair
+    view = coordinator._port.catalog()
+    plan, _, _ = coordinator._plan(view, sql)
+    assert isinstance(plan, Distributed)
+    assert plan.concatenates is concatenates
+    rows = coordinator.execute(sql).fetchall()
+    assert sorted(rows, key=repr) == sorted(reference.execute(sql).fetchall(), key=repr)
 
 
 def test_a_routed_query_reads_only_the_pinned_partitions(
