@@ -354,6 +354,10 @@ class Coordinator:
         """For the work database's connection (fragments' rows at the merge)."""
         self._selects: dict[str, Statement] = {}
         """SELECT texts -> their parse (at most PLANS_CACHED_MAX, oldest dropped first)."""
+        self._scalars: collections.OrderedDict[
+            str, tuple[CatalogView, ScalarSubqueries | None, list[str]]
+        ] = collections.OrderedDict()
+        """Query text -> its scalar subqueries (`_scalar_candidates`), for a view."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
         """Query text -> its plan, for the catalog view it was planned against (a plan is
         a function of the two alone), newest last; emptied by any other statement."""
@@ -449,6 +453,7 @@ class Coordinator:
         kind = statement.kind
         if kind != StatementKind.SELECT:
             self._plans.clear()
+            self._scalars.clear()
         ddl_refusals = (Conflict, CatalogChanged)
         if kind == StatementKind.CREATE_TABLE_AS:
             return self._retrying(lambda: self._create_table_as(statement, sql), ddl_refusals)
@@ -577,7 +582,7 @@ class Coordinator:
         replaced by its answer at barrier `index`; None when there is none (or the query
         calls a volatile function: it must run once, as written)."""
         work = self._work
-        candidates, texts = self._scalar_candidates(sql)
+        candidates, texts = self._scalar_candidates(view, sql)
         if candidates is None or not texts:
             return None
         constants = {}
@@ -899,7 +904,7 @@ class Coordinator:
             plan, _, _ = self._plan(view, statement.sql)
             steps = self._plan_steps(view, statement.sql, plan, False)
             if isinstance(plan, Gather):
-                for text in self._scalar_candidates(statement.sql)[1]:
+                for text in self._scalar_candidates(view, statement.sql)[1]:
                     where = "answered first, at the same barrier"
                     steps.append(("scalar subquery", where, text, None, None))
         columns = ["step", "runs_on", "detail", "rows", "bytes"]
@@ -981,9 +986,22 @@ class Coordinator:
         steps.append(("result", "coordinator", f"{elapsed:.6f} s", str(rows), None))
         return steps
 
-    def _scalar_candidates(self, sql: str) -> tuple[ScalarSubqueries | None, list[str]]:
+    def _scalar_candidates(
+        self, view: CatalogView, sql: str
+    ) -> tuple[ScalarSubqueries | None, list[str]]:
         """The query's scalar subqueries, and the texts of those `_substituted` would
-        answer first (they bind alone)."""
+        answer first (they bind alone). Remembered for `view`, like plans."""
+        known = self._scalars.get(sql)
+        if known is not None and known[0] is view:
+            self._scalars.move_to_end(sql)
+            return known[1], known[2]
+        candidates, found = self._find_scalar_candidates(sql)
+        self._scalars[sql] = (view, candidates, found)
+        if len(self._scalars) > PLANS_CACHED_MAX:
+            self._scalars.popitem(last=False)
+        return candidates, found
+
+    def _find_scalar_candidates(self, sql: str) -> tuple[ScalarSubqueries | None, list[str]]:
         work = self._work
         try:
             candidates = ScalarSubqueries(work.con, sql, work.specs)

@@ -35,6 +35,7 @@ from query._ast import Node
 from storage.ddl import TableSpec
 
 LITERAL_CHARS_MAX = 16_384
+SUBSTITUTED_KEPT_MAX = 8
 """A longer constant is not put in the statement (the query is planned as written)."""
 
 
@@ -48,6 +49,9 @@ class ScalarSubqueries:
         self._found: list[tuple[Node, str]] = []
         """(the SUBQUERY node, its SELECT as a statement of its own)."""
         self._collect(self._tree, specs, ctes)
+        self._substituted: dict[tuple[tuple[str, str], ...], str] = {}
+        """Constants -> the statement printed with them (a remembered query's constants
+        are usually those of its last run)."""
 
     @property
     def texts(self) -> list[str]:
@@ -57,6 +61,10 @@ class ScalarSubqueries:
     def substituted(self, constants: Mapping[str, str]) -> str:
         """The statement with every candidate whose text is in `constants` replaced by
         that SQL constant (kept as written otherwise)."""
+        key = tuple(sorted(constants.items()))
+        known = self._substituted.get(key)
+        if known is not None:
+            return known
         by_id = {id(node): constants[text] for node, text in self._found if text in constants}
 
         def swap(node: Node) -> Node | None:
@@ -65,7 +73,11 @@ class ScalarSubqueries:
                 return None
             return dict(_ast.expression(self._con, constant), alias=node.get("alias", ""))
 
-        return _ast.to_sql(self._con, _ast.replaced(self._tree, swap))
+        text = _ast.to_sql(self._con, _ast.replaced(self._tree, swap))
+        if len(self._substituted) >= SUBSTITUTED_KEPT_MAX:
+            self._substituted.clear()
+        self._substituted[key] = text
+        return text
 
     def _collect(self, value: object, specs: Mapping[str, TableSpec], ctes: set[str]) -> None:
         if isinstance(value, list):

@@ -76,3 +76,28 @@ def test_the_cache_is_bounded(
     pair.run(texts[2])  # still remembered
     pair.run(texts[0])  # forgotten: planned again
     assert plans == [*texts, texts[0]]
+
+
+SCALAR = "SELECT k FROM t WHERE k > (SELECT avg(k) FROM t) + 40 ORDER BY k"
+
+
+def test_scalar_subqueries_are_found_once_and_answered_every_time(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found: list[str] = []
+    real = coordinator_module.ScalarSubqueries
+
+    def counting(con: Any, sql: str, *args: Any) -> Any:
+        found.append(sql)
+        return real(con, sql, *args)
+
+    monkeypatch.setattr(coordinator_module, "ScalarSubqueries", counting)
+    for _ in range(2):
+        pair.run(SCALAR, ordered=True)
+    assert found == [SCALAR]
+    pair.run("INSERT INTO t SELECT i, 'w' FROM range(100, 160) t(i)")  # a new average
+    pair.run(SCALAR, ordered=True)
+    assert found == [SCALAR, SCALAR]
+    pair.port.catalog(refresh=True)
+    pair.run(SCALAR, ordered=True)
+    assert len(found) == 3
