@@ -89,6 +89,7 @@ from query.port import (
     Command,
     Conflict,
     FragmentFailed,
+    FragmentResult,
     PortError,
 )
 from query.scalars import ScalarSubqueries, literal
@@ -358,6 +359,11 @@ class Coordinator:
             str, tuple[CatalogView, ScalarSubqueries | None, list[str]]
         ] = collections.OrderedDict()
         """Query text -> its scalar subqueries (`_scalar_candidates`), for a view."""
+        self._constants: collections.OrderedDict[str, tuple[CatalogView, dict[str, str]]] = (
+            collections.OrderedDict()
+        )
+        """Query text -> the constants its scalar subqueries gave when it last ran (for a
+        view): `_in_one_round` plans with them and checks them."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
         """Query text -> its plan, for the catalog view it was planned against (a plan is
         a function of the two alone), newest last; emptied by any other statement."""
@@ -454,6 +460,7 @@ class Coordinator:
         if kind != StatementKind.SELECT:
             self._plans.clear()
             self._scalars.clear()
+            self._constants.clear()
         ddl_refusals = (Conflict, CatalogChanged)
         if kind == StatementKind.CREATE_TABLE_AS:
             return self._retrying(lambda: self._create_table_as(statement, sql), ddl_refusals)
@@ -564,6 +571,11 @@ class Coordinator:
                     why = "a fragment failed: the query runs as written"
                     trace.append(("gather", "coordinator", why, None, None))
             elif depth < SCALARS_DEPTH_MAX:
+                if trace is None and depth == 0:
+                    answered = self._in_one_round(view, sql, index)
+                    if answered is not None:
+                        table = answered[0]
+                        return (None if table is None else table.rename_columns(names)), types
                 substituted = self._substituted(view, sql, index, trace, depth)
                 if substituted is not None:
                     try:
@@ -602,7 +614,59 @@ class Coordinator:
                     trace.append(("constant", "coordinator", constant, None, None))
         if not constants:
             return None
+        if depth == 0:
+            self._constants[sql] = (view, constants)
+            if len(self._constants) > PLANS_CACHED_MAX:
+                self._constants.popitem(last=False)
         return candidates.substituted(constants)
+
+    def _in_one_round(
+        self, view: CatalogView, sql: str, index: int
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """`sql` answered in one round of fragments with its scalar subqueries: the
+        statement planned with the constants the subqueries gave the last time it ran
+        (against this view), its fragments sent together with the subqueries' own. The
+        answer counts only when every subquery, merged, gives that same constant again at
+        this barrier; then it is the answer `_substituted` would lead to, one round
+        sooner. None otherwise (the caller answers the subqueries first), or when the
+        statement or a subquery does not plan as fragments without moved tables. (A
+        DOUBLE sum may differ in its last bit from run to run: then it is not the same
+        constant, and the long way is taken.)"""
+        known = self._constants.get(sql)
+        if known is None or known[0] is not view:
+            return None
+        constants = known[1]
+        candidates, _ = self._scalar_candidates(view, sql)
+        if candidates is None:
+            return None
+        parts = []
+        for text in [*constants, None]:
+            plan, names, types = self._plan(
+                view, candidates.substituted(constants) if text is None else text
+            )
+            if not isinstance(plan, Distributed) or plan.broadcasts:
+                return None
+            parts.append((text, plan, names, types, self._shape))
+        fragments = [fragment for part in parts for fragment in part[1].fragments]
+        try:
+            results = self._port.fragments(index, fragments)
+        except FragmentFailed:
+            return None
+        answered = None
+        for text, plan, names, types, shape in parts:
+            count = len(plan.fragments)
+            mine, results = results[:count], results[count:]
+            try:
+                answered = self._merged(plan, mine, names, types, shape, None)
+            except SqlError:
+                return None  # the longer way says it as the query as written would
+            if answered is None:
+                return None
+            if text is not None:
+                again = literal(self._work.con, answered[0], types[0])
+                if again != constants[text]:
+                    return None  # the data changed since: answer the subqueries first
+        return answered
 
     def _scanned_run(
         self,
@@ -790,50 +854,62 @@ class Coordinator:
                     for fragment, part in zip(fragments, dealt, strict=True)
                 )
             results = self._port.fragments(index, fragments)
-            parts = [
-                result.rows.rename_columns([f"c{i}" for i in range(result.rows.num_columns)])
-                for result in results
-            ]
-            rows = pa.concat_tables(parts, promote_options="permissive")
-            if trace is not None:
-                for result, partition in zip(results, plan.partitions, strict=True):
-                    rows_sent = result.rows
-                    trace.append(
-                        (
-                            f"partition {partition}",
-                            f"node {result.node}",
-                            "",
-                            str(rows_sent.num_rows),
-                            str(rows_sent.nbytes),
-                        )
-                    )
-            con = self._work.con
-            found = self._found_types.read(con, rows)
-            if plan.concatenates and found == list(plan.fragment_types):
-                merged, merged_types = rows, found  # nothing for DuckDB to do
-            else:
-                raw = f"{FRAGMENTS_RELATION}_raw"
-                con.register(raw, rows)
-                try:
-                    typed = ", ".join(
-                        (f"c{i}" if found[i] == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
-                        for i, wanted in enumerate(plan.fragment_types)
-                    )
-                    merged, merged_types = run(
-                        con,
-                        f"WITH {FRAGMENTS_RELATION} AS (SELECT {typed} FROM {raw}) "
-                        + plan.merge_sql,
-                    )
-                finally:
-                    con.unregister(raw)
-            if trace is not None:
-                trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         except FragmentFailed:
             # DuckDB's message quotes the statement it ran: the gather path runs the
             # query as written, for the same error in the same words.
             return None
+        return self._merged(plan, results, names, types, shape, trace)
+
+    def _merged(
+        self,
+        plan: Distributed,
+        results: Sequence[FragmentResult],
+        names: list[str],
+        types: list[str],
+        shape: pa.Schema | None,
+        trace: list[Step] | None,
+    ) -> tuple[pa.Table, list[str]] | None:
+        """The fragments' rows merged as `plan` says, with the query's names and types;
+        None when they do not come out as the Arrow single-node DuckDB gives."""
+        parts = [
+            result.rows.rename_columns([f"c{i}" for i in range(result.rows.num_columns)])
+            for result in results
+        ]
+        rows = pa.concat_tables(parts, promote_options="permissive")
+        if trace is not None:
+            for result, partition in zip(results, plan.partitions, strict=True):
+                rows_sent = result.rows
+                trace.append(
+                    (
+                        f"partition {partition}",
+                        f"node {result.node}",
+                        "",
+                        str(rows_sent.num_rows),
+                        str(rows_sent.nbytes),
+                    )
+                )
+        con = self._work.con
+        found = self._found_types.read(con, rows)
+        if plan.concatenates and found == list(plan.fragment_types):
+            merged, merged_types = rows, found  # nothing for DuckDB to do
+        else:
+            raw = f"{FRAGMENTS_RELATION}_raw"
+            con.register(raw, rows)
+            try:
+                typed = ", ".join(
+                    (f"c{i}" if found[i] == wanted else f"CAST(c{i} AS {wanted}) AS c{i}")
+                    for i, wanted in enumerate(plan.fragment_types)
+                )
+                merged, merged_types = run(
+                    con,
+                    f"WITH {FRAGMENTS_RELATION} AS (SELECT {typed} FROM {raw}) " + plan.merge_sql,
+                )
+            finally:
+                con.unregister(raw)
+        if trace is not None:
+            trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         assert merged is not None
-        table = _cast(self._work.con, merged, merged_types, names, types)
+        table = _cast(con, merged, merged_types, names, types)
         if shape is not None and table.schema != shape:
             try:  # the Arrow single-node DuckDB gives (an ENUM comes back a dictionary)
                 table = table.cast(shape)

@@ -126,9 +126,7 @@ NOT_SUBSTITUTED = [
 
 
 @pytest.mark.parametrize("sql", NOT_SUBSTITUTED, ids=range(len(NOT_SUBSTITUTED)))
-def test_a_subquery_that_cannot_be_answered_alone_is_left_as_written(
-    pair: Pair, sql: str
-) -> None:
+def test_a_subquery_that_cannot_be_answered_alone_is_left_as_written(pair: Pair, sql: str) -> None:
     names = [step for step, _, _ in analyzed(pair, sql)]
     assert "constant" not in names, names
     if "random()" not in sql:
@@ -141,8 +139,7 @@ def test_a_subquery_that_cannot_be_answered_alone_is_left_as_written(
         # more than one row: DuckDB's own error
         "SELECT count(*) FROM t WHERE x > (SELECT x FROM t WHERE k < 3)",
         # the subquery raises (on one row: which row DuckDB names is its scan's order)
-        "SELECT count(*) FROM t WHERE grp > (SELECT max(CAST(name AS INTEGER)) FROM t "
-        "WHERE k = 7)",
+        "SELECT count(*) FROM t WHERE grp > (SELECT max(CAST(name AS INTEGER)) FROM t WHERE k = 7)",
         # the statement raises after the constant is in
         "SELECT CAST(name AS INTEGER) FROM t WHERE k = 7 AND x > (SELECT avg(x) FROM t)",
     ],
@@ -185,3 +182,52 @@ def test_literal_is_exact_or_none() -> None:
     empty = pa.table({"v": pa.array([], pa.int32())})
     assert scalars.literal(con, empty, "INTEGER") == "CAST(NULL AS INTEGER)"
     con.close()
+
+
+ONE_ROUND = [
+    SUBSTITUTED[0][1],  # q11's shape
+    # (a DOUBLE sum may differ in its last bit from run to run, the order of its rows
+    # unfixed: the constant is then not the same, and the long way is taken — so not here)
+    "SELECT k, v FROM t WHERE v > (SELECT avg(v) FROM t) ORDER BY k",
+    "SELECT k, (SELECT max(w) FROM u), x - (SELECT min(x) FROM t) AS off FROM t "
+    "WHERE k < 5 ORDER BY k",
+    "SELECT count(*), count(v) FROM t WHERE v > (SELECT v FROM t WHERE k = -1)",
+]
+
+
+@pytest.mark.parametrize("sql", ONE_ROUND, ids=range(len(ONE_ROUND)))
+def test_run_again_the_subqueries_go_in_one_round_with_the_statement(pair: Pair, sql: str) -> None:
+    pair.run(sql, ordered=True)
+    calls = len(pair.port.fragment_calls)
+    pair.run(sql, ordered=True)
+    asked = pair.port.fragment_calls[calls:]
+    assert len(asked) == 1, asked
+    texts = [fragment.sql for fragment in asked[0][1]]
+    assert any("CAST(" in text for text in texts), texts  # the statement, with a constant
+
+
+def test_a_constant_that_changed_is_not_used() -> None:
+    """Another client's write changes what the subquery gives: the round run with the old
+    constant is thrown away and the subquery answered first again."""
+    from query.coordinator import Coordinator
+
+    with Pair.loaded(SETUP[:1] + SETUP[3:4]) as pair:
+        sql = SUBSTITUTED[0][1]
+        pair.run(sql, ordered=True)
+        pair.run(sql, ordered=True)  # one round, with the constant
+        theirs = Coordinator(pair.port.client())
+        try:
+            for statement in [
+                "INSERT INTO t (k, v) SELECT i, 900 FROM range(400, 430) t(i)",
+                "DELETE FROM t WHERE k < 40",
+            ]:
+                theirs.execute(statement)
+                pair.reference.execute(statement)
+                calls = len(pair.port.fragment_calls)
+                pair.run(sql, ordered=True)
+                assert len(pair.port.fragment_calls) - calls == 3  # tried, then two rounds
+                calls = len(pair.port.fragment_calls)
+                pair.run(sql, ordered=True)
+                assert len(pair.port.fragment_calls) - calls == 1
+        finally:
+            theirs.close()
