@@ -179,11 +179,31 @@ def test_a_broadcast_too_large_at_run_time_is_gathered(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
-    sql = "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk GROUP BY 1"
+    sql = (  # f is filtered: what a gather reads of it is not known, so it may be little
+        "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
+        "WHERE f.fk % 3 = 1 GROUP BY 1"
+    )
     steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
     assert "gather" in steps and "broadcast dcluster_rows_0" not in steps, steps
     assert "scanned main.f" in steps and "merge" not in steps, steps  # then gathered
     assert steps.count("scanned main.dim") == 2, steps  # its rows read once, and reused
+    pair.run(sql)
+
+
+def test_a_large_broadcast_is_sent_when_a_gather_would_read_more_of_whole_tables(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """f read whole (no condition): the gather would move all of it, more than the
+    broadcast of dim sends to every fragment — so dim is sent, though over the limit."""
+    monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
+    sql = "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk GROUP BY 1"
+    steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
+    assert "gather" not in steps and "broadcast dcluster_rows_0" in steps, steps
+    assert "merge" in steps and "scanned main.f" not in steps, steps
+    pair.run(sql)
+    monkeypatch.setattr(coordinator_module, "BROADCAST_WHOLE_BYTES_MAX", 1)  # not that large
+    steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
+    assert "gather" in steps and "merge" not in steps, steps
     pair.run(sql)
 
 
