@@ -814,11 +814,23 @@ class Coordinator:
         try:
             fragments = plan.fragments
             if plan.broadcasts:
+                scans: ScanPlan | str | None = None
+                expected = _expected_broadcast_bytes(plan, view)
+                if expected > BROADCAST_BYTES_MAX:  # sure to be too large: gather at once
+                    scans = self._scan_plan(view, sql)
+                    skip = {b.scan.key for b in plan.broadcasts}
+                    if not isinstance(scans, str) and (
+                        _whole_bytes(scans, view, skip) <= expected * len(fragments)
+                    ):
+                        why = (
+                            f"gathered: the broadcast tables, read whole, would come to "
+                            f"about {expected:,} bytes, over {BROADCAST_BYTES_MAX:,}"
+                        )
+                        return self._gathered_instead(view, sql, scans, index, types, trace, why)
                 moved = self._broadcast(view, index, plan, trace)
                 whole = sum(rows.nbytes for b, rows in moved if b.split is None)
                 dealt = _dealt(moved, plan.partitions)
                 largest = max((sum(t.nbytes for _, t in part) for part in dealt), default=0)
-                scans: ScanPlan | str | None = None
                 kept = (
                     BROADCAST_BYTES_MAX < whole <= BROADCAST_WHOLE_BYTES_MAX
                     and whole + largest <= REPARTITION_BYTES_MAX + BROADCAST_BYTES_MAX
@@ -826,7 +838,8 @@ class Coordinator:
                 if kept:
                     scans = self._scan_plan(view, sql)
                     sent = whole * len(fragments)
-                    kept = not isinstance(scans, str) and _whole_bytes(scans, view, moved) > sent
+                    skip = {b.scan.key for b, _ in moved}
+                    kept = not isinstance(scans, str) and _whole_bytes(scans, view, skip) > sent
                 if (whole > BROADCAST_BYTES_MAX and not kept) or largest > REPARTITION_BYTES_MAX:
                     # larger than it was worth sending: gather, with the rows read so far
                     if scans is None:
@@ -839,21 +852,13 @@ class Coordinator:
                         for b, rows in moved
                         if columns.get(b.scan.key) == b.scan.columns
                     }
-                    parts: list[tuple[str, ...]] = []
-                    scanned, _ = self._narrowed_run(view, scans, index, sql, None, parts, known)
-                    if trace is not None:
-                        why = (
-                            f"gathered: the broadcast tables came to over "
-                            f"{BROADCAST_BYTES_MAX:,} bytes"
-                            if whole > BROADCAST_BYTES_MAX
-                            else f"gathered: a fragment's repartitioned rows came to over "
-                            f"{REPARTITION_BYTES_MAX:,} bytes"
-                        )
-                        trace.append(("gather", "coordinator", why, None, None))
-                        trace += _scan_steps(parts)
-                    if scanned is None:
-                        return None
-                    return scanned, types
+                    why = (
+                        f"gathered: the broadcast tables came to over {BROADCAST_BYTES_MAX:,} bytes"
+                        if whole > BROADCAST_BYTES_MAX
+                        else f"gathered: a fragment's repartitioned rows came to over "
+                        f"{REPARTITION_BYTES_MAX:,} bytes"
+                    )
+                    return self._gathered_instead(view, sql, scans, index, types, trace, why, known)
                 if trace is not None:
                     count = len(fragments)
                     for b, rows in moved:
@@ -877,6 +882,26 @@ class Coordinator:
             # query as written, for the same error in the same words.
             return None
         return self._merged(plan, results, names, types, shape, trace)
+
+    def _gathered_instead(
+        self,
+        view: CatalogView,
+        sql: str,
+        scans: ScanPlan,
+        index: int,
+        types: list[str],
+        trace: list[Step] | None,
+        why: str,
+        known: Mapping[str, pa.Table] | None = None,
+    ) -> tuple[pa.Table, list[str]] | None:
+        """A planned query run over narrowed scans instead (the rows in `known` are not
+        read again); `why` goes into EXPLAIN ANALYZE."""
+        parts: list[tuple[str, ...]] = []
+        scanned, _ = self._narrowed_run(view, scans, index, sql, None, parts, known)
+        if trace is not None:
+            trace.append(("gather", "coordinator", why, None, None))
+            trace += _scan_steps(parts)
+        return None if scanned is None else (scanned, types)
 
     def _merged(
         self,
@@ -1279,12 +1304,32 @@ _FIXED_WIDTHS = {
 }
 
 
-def _whole_bytes(
-    scans: ScanPlan, view: CatalogView, moved: Sequence[tuple[Broadcast, pa.Table]]
-) -> int:
+def _expected_broadcast_bytes(plan: Distributed, view: CatalogView) -> int:
+    """About how many bytes the plan's broadcast tables read whole will come to, by
+    `_width`: at some place no condition narrows them, nor a key set (only other moved
+    tables give one). The others count nothing: how much they give is not known before
+    they are read."""
+    moved = {broadcast.scan.key for broadcast in plan.broadcasts}
+    total = 0
+    for broadcast in plan.broadcasts:
+        scan = broadcast.scan
+        if broadcast.split is None and any(
+            not terms and not any(link.source in moved for link in links)
+            for terms, links in scan.places
+        ):
+            total += (view.table_rows.get(scan.key) or 0) * _width(scan.columns)
+    return total
+
+
+def _width(columns: Sequence[tuple[str, str]]) -> int:
+    """Bytes per row of these (name, type) columns, about: a string counted as 16, a
+    decimal as 8."""
+    return sum(_FIXED_WIDTHS.get(type_, 16 if type_ == "VARCHAR" else 8) for _, type_ in columns)
+
+
+def _whole_bytes(scans: ScanPlan, view: CatalogView, skip: set[str]) -> int:
     """About how many bytes a gather over `scans` reads of the tables it reads whole,
-    besides those already `moved`: estimated rows times the columns' widths (a string
-    counted as 16 bytes, a decimal as 8). A table is read whole when at some place no
+    besides those in `skip`: estimated rows times `_width`. A table is read whole when at some place no
     condition narrows it and every key set it is narrowed by comes from a table read whole
     (TPC-H q18: orders by the keys of all customers). Other tables count nothing: what
     they give is not known before they are read."""
@@ -1304,15 +1349,11 @@ def _whole_bytes(
                 ):
                     whole[scan.key, at] = False
                     changed = True
-    done = {broadcast.scan.key for broadcast, _ in moved}
     total = 0
     for key, scan in by_key.items():
-        if key in done or not any(whole[key, at] for at in range(len(scan.places))):
+        if key in skip or not any(whole[key, at] for at in range(len(scan.places))):
             continue
-        width = sum(
-            _FIXED_WIDTHS.get(type_, 16 if type_ == "VARCHAR" else 8) for _, type_ in scan.columns
-        )
-        total += (view.table_rows.get(key) or 0) * width
+        total += (view.table_rows.get(key) or 0) * _width(scan.columns)
     return total
 
 

@@ -179,14 +179,35 @@ def test_a_broadcast_too_large_at_run_time_is_gathered(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
-    sql = (  # f is filtered: what a gather reads of it is not known, so it may be little
+    sql = (  # f is filtered: what a gather reads of it is not known, so it may be little;
+        # dim is filtered too: how large it comes out is known only once it is read
         "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
-        "WHERE f.fk % 3 = 1 GROUP BY 1"
+        "WHERE f.fk % 3 = 1 AND dim.name <> 'zz' GROUP BY 1"
     )
     steps = [row[0] for row in pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()]
     assert "gather" in steps and "broadcast dcluster_rows_0" not in steps, steps
     assert "scanned main.f" in steps and "merge" not in steps, steps  # then gathered
     assert steps.count("scanned main.dim") == 2, steps  # its rows read once, and reused
+    pair.run(sql)
+
+
+def test_a_broadcast_sure_to_be_too_large_is_not_read_first(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dim read whole: its estimated size (rows times column widths) is over the limit
+    before it is read, so the query gathers at once — one round fewer, and dim narrowed
+    by f's keys rather than read whole."""
+    monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
+    sql = (
+        "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
+        "WHERE f.fk % 3 = 1 GROUP BY 1"
+    )
+    rows = pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    steps = [row[0] for row in rows]
+    assert "gather" in steps and "merge" not in steps, steps
+    assert any("would come to about" in str(row[2]) for row in rows), rows
+    assert steps.index("gather") < steps.index("scanned main.dim"), steps  # read once, after
+    assert "scanned main.f" in steps, steps
     pair.run(sql)
 
 
