@@ -21,7 +21,7 @@ DuckDB's parse tree of the query (query._ast) and says, for every cluster table 
   volatile function (it must run once, on the coordinator).
 
 - **key links**: a join `t.a = s.b` on integers lets `t`'s scan keep only rows whose `a`
-  is among the `b`s of `s`'s scan. When `s` is a reference table (held on every node),
+  is among the `b`s of `s`'s scan; so does a conjunct `t.a IN (SELECT s.b FROM s …)`. When `s` is a reference table (held on every node),
   the scan checks that in its own SQL against the rows of `s` that meet the conditions of
   the place it is joined at (`inline_references`); otherwise the key set is sent from an
   earlier round (`schedule`, `read_scans`).
@@ -694,6 +694,7 @@ class _Scans:
         owner = self._sole_owner(term, scope)
         if owner is None:
             self._link(term, targets, scope)
+            self._link_in(term, targets, scope)
             for target, implied in self._implied_by_or(term, scope):
                 self._give(target, implied, targets)
             return
@@ -728,10 +729,8 @@ class _Scans:
             reference = None if leaf is None else self.references.get(id(leaf))
             if leaf is None or reference is None:
                 return
-            name = str(side["column_names"][-1]).lower()
-            stored = self.columns_of(self.specs[reference.key])
-            column, kind = next(((c, k) for c, k in stored if c.lower() == name), ("", ""))
-            if kind.upper() not in _KEY_TYPES:
+            column = self._key_column(reference, side)
+            if not column:
                 return
             ends.append((leaf, reference, column))
         (leaf_a, a, column_a), (leaf_b, b, column_b) = ends
@@ -745,6 +744,48 @@ class _Scans:
                 places = self._places_of(source.key)
                 place = next(n for n, item in enumerate(places) if item is source)
                 target.links.append(KeyLink(column, source.key, source_column, place))
+
+    def _link_in(self, term: Node, targets: list[Node], scope: list[Node]) -> None:
+        """`a.x IN (SELECT s.y FROM s …)` over integer columns: `a` (among `targets`) gets
+        a key link to `s` at the place the subquery reads it. Every value the subquery
+        gives is a `y` of a row of `s` meeting that place's conditions (or NULL, which
+        matches nothing), so a row whose `x` is none of those can never pass."""
+        if (
+            term.get("class") != "SUBQUERY"
+            or term.get("subquery_type") != "ANY"
+            or term.get("comparison_type") != "COMPARE_EQUAL"
+        ):
+            return
+        child, node = term.get("child"), term["subquery"]["node"]
+        items = node.get("select_list") or []
+        if (
+            not (isinstance(child, dict) and _ast.is_column_ref(child))
+            or node.get("type") != "SELECT_NODE"
+            or len(items) != 1
+            or not _ast.is_column_ref(items[0])
+        ):
+            return
+        leaf = self._owner(child, scope)
+        source_leaf = self._owner(items[0], list(_leaves(node["from_table"])))
+        if leaf is None or source_leaf is None or not any(leaf is item for item in targets):
+            return
+        target = self.references.get(id(leaf))
+        source = self.references.get(id(source_leaf))
+        if target is None or source is None or target.key == source.key:
+            return
+        column, source_column = self._key_column(target, child), self._key_column(source, items[0])
+        if column and source_column:
+            places = self._places_of(source.key)
+            place = next(n for n, item in enumerate(places) if item is source)
+            target.links.append(KeyLink(column, source.key, source_column, place))
+
+    def _key_column(self, reference: _Reference, column: Node) -> str:
+        """The stored name of the table column a reference names, when its values can
+        travel as a key set (an integer type); else ''."""
+        name = str(column["column_names"][-1]).lower()
+        stored = self.columns_of(self.specs[reference.key])
+        found, kind = next(((c, k) for c, k in stored if c.lower() == name), ("", ""))
+        return found if kind.upper() in _KEY_TYPES else ""
 
     def _outer_owner(self, column: Node, scope: list[Node]) -> Node | None:
         """The leaf of an enclosing SELECT a column reference surely binds to: it surely

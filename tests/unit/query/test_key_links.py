@@ -118,6 +118,20 @@ REDUCED = [
         "SELECT count(*) FROM fact JOIN prod ON fact.pk = prod.pk WHERE prod.kind = 'a'",
         '("pk" IN (SELECT k FROM dcluster_keys_0))',
     ),
+    (  # IN a subquery's column: its values are dim's keys where name = 'n1'
+        "SELECT sum(v) FROM fact WHERE dk IN (SELECT k FROM dim WHERE name = 'n1')",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # DISTINCT, beside a condition of fact's own
+        "SELECT count(*) FROM fact WHERE v < 5 AND fact.dk IN "
+        "(SELECT DISTINCT dim.k FROM dim WHERE dim.grp = 2)",
+        '((v < 5)) AND ("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
+    (  # TPC-H q20's chain: tiny narrows dim (inline), whose keys narrow fact
+        "SELECT count(*) FROM fact WHERE dk IN (SELECT k FROM dim WHERE grp IN "
+        "(SELECT g FROM tiny WHERE label = 'one'))",
+        '("dk" IN (SELECT k FROM dcluster_keys_0))',
+    ),
 ]
 
 
@@ -158,6 +172,14 @@ NOT_REDUCED = [
     "(SELECT 1 FROM fact, (SELECT 7 AS k) z WHERE fact.dk = k)",
     # pk binds to fact's own pk, not prod's: a condition of fact alone
     "SELECT count(*) FROM prod WHERE kind = 'a' AND EXISTS (SELECT 1 FROM fact WHERE dk = pk)",
+    # NOT IN, an OR, an expression, an aggregate or a set operation: no key set bounds it
+    "SELECT count(*) FROM fact WHERE dk NOT IN (SELECT k FROM dim WHERE grp = 1 AND k > 0)",
+    "SELECT count(*) FROM fact WHERE dk IN (SELECT k FROM dim WHERE grp = 1) OR v = 1",
+    "SELECT count(*) FROM fact WHERE dk IN (SELECT k + 1 FROM dim WHERE grp = 1)",
+    "SELECT count(*) FROM fact WHERE dk IN (SELECT max(k) FROM dim WHERE grp = 1)",
+    "SELECT count(*) FROM fact WHERE dk IN (SELECT k FROM dim WHERE grp = 1 UNION SELECT 5)",
+    # the subquery's column is fact's own (correlated), not dim's
+    "SELECT count(*) FROM fact WHERE dk IN (SELECT v FROM dim WHERE grp = 1)",
 ]
 
 
