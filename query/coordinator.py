@@ -33,11 +33,12 @@ outcome may be unknown (the port's message says so).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import duckdb
@@ -81,7 +82,15 @@ from query._reads import (
     tokens,
 )
 from query._writes import Changes, Target, export, find_target, plan_write, run_write, stage
-from query.planner import FRAGMENTS_RELATION, Broadcast, Distributed, Gather, plan_select
+from query.ctes import WithQueries
+from query.planner import (
+    EXACT_THROUGH_ARROW,
+    FRAGMENTS_RELATION,
+    Broadcast,
+    Distributed,
+    Gather,
+    plan_select,
+)
 from query.port import (
     CatalogChanged,
     CatalogView,
@@ -592,7 +601,79 @@ class Coordinator:
                     if answered is not None:
                         table = answered[0]
                         return (None if table is None else table.rename_columns(names)), types
+                answered = self._with_answered_first(view, sql, index, trace, depth)
+                if answered is not None:
+                    return answered
         return self._scanned_run(view, sql, parameters, index, trace)
+
+    def _with_queries(self, sql: str) -> WithQueries | None:
+        """The statement's WITH queries over partitioned tables (query.ctes); None when
+        there are none, or the statement calls a volatile function (it runs as written)."""
+        work = self._work
+        try:
+            found = WithQueries(work.con, sql, work.specs)
+        except NotATree:
+            return None
+        if not found.texts or ddl.volatile_functions(sql, work.con):
+            return None
+        return found
+
+    def _with_answered_first(
+        self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """`sql` with its WITH queries over partitioned tables answered first at barrier
+        `index` (each as a query of its own: on the partitions when it plans so), then the
+        statement over narrowed scans, each such WITH query reading its answer. None when
+        there is none, or one gives a type that does not come back from Arrow exactly, or
+        anything raised (the caller runs the query as written, for DuckDB's own error)."""
+        found = self._with_queries(sql)
+        if found is None:
+            return None
+        answers: dict[str, tuple[pa.Table, list[str]]] = {}
+        steps: list[Step] | None = None if trace is None else []  # kept if it answers
+        for name, text in found.texts.items():
+            if steps is not None:
+                steps.append((f"WITH {name}", "first, at the same barrier", text, None, None))
+            try:
+                answered = self._answer(view, text, None, index, steps, depth + 1)
+            except SqlError:
+                return None
+            table = None if answered is None else answered[0]
+            if answered is None or table is None:
+                return None
+            types = answered[1]
+            exact = all(EXACT_THROUGH_ARROW.fullmatch(kind) for kind in types)
+            if not exact or len(set(table.column_names)) != table.num_columns:
+                return None
+            answers[name] = (table, types)
+
+        def select(name: str, source: str | None) -> str:
+            table, types = answers[name]
+            columns = ", ".join(
+                f"CAST({'NULL' if source is None else f'c{i}'} AS {kind}) AS "
+                + quote_identifier(column)
+                for i, (column, kind) in enumerate(zip(table.column_names, types, strict=True))
+            )
+            return f"SELECT {columns} " + ("WHERE false" if source is None else f"FROM {source}")
+
+        sources = {name: f"dcluster_with_{number}" for number, name in enumerate(answers)}
+        planning = found.statement({name: select(name, None) for name in answers})
+        plan = self._scan_plan(view, planning, none_ok=True)
+        if isinstance(plan, str):
+            return None
+        extra = {
+            sources[name]: table.rename_columns([f"c{i}" for i in range(table.num_columns)])
+            for name, (table, _) in answers.items()
+        }
+        running = found.statement({name: select(name, sources[name]) for name in answers})
+        parts: list[tuple[str, ...]] = []
+        try:
+            answered = self._narrowed_run(view, plan, index, running, None, parts, extra=extra)
+        except (FragmentFailed, SqlError):
+            return None
+        if trace is not None and steps is not None:
+            trace += steps + self._scan_plan_steps(view, planning) + _scan_steps(parts)
+        return answered
 
     def _substituted(
         self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
@@ -705,7 +786,7 @@ class Coordinator:
         with self._work.session({}) as con:
             run(con, sql, parameters)
 
-    def _scan_plan(self, view: CatalogView, sql: str) -> ScanPlan | str:
+    def _scan_plan(self, view: CatalogView, sql: str, none_ok: bool = False) -> ScanPlan | str:
         work = self._work
         work.prepare(view.catalog)
         generated = work.memo.get(("scans", "generated"))
@@ -723,6 +804,7 @@ class Coordinator:
             work.specs,
             work.stored_columns,
             lambda spec: table_key(spec.schema, spec.name) in generated,
+            none_ok,
         )
 
     def _barrier(self, view: CatalogView, consistency: str) -> int | None:
@@ -745,9 +827,10 @@ class Coordinator:
         parameters: object,
         trace: list[tuple[str, ...]] | None,
         known: Mapping[str, pa.Table] | None = None,
+        extra: Mapping[str, pa.Table] | None = None,
     ) -> tuple[pa.Table | None, list[str]]:
         """Read `plan`'s scans at barrier `index` (the rows in `known` are not read again)
-        and run the query over them."""
+        and run the query over them (and over `extra`: Arrow tables it reads by name)."""
         rows = read_scans(
             plan,
             view.table_rows,
@@ -757,11 +840,12 @@ class Coordinator:
         )
         tables = [(scan.spec, scan.columns, rows[scan.key]) for scan in plan.scans]
         try:
-            with self._narrow.session(tables) as con:
+            with self._narrow.session(tables) as con, _registered(con, extra or {}):
                 return run(con, sql, parameters)
         except DuckDBError:
             with self._narrow.session(tables, copied=True) as con:  # for DuckDB's words
-                return run(con, sql, parameters)
+                with _registered(con, extra or {}):
+                    return run(con, sql, parameters)
 
     def _plan(
         self, view: CatalogView, sql: str
@@ -1023,9 +1107,12 @@ class Coordinator:
             plan, _, _ = self._plan(view, statement.sql)
             steps = self._plan_steps(view, statement.sql, plan, False)
             if isinstance(plan, Gather):
+                where = "answered first, at the same barrier"
                 for text in self._scalar_candidates(view, statement.sql)[1]:
-                    where = "answered first, at the same barrier"
                     steps.append(("scalar subquery", where, text, None, None))
+                found = self._with_queries(statement.sql)
+                for name, text in ({} if found is None else found.texts).items():
+                    steps.append((f"WITH {name}", where, text, None, None))
         columns = ["step", "runs_on", "detail", "rows", "bytes"]
         table = pa.table(
             {
@@ -1355,6 +1442,18 @@ def _whole_bytes(scans: ScanPlan, view: CatalogView, skip: set[str]) -> int:
             continue
         total += (view.table_rows.get(key) or 0) * _width(scan.columns)
     return total
+
+
+@contextlib.contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, tables: Mapping[str, pa.Table]) -> Iterator[None]:
+    """The Arrow tables registered on `con` by name while the block runs."""
+    for name, table in tables.items():
+        con.register(name, table)
+    try:
+        yield
+    finally:
+        for name in tables:
+            con.unregister(name)
 
 
 def _dealt(

@@ -75,6 +75,8 @@ _BROADCAST_TYPES = re.compile(
 )
 """Column types a broadcast table may have: each comes back from Arrow as itself, or as
 a type it casts back from exactly."""
+EXACT_THROUGH_ARROW = _BROADCAST_TYPES
+"""DuckDB types (full match) that come back from Arrow as themselves, or cast back exactly."""
 _SUBQUERY_POSITION = 1_000_000
 """Positions of subqueries' tables start here (never broadcast)."""
 PINNED_VALUES_MAX = 1_000

@@ -94,7 +94,7 @@ class ScalarSubqueries:
                 not node.get("schema_name") and str(node["table_name"]).lower() in outer_ctes
                 for node in tables
             )
-            if not names_a_cte and any(_partitioned(node, specs) for node in tables):
+            if not names_a_cte and any(names_partitioned_table(node, specs) for node in tables):
                 self._found.append((value, _ast.to_sql(self._con, inner)))
                 return  # its own subqueries are answered with it
         for child in value.values():
@@ -136,7 +136,8 @@ def _cte_names(tree: Node) -> set[str]:
     }
 
 
-def _partitioned(node: Node, specs: Mapping[str, TableSpec]) -> bool:
+def names_partitioned_table(node: Node, specs: Mapping[str, TableSpec]) -> bool:
+    """A BASE_TABLE node naming a partitioned cluster table."""
     if node.get("catalog_name"):
         return False
     schema = str(node.get("schema_name") or "main").lower()

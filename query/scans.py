@@ -402,12 +402,14 @@ def plan_scans(
     specs: Mapping[str, TableSpec],
     columns_of: Callable[[TableSpec], Sequence[tuple[str, str]]],
     has_generated: Callable[[TableSpec], bool],
+    none_ok: bool = False,
 ) -> ScanPlan | str:
     """The scans of the query `sql` (see the module doc), or why there are none.
-    `columns_of(spec)` gives a table's stored (name, type) columns in order."""
+    `columns_of(spec)` gives a table's stored (name, type) columns in order. A query that
+    reads no cluster table has no plan, unless `none_ok` (then: no scans)."""
     try:
         tree = _ast.parse(con, sql)
-        return _Scans(con, view, specs, columns_of, has_generated).plan(tree, sql)
+        return _Scans(con, view, specs, columns_of, has_generated).plan(tree, sql, none_ok)
     except _Unsure as why:
         return str(why)
     except _ast.NotATree as error:
@@ -439,7 +441,7 @@ class _Scans:
         self._outer: list[list[Node]] = []
         """The outer scopes of the SELECT whose conditions are being pushed."""
 
-    def plan(self, tree: Node, sql: str) -> ScanPlan:
+    def plan(self, tree: Node, sql: str, none_ok: bool = False) -> ScanPlan:
         nodes = list(_ast.walk(tree))
         for item in nodes:
             for entry in (item.get("cte_map") or {}).get("map") or ():
@@ -465,6 +467,8 @@ class _Scans:
         if any("rowid" in path for path in paths):
             raise _Unsure("the query names rowid")
         if not self.references:
+            if none_ok:
+                return ScanPlan(())
             raise _Unsure("no cluster table is read")
         if not self._scope_stars(nodes):
             every_table_whole = True
