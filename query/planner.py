@@ -837,7 +837,7 @@ class _Planner:
         key_groups = {
             i
             for i, g in enumerate(groups)
-            if self._key_leaf(self._group_expression(node, g) if _is_constant(g) else g, whole)
+            if self._key_leaf(self._group_expression(node, g), whole)
         }
         sets = node.get("group_sets") or []
         return bool(key_groups) and bool(sets) and all(set(s) & key_groups for s in sets)
@@ -1223,8 +1223,26 @@ class _Planner:
             name = str(group["column_names"][0]).lower()
             for item in node["select_list"]:
                 if str(item.get("alias") or "").lower() == name:
-                    raise _NotDistributable("GROUP BY a select alias")
+                    # DuckDB binds the name to a column of the FROM clause first
+                    if not self._from_lacks_column(node["from_table"], name):
+                        raise _NotDistributable("GROUP BY a select alias")
+                    return dict(item, alias="")
         return group
+
+    def _from_lacks_column(self, ref: Node, name: str) -> bool:
+        """Surely no input of this FROM clause has a column `name`: all its inputs are
+        cluster tables joined without USING or NATURAL, none with such a column."""
+        tables = _base_tables(ref)
+        joins = [item for item in _ast.walk(ref) if item.get("type") == "JOIN"]
+        if len(tables) != 1 + len(joins) or any(
+            item.get("ref_type") == "NATURAL" or item.get("using_columns") for item in joins
+        ):
+            return False  # a subquery, a table function, VALUES, or merged columns
+        for table in tables:
+            leaf = self._leaf(table, 0)
+            if name in (column.lower() for column in self.columns_of(leaf.spec)):
+                return False
+        return True
 
     def _final(self, function: Node, partial: Callable[[str, Node], str]) -> str:
         name = str(function["function_name"]).lower()

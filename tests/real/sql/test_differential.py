@@ -218,6 +218,11 @@ QUERIES = (
     "GROUP BY r.k) AS t GROUP BY n ORDER BY n",
     "SELECT h.id, r.id FROM h FULL JOIN r ON h.k = r.k WHERE h.id IS NULL OR h.id < 40 "
     "ORDER BY 1 NULLS FIRST, 2 NULLS FIRST",
+    # a WITH query answered first (two-phase), then read twice by the statement
+    "WITH t AS (SELECT k, sum(m) AS total FROM h GROUP BY k) SELECT k, total FROM t "
+    "WHERE total >= (SELECT max(total) FROM t) / 2 ORDER BY k NULLS FIRST",
+    # IN a subquery's column: r's scan narrowed by h's keys
+    "SELECT count(*), sum(m) FROM r WHERE k IN (SELECT k FROM h WHERE id < 30)",
 )
 WRITES = (
     "INSERT INTO {t} SELECT k + 1, n, v FROM {t} WHERE n > 0",

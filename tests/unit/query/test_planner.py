@@ -44,6 +44,11 @@ SHAPES = [
     ("pushdown + router", "SELECT ok FROM o WHERE ok = 7 AND ck = 7"),
     ("two_phase + router", "SELECT count(*) FROM o WHERE ok = -5"),
     ("two_phase", "SELECT count(*), sum(total), avg(total), min(d), max(d) FROM o"),
+    # GROUP BY a select alias no column of the FROM clause has (TPC-H q15's WITH query)
+    ("two_phase", "SELECT ck % 3 AS bucket, count(*) FROM o GROUP BY bucket ORDER BY bucket"),
+    ("pushdown (grouped by the key)", "SELECT ok AS key, sum(total) FROM o GROUP BY key"),
+    # ... but a column of that name comes first, as DuckDB binds it
+    ("gather", "SELECT ck AS note, count(*) FROM o GROUP BY note, ck ORDER BY 1, 2"),
     ("two_phase", "SELECT count(*), sum(v), avg(v) FROM e"),
     (
         "two_phase",
