@@ -38,8 +38,8 @@ import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import duckdb
 import msgspec
@@ -335,6 +335,37 @@ class StatementResult:
         return self._converter.apply(self.table, self._types, action)
 
 
+V = TypeVar("V")
+
+
+class _ViewMemo(Generic[V]):
+    """What the coordinator worked out from a query text against one catalog view (a
+    function of the two alone): the newest PLANS_CACHED_MAX texts, each valid only for
+    the view it was worked out against; emptied by any statement other than a SELECT."""
+
+    def __init__(self) -> None:
+        self._known: collections.OrderedDict[Hashable, tuple[CatalogView, V]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, key: Hashable, view: CatalogView) -> V | None:
+        known = self._known.get(key)
+        if known is None or known[0] is not view:
+            return None
+        self._known.move_to_end(key)
+        return known[1]
+
+    def put(self, key: Hashable, view: CatalogView, value: V) -> V:
+        self._known[key] = (view, value)
+        self._known.move_to_end(key)
+        if len(self._known) > PLANS_CACHED_MAX:
+            self._known.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._known.clear()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Planned:
     view: CatalogView
@@ -371,15 +402,15 @@ class Coordinator:
         """For the work database's connection (fragments' rows at the merge)."""
         self._selects: dict[str, Statement] = {}
         """SELECT texts -> their parse (at most PLANS_CACHED_MAX, oldest dropped first)."""
-        self._scalars: collections.OrderedDict[
-            str, tuple[CatalogView, ScalarSubqueries | None, list[str]]
-        ] = collections.OrderedDict()
-        """Query text -> its scalar subqueries (`_scalar_candidates`), for a view."""
-        self._constants: collections.OrderedDict[str, tuple[CatalogView, dict[str, str]]] = (
-            collections.OrderedDict()
-        )
-        """Query text -> the constants its scalar subqueries gave when it last ran (for a
-        view): `_in_one_round` plans with them and checks them."""
+        self._scalars = _ViewMemo[tuple[ScalarSubqueries | None, list[str]]]()
+        """Query text -> its scalar subqueries (`_scalar_candidates`)."""
+        self._constants = _ViewMemo[dict[str, str]]()
+        """Query text -> the constants its scalar subqueries gave when it last ran:
+        `_in_one_round` plans with them and checks them."""
+        self._scan_plans = _ViewMemo[ScanPlan | str]()
+        """(query text, none_ok) -> its narrowed scans (`_scan_plan`)."""
+        self._withs = _ViewMemo[tuple[WithQueries | None]]()
+        """Query text -> its WITH queries answered first (`_with_queries`), or (None,)."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
         """Query text -> its plan, for the catalog view it was planned against (a plan is
         a function of the two alone), newest last; emptied by any other statement."""
@@ -475,8 +506,8 @@ class Coordinator:
         kind = statement.kind
         if kind != StatementKind.SELECT:
             self._plans.clear()
-            self._scalars.clear()
-            self._constants.clear()
+            for memo in (self._scalars, self._constants, self._scan_plans, self._withs):
+                memo.clear()
         ddl_refusals = (Conflict, CatalogChanged)
         if kind == StatementKind.CREATE_TABLE_AS:
             return self._retrying(lambda: self._create_table_as(statement, sql), ddl_refusals)
@@ -606,17 +637,21 @@ class Coordinator:
                     return answered
         return self._scanned_run(view, sql, parameters, index, trace)
 
-    def _with_queries(self, sql: str) -> WithQueries | None:
+    def _with_queries(self, view: CatalogView, sql: str) -> WithQueries | None:
         """The statement's WITH queries over partitioned tables (query.ctes); None when
-        there are none, or the statement calls a volatile function (it runs as written)."""
+        there are none, or the statement calls a volatile function (it runs as written).
+        Remembered for `view`."""
+        known = self._withs.get(sql, view)
+        if known is not None:
+            return known[0]
         work = self._work
         try:
-            found = WithQueries(work.con, sql, work.specs)
+            found: WithQueries | None = WithQueries(work.con, sql, work.specs)
         except NotATree:
-            return None
-        if not found.texts or ddl.volatile_functions(sql, work.con):
-            return None
-        return found
+            found = None
+        if found is not None and (not found.texts or ddl.volatile_functions(sql, work.con)):
+            found = None
+        return self._withs.put(sql, view, (found,))[0]
 
     def _with_answered_first(
         self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
@@ -626,7 +661,7 @@ class Coordinator:
         statement over narrowed scans, each such WITH query reading its answer. None when
         there is none, or one gives a type that does not come back from Arrow exactly, or
         anything raised (the caller runs the query as written, for DuckDB's own error)."""
-        found = self._with_queries(sql)
+        found = self._with_queries(view, sql)
         if found is None:
             return None
         answers: dict[str, tuple[pa.Table, list[str]]] = {}
@@ -703,9 +738,7 @@ class Coordinator:
         if not constants:
             return None
         if depth == 0:
-            self._constants[sql] = (view, constants)
-            if len(self._constants) > PLANS_CACHED_MAX:
-                self._constants.popitem(last=False)
+            self._constants.put(sql, view, constants)
         return candidates.substituted(constants)
 
     def _in_one_round(
@@ -720,10 +753,9 @@ class Coordinator:
         statement or a subquery does not plan as fragments without moved tables. (A
         DOUBLE sum may differ in its last bit from run to run: then it is not the same
         constant, and the long way is taken.)"""
-        known = self._constants.get(sql)
-        if known is None or known[0] is not view:
+        constants = self._constants.get(sql, view)
+        if constants is None:
             return None
-        constants = known[1]
         candidates, _ = self._scalar_candidates(view, sql)
         if candidates is None:
             return None
@@ -787,8 +819,13 @@ class Coordinator:
             run(con, sql, parameters)
 
     def _scan_plan(self, view: CatalogView, sql: str, none_ok: bool = False) -> ScanPlan | str:
+        """The query's narrowed scans (query.scans), or why there are none; remembered
+        for `view`."""
         work = self._work
         work.prepare(view.catalog)
+        known = self._scan_plans.get((sql, none_ok), view)
+        if known is not None:
+            return known
         generated = work.memo.get(("scans", "generated"))
         if generated is None:
             rows = work.con.execute(
@@ -797,7 +834,7 @@ class Coordinator:
             ).fetchall()
             generated = {table_key(str(schema), str(name)) for schema, name in rows}
             work.memo[("scans", "generated")] = generated
-        return plan_scans(
+        planned = plan_scans(
             work.con,
             sql,
             view,
@@ -806,6 +843,7 @@ class Coordinator:
             lambda spec: table_key(spec.schema, spec.name) in generated,
             none_ok,
         )
+        return self._scan_plans.put((sql, none_ok), view, planned)
 
     def _barrier(self, view: CatalogView, consistency: str) -> int | None:
         """The index to read at: a new read barrier ('strong'), or 0 ('stale'); None (and
@@ -1110,7 +1148,7 @@ class Coordinator:
                 where = "answered first, at the same barrier"
                 for text in self._scalar_candidates(view, statement.sql)[1]:
                     steps.append(("scalar subquery", where, text, None, None))
-                found = self._with_queries(statement.sql)
+                found = self._with_queries(view, statement.sql)
                 for name, text in ({} if found is None else found.texts).items():
                     steps.append((f"WITH {name}", where, text, None, None))
         columns = ["step", "runs_on", "detail", "rows", "bytes"]
@@ -1197,15 +1235,12 @@ class Coordinator:
     ) -> tuple[ScalarSubqueries | None, list[str]]:
         """The query's scalar subqueries, and the texts of those `_substituted` would
         answer first (they bind alone). Remembered for `view`, like plans."""
-        known = self._scalars.get(sql)
-        if known is not None and known[0] is view:
-            self._scalars.move_to_end(sql)
-            return known[1], known[2]
-        candidates, found = self._find_scalar_candidates(sql)
-        self._scalars[sql] = (view, candidates, found)
-        if len(self._scalars) > PLANS_CACHED_MAX:
-            self._scalars.popitem(last=False)
-        return candidates, found
+        known = self._scalars.get(sql, view)
+        return (
+            known
+            if known is not None
+            else self._scalars.put(sql, view, self._find_scalar_candidates(sql))
+        )
 
     def _find_scalar_candidates(self, sql: str) -> tuple[ScalarSubqueries | None, list[str]]:
         work = self._work

@@ -29,6 +29,9 @@ from query import _ast
 from query.scalars import names_partitioned_table
 from storage.ddl import TableSpec
 
+PRINTED_KEPT_MAX = 8
+"""Statements printed with given replacements, remembered per statement."""
+
 
 class WithQueries:
     def __init__(
@@ -38,6 +41,7 @@ class WithQueries:
         self._tree = _ast.parse(con, sql)
         entries = (self._tree.get("cte_map") or {}).get("map") or []
         names = {str(entry["key"]).lower() for entry in entries}
+        self._printed: dict[tuple[tuple[str, str], ...], str] = {}
         self._found: dict[str, str] = {}
         """The WITH query's name -> its query as a statement of its own."""
         for entry in entries:
@@ -58,10 +62,18 @@ class WithQueries:
         return dict(self._found)
 
     def statement(self, bodies: Mapping[str, str]) -> str:
-        """The statement with each WITH query named in `bodies` replaced by that SELECT."""
+        """The statement with each WITH query named in `bodies` replaced by that SELECT
+        (remembered: a repeated query replaces them by the same texts)."""
+        key = tuple(sorted(bodies.items()))
+        known = self._printed.get(key)
+        if known is not None:
+            return known
         tree = _ast.replaced(self._tree, lambda node: None)  # a copy to edit
         for entry in (tree.get("cte_map") or {}).get("map") or []:
             body = bodies.get(str(entry["key"]))
             if body is not None:
                 entry["value"]["query_node"] = _ast.parse(self._con, body)
-        return _ast.to_sql(self._con, tree)
+        if len(self._printed) >= PRINTED_KEPT_MAX:
+            self._printed.clear()
+        self._printed[key] = text = _ast.to_sql(self._con, tree)
+        return text

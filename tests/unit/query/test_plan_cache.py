@@ -101,3 +101,28 @@ def test_scalar_subqueries_are_found_once_and_answered_every_time(
     pair.port.catalog(refresh=True)
     pair.run(SCALAR, ordered=True)
     assert len(found) == 3
+
+
+def test_narrowed_scans_are_planned_once_per_view(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gathered query's scans, and its WITH queries, are worked out once for a view."""
+    planned: list[str] = []
+    real = coordinator_module.plan_scans
+
+    def counting(con: Any, sql: str, *args: Any) -> Any:
+        planned.append(sql)
+        return real(con, sql, *args)
+
+    monkeypatch.setattr(coordinator_module, "plan_scans", counting)
+    gathered = "SELECT v, k FROM t WHERE k < 20 UNION ALL SELECT v, k FROM t WHERE k > 95"
+    with_query = "WITH s AS (SELECT v, count(*) AS n FROM t GROUP BY v) SELECT * FROM s"
+    for sql in (gathered, with_query):
+        pair.run(sql)
+        count = len(planned)
+        pair.run(sql)
+        assert len(planned) == count, planned  # remembered
+    pair.run("INSERT INTO t VALUES (2000, 'later')")
+    count = len(planned)
+    pair.run(gathered)
+    assert len(planned) > count  # forgotten after a write
