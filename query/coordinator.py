@@ -404,9 +404,9 @@ class Coordinator:
         """SELECT texts -> their parse (at most PLANS_CACHED_MAX, oldest dropped first)."""
         self._scalars = _ViewMemo[tuple[ScalarSubqueries | None, list[str]]]()
         """Query text -> its scalar subqueries (`_scalar_candidates`)."""
-        self._constants = _ViewMemo[dict[str, str]]()
-        """Query text -> the constants its scalar subqueries gave when it last ran:
-        `_in_one_round` plans with them and checks them."""
+        self._constants = _ViewMemo[tuple[dict[str, str], dict[str, pa.Table]]]()
+        """Query text -> the constants its scalar subqueries gave when it last ran, and
+        their answers: `_in_one_round` plans with them and checks them."""
         self._scan_plans = _ViewMemo[ScanPlan | str]()
         """(query text, none_ok) -> its narrowed scans (`_scan_plan`)."""
         self._withs = _ViewMemo[tuple[WithQueries | None]]()
@@ -721,6 +721,7 @@ class Coordinator:
         if candidates is None or not texts:
             return None
         constants = {}
+        answers = {}
         for text in texts:
             if trace is not None:
                 trace.append(("scalar subquery", "first, at the same barrier", text, None, None))
@@ -733,12 +734,13 @@ class Coordinator:
             constant = literal(work.con, answered[0], answered[1][0])
             if constant is not None:
                 constants[text] = constant
+                answers[text] = answered[0]
                 if trace is not None:
                     trace.append(("constant", "coordinator", constant, None, None))
         if not constants:
             return None
         if depth == 0:
-            self._constants.put(sql, view, constants)
+            self._constants.put(sql, view, (constants, answers))
         return candidates.substituted(constants)
 
     def _in_one_round(
@@ -753,9 +755,10 @@ class Coordinator:
         statement or a subquery does not plan as fragments without moved tables. (A
         DOUBLE sum may differ in its last bit from run to run: then it is not the same
         constant, and the long way is taken.)"""
-        constants = self._constants.get(sql, view)
-        if constants is None:
+        known = self._constants.get(sql, view)
+        if known is None:
             return None
+        constants, answers = known
         candidates, _ = self._scalar_candidates(view, sql)
         if candidates is None:
             return None
@@ -782,7 +785,9 @@ class Coordinator:
                 return None  # the longer way says it as the query as written would
             if answered is None:
                 return None
-            if text is not None:
+            if text is not None and not answered[0].equals(answers[text]):
+                # the same rows give the same constant; other rows might too (a DECIMAL
+                # kept as another width): the constant decides
                 again = literal(self._work.con, answered[0], types[0])
                 if again != constants[text]:
                     return None  # the data changed since: answer the subqueries first
