@@ -1,7 +1,7 @@
 """A result's Python rows are single-node DuckDB's `fetchall()`, value for value.
 
-`_Converter.rows` skips DuckDB for columns whose Arrow pyarrow turns into the same Python
-values (query.coordinator._PYTHON_ALIKE). These tests hold that claim to DuckDB itself:
+`Converter.rows` skips DuckDB for columns whose Arrow pyarrow turns into the same Python
+values (query.results.PYTHON_ALIKE). These tests hold that claim to DuckDB itself:
 every value below goes through both and must come out equal and of the same Python type
 (Decimal('1.50') is not Decimal('1.5'), and a date is not a string).
 """
@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from query.coordinator import _Converter, _python_alike
+from query.results import Converter, python_alike
 
 ALIKE = {
     "BOOLEAN": "[true, false, NULL]",
@@ -85,8 +85,8 @@ def test_python_alike_columns_skip_duckdb_and_give_its_values(
     con: duckdb.DuckDBPyConnection, type_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected, table, types = _both(con, type_name, ALIKE[type_name])
-    assert _python_alike(types, table.schema), (types, table.schema)
-    converter = _Converter()
+    assert python_alike(types, table.schema), (types, table.schema)
+    converter = Converter()
     monkeypatch.setattr(converter, "apply", lambda *a: pytest.fail("went through DuckDB"))
     rows = converter.rows(table, types)
     assert len(rows) == len(expected)
@@ -97,7 +97,7 @@ def test_python_alike_columns_skip_duckdb_and_give_its_values(
 @pytest.mark.parametrize("type_name", sorted(THROUGH_DUCKDB))
 def test_other_columns_give_duckdbs_values(con: duckdb.DuckDBPyConnection, type_name: str) -> None:
     expected, table, types = _both(con, type_name, THROUGH_DUCKDB[type_name])
-    converter = _Converter()
+    converter = Converter()
     try:
         rows = converter.rows(table, types)
     finally:
@@ -109,7 +109,7 @@ def test_other_columns_give_duckdbs_values(con: duckdb.DuckDBPyConnection, type_
 
 def test_python_alike_is_refused_for_a_type_arrow_does_not_match() -> None:
     table = pa.table({"x": pa.array([1], pa.decimal128(38, 0))})
-    assert not _python_alike(["HUGEINT"], table.schema)
-    assert not _python_alike(["DECIMAL(18,0)"], table.schema)
-    assert _python_alike(["DECIMAL(38,0)"], table.schema)
-    assert not _python_alike(["BIGINT"], pa.table({"x": pa.array([1], pa.int32())}).schema)
+    assert not python_alike(["HUGEINT"], table.schema)
+    assert not python_alike(["DECIMAL(18,0)"], table.schema)
+    assert python_alike(["DECIMAL(38,0)"], table.schema)
+    assert not python_alike(["BIGINT"], pa.table({"x": pa.array([1], pa.int32())}).schema)

@@ -1,0 +1,195 @@
+"""A statement's result, and its rows turned into what single-node DuckDB gives.
+
+`StatementResult` holds a statement's rows as exact Arrow (DuckDB's lossless encoding)
+with the DuckDB types of its columns; `fetchall()`, `arrow()` and `df()` give what
+DuckDB's own relation gives for them. Rows go through a DuckDB connection of default
+settings (`Converter`), except columns whose Python values pyarrow makes exactly as
+DuckDB does (`python_alike`, held to that type by type by tests/unit/query/
+test_converter.py), which skip it. `FoundTypes` remembers how DuckDB reads an Arrow
+schema, asked once per schema.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import duckdb
+import pyarrow as pa
+
+from storage.ddl import quote_identifier
+
+SCHEMAS_KEPT_MAX = 256
+"""Arrow schemas whose DuckDB types a `FoundTypes` remembers."""
+
+T = TypeVar("T")
+
+
+class FoundTypes:
+    """The DuckDB types DuckDB reads an Arrow schema as, asked of DuckDB once per schema
+    (a bind costs about half a millisecond; the same schemas come back query after query).
+    Keyed by the serialized schema: field metadata (extension types) decides types too."""
+
+    def __init__(self) -> None:
+        self._types: dict[bytes, list[str]] = {}
+
+    def read(self, con: duckdb.DuckDBPyConnection, table: pa.Table) -> list[str]:
+        """The types DuckDB (`con`) reads `table`'s columns as."""
+        key = table.schema.serialize().to_pybytes()
+        found = self._types.get(key)
+        if found is None:
+            con.register("dcluster_typed", table.slice(0, 0))
+            try:
+                relation = con.sql("SELECT * FROM dcluster_typed")
+                found = [str(type_name) for type_name in relation.types]
+            finally:
+                con.unregister("dcluster_typed")
+            self._types[key] = found
+            if len(self._types) > SCHEMAS_KEPT_MAX:
+                self._types.pop(next(iter(self._types)))
+        return found
+
+
+PYTHON_ALIKE: dict[str, tuple[pa.DataType, ...]] = {
+    "BOOLEAN": (pa.bool_(),),
+    "TINYINT": (pa.int8(),),
+    "SMALLINT": (pa.int16(),),
+    "INTEGER": (pa.int32(),),
+    "BIGINT": (pa.int64(),),
+    "UTINYINT": (pa.uint8(),),
+    "USMALLINT": (pa.uint16(),),
+    "UINTEGER": (pa.uint32(),),
+    "UBIGINT": (pa.uint64(),),
+    "FLOAT": (pa.float32(),),
+    "DOUBLE": (pa.float64(),),
+    "VARCHAR": (pa.string(), pa.large_string(), pa.string_view()),
+    "DATE": (pa.date32(),),
+    "TIMESTAMP": (pa.timestamp("us"),),
+}
+"""DuckDB types whose Arrow column (of these types) pyarrow turns into the very Python
+values DuckDB's `fetchall()` gives (tests/unit/query/test_converter.py holds them to it).
+Not here: HUGEINT (a decimal in Arrow), time zones (DuckDB's TimeZone setting), INTERVAL,
+nested and extension types. Dates and timestamps beyond Python's range make pyarrow
+raise, and DuckDB is asked then."""
+
+
+def python_alike(types: Sequence[str], schema: pa.Schema) -> bool:
+    """Whether pyarrow's Python values of `schema` are DuckDB's for these `types`."""
+    for type_name, field in zip(types, schema, strict=True):
+        if field.metadata:
+            return False
+        arrow = field.type
+        if pa.types.is_decimal128(arrow):
+            if type_name != f"DECIMAL({arrow.precision},{arrow.scale})":
+                return False
+        elif arrow not in PYTHON_ALIKE.get(type_name, ()):
+            return False
+    return len(types) > 0
+
+
+class Converter:
+    """A DuckDB connection with default settings that turns a result's exact Arrow back
+    into DuckDB values, so `arrow()`, `fetchall()` and `df()` come out as single-node
+    DuckDB's own (ENUM, which Arrow brings back as VARCHAR, is cast back). Created on first
+    use: opening a DuckDB costs ~20 ms."""
+
+    def __init__(self) -> None:
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._names = (f"dcluster_result_{n}" for n in itertools.count())
+        self._found_types = FoundTypes()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+        self._con = None
+
+    def rows(self, table: pa.Table, types: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The rows as DuckDB's `fetchall()` gives them: straight from Arrow when every
+        column's Python values are DuckDB's anyway (`_python_alike`), else through DuckDB."""
+        if python_alike(types, table.schema):
+            try:
+                return list(zip(*(column.to_pylist() for column in table.columns), strict=True))
+            except (OverflowError, ValueError, pa.ArrowException):
+                pass  # a date beyond Python's: DuckDB says what it becomes
+        return self.apply(table, types, lambda relation: relation.fetchall())
+
+    def apply(
+        self, table: pa.Table, types: Sequence[str], action: Callable[[duckdb.DuckDBPyRelation], T]
+    ) -> T:
+        if self._con is None:
+            self._con = duckdb.connect(":memory:")
+        con = self._con
+        # Positional names: a result may hold two columns of one name.
+        renamed = table.rename_columns([f"c{i}" for i in range(table.num_columns)])
+        name = next(self._names)
+        con.register(name, renamed)
+        try:
+            found = self._found_types.read(con, renamed)
+            select = ", ".join(
+                (f"c{i}" if found[i] == types[i] else f"CAST(c{i} AS {types[i]})")
+                + f" AS {quote_identifier(column)}"
+                for i, column in enumerate(table.column_names)
+            )
+            return action(con.sql(f"SELECT {select} FROM {name}"))
+        finally:
+            con.unregister(name)
+
+
+class StatementResult:
+    """What one statement returned. `table` is None when DuckDB returns no relation.
+
+    `rowcount` is DuckDB's: the "Count" of INSERT/UPDATE/DELETE/COPY/CREATE TABLE … AS,
+    -1 for anything else (SELECT, RETURNING, DDL)."""
+
+    def __init__(
+        self, table: pa.Table | None, types: Sequence[str], rowcount: int, converter: Converter
+    ) -> None:
+        assert table is None or len(types) == table.num_columns, (types, table)
+        self.table = table
+        """The rows in exact Arrow (DuckDB's lossless encoding; see `arrow()`)."""
+        self._types = list(types)
+        self.rowcount = rowcount
+        self._converter = converter
+
+    @property
+    def columns(self) -> list[str]:
+        return [] if self.table is None else list(self.table.column_names)
+
+    @property
+    def types(self) -> list[str]:
+        """Column types as DuckDB spells them, e.g. 'DECIMAL(10,2)'."""
+        return list(self._types)
+
+    def __len__(self) -> int:
+        return 0 if self.table is None else self.table.num_rows
+
+    def arrow(self) -> pa.Table | None:
+        """The rows as DuckDB's `to_arrow_table()` returns them."""
+        return self._apply(lambda relation: relation.to_arrow_table())
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        if self.table is None:
+            return []
+        return self._converter.rows(self.table, self._types)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The first row (None when there is none). Stateless, like a relation: the
+        cursor-like `dcluster.Connection` is the one that advances."""
+        rows = self.slice(0, 1).fetchall()
+        return rows[0] if rows else None
+
+    def df(self) -> Any:
+        return self._apply(lambda relation: relation.df())
+
+    def show(self) -> None:
+        self._apply(lambda relation: relation.show())
+
+    def slice(self, offset: int, length: int | None = None) -> StatementResult:
+        table = None if self.table is None else self.table.slice(offset, length)
+        return StatementResult(table, self._types, self.rowcount, self._converter)
+
+    def _apply(self, action: Callable[[duckdb.DuckDBPyRelation], T]) -> T | None:
+        if self.table is None:
+            return None
+        return self._converter.apply(self.table, self._types, action)
