@@ -146,8 +146,9 @@ REPARTITION_BYTES_MAX = 32 * 1024 * 1024
 together) are not sent: the query is gathered instead, as for BROADCAST_BYTES_MAX. Below
 `cluster.sql_protocol.FRAGMENT_INPUTS_BYTES_MAX` with room for the broadcast tables."""
 PLANS_CACHED_MAX = 256
-"""Query texts whose plans a coordinator remembers (for the catalog view they were
-planned against): a repeated query skips DuckDB's bind and the planner, 5–10 ms."""
+"""Query texts whose plans a coordinator remembers (while the catalog, the placements
+and the members stay those they were planned against): a repeated query skips DuckDB's
+bind and the planner, 5–10 ms."""
 SCALARS_DEPTH_MAX = 3
 """Scalar subqueries inside scalar subqueries are answered first this many levels deep."""
 WRITE_ATTEMPTS_MAX = 8
@@ -169,24 +170,25 @@ V = TypeVar("V")
 
 
 class _ViewMemo(Generic[V]):
-    """What the coordinator worked out from a query text against one catalog view (a
-    function of the two alone): the newest PLANS_CACHED_MAX texts, each valid only for
-    the view it was worked out against; emptied by any statement other than a SELECT."""
+    """What the coordinator worked out from a query text against a catalog view (a
+    function of the two): the newest PLANS_CACHED_MAX texts, each valid while the view's
+    `Coordinator._basis` is the one it was worked out against; emptied by any statement
+    other than a SELECT."""
 
     def __init__(self) -> None:
-        self._known: collections.OrderedDict[Hashable, tuple[CatalogView, V]] = (
+        self._known: collections.OrderedDict[Hashable, tuple[Hashable, V]] = (
             collections.OrderedDict()
         )
 
-    def get(self, key: Hashable, view: CatalogView) -> V | None:
+    def get(self, key: Hashable, basis: Hashable) -> V | None:
         known = self._known.get(key)
-        if known is None or known[0] is not view:
+        if known is None or not (known[0] is basis or known[0] == basis):
             return None
         self._known.move_to_end(key)
         return known[1]
 
-    def put(self, key: Hashable, view: CatalogView, value: V) -> V:
-        self._known[key] = (view, value)
+    def put(self, key: Hashable, basis: Hashable, value: V) -> V:
+        self._known[key] = (basis, value)
         self._known.move_to_end(key)
         if len(self._known) > PLANS_CACHED_MAX:
             self._known.popitem(last=False)
@@ -198,7 +200,7 @@ class _ViewMemo(Generic[V]):
 
 @dataclasses.dataclass(frozen=True)
 class _Planned:
-    view: CatalogView
+    basis: Hashable
     plan: Distributed | Gather
     names: tuple[str, ...]
     types: tuple[str, ...]
@@ -241,9 +243,11 @@ class Coordinator:
         """(query text, none_ok) -> its narrowed scans (`_scan_plan`)."""
         self._withs = _ViewMemo[tuple[WithQueries | None]]()
         """Query text -> its WITH queries answered first (`_with_queries`), or (None,)."""
+        self._bases: tuple[CatalogView, Hashable] | None = None
+        """The last view `_basis` was asked for, and its basis."""
         self._plans: collections.OrderedDict[str, _Planned] = collections.OrderedDict()
-        """Query text -> its plan, for the catalog view it was planned against (a plan is
-        a function of the two alone), newest last; emptied by any other statement."""
+        """Query text -> its plan, for the `_basis` of the view it was planned against,
+        newest last; emptied by any other statement."""
 
     @property
     def consistency(self) -> str:
@@ -470,8 +474,8 @@ class Coordinator:
     def _with_queries(self, view: CatalogView, sql: str) -> WithQueries | None:
         """The statement's WITH queries over partitioned tables (query.ctes); None when
         there are none, or the statement calls a volatile function (it runs as written).
-        Remembered for `view`."""
-        known = self._withs.get(sql, view)
+        Remembered like plans (`_basis`)."""
+        known = self._withs.get(sql, self._basis(view))
         if known is not None:
             return known[0]
         work = self._work
@@ -481,7 +485,7 @@ class Coordinator:
             found = None
         if found is not None and (not found.texts or ddl.volatile_functions(sql, work.con)):
             found = None
-        return self._withs.put(sql, view, (found,))[0]
+        return self._withs.put(sql, self._basis(view), (found,))[0]
 
     def _with_answered_first(
         self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
@@ -570,7 +574,7 @@ class Coordinator:
         if not constants:
             return None
         if depth == 0:
-            self._constants.put(sql, view, (constants, answers))
+            self._constants.put(sql, self._basis(view), (constants, answers))
         return candidates.substituted(constants)
 
     def _in_one_round(
@@ -585,7 +589,7 @@ class Coordinator:
         statement or a subquery does not plan as fragments without moved tables. (A
         DOUBLE sum may differ in its last bit from run to run: then it is not the same
         constant, and the long way is taken.)"""
-        known = self._constants.get(sql, view)
+        known = self._constants.get(sql, self._basis(view))
         if known is None:
             return None
         constants, answers = known
@@ -658,7 +662,7 @@ class Coordinator:
         for `view`."""
         work = self._work
         work.prepare(view.catalog)
-        known = self._scan_plans.get((sql, none_ok), view)
+        known = self._scan_plans.get((sql, none_ok), self._basis(view))
         if known is not None:
             return known
         generated = work.memo.get(("scans", "generated"))
@@ -678,7 +682,7 @@ class Coordinator:
             lambda spec: table_key(spec.schema, spec.name) in generated,
             none_ok,
         )
-        return self._scan_plans.put((sql, none_ok), view, planned)
+        return self._scan_plans.put((sql, none_ok), self._basis(view), planned)
 
     def _barrier(self, view: CatalogView, consistency: str) -> int | None:
         """The index to read at: a new read barrier ('strong'), or 0 ('stale'); None (and
@@ -720,15 +724,28 @@ class Coordinator:
                 with _registered(con, extra or {}):
                     return run(con, sql, parameters)
 
+    def _basis(self, view: CatalogView) -> Hashable:
+        """What a remembered plan depends on in a catalog view besides the query text: the
+        catalog (its version: any DDL bumps it), where each partition is held and the
+        members. Row estimates and data versions are left out: estimates only choose among
+        plans that are all exact, so a plan outlives a fresh view that differs in them
+        alone (views are fetched again every CATALOG_MAX_AGE_MS)."""
+        known = self._bases
+        if known is not None and known[0] is view:
+            return known[1]
+        basis = (view.catalog_version, tuple(sorted(view.placements.items())), view.members)
+        self._bases = (view, basis)
+        return basis
+
     def _plan(
         self, view: CatalogView, sql: str
     ) -> tuple[Distributed | Gather, list[str], list[str]]:
         """The query's plan, result column names and types (DuckDB binds it over the empty
-        work database: its own errors for bad SQL). Remembered for `view` (PLANS_CACHED_MAX
-        texts): the same text against the same view plans alike."""
+        work database: its own errors for bad SQL). Remembered (PLANS_CACHED_MAX texts)
+        while the view has the same `_basis`: the same text against it plans alike."""
         self._work.prepare(view.catalog)  # what follows runs on it
         cached = self._plans.get(sql)
-        if cached is not None and cached.view is view:
+        if cached is not None and cached.basis == self._basis(view):
             self._plans.move_to_end(sql)
             self._shape = cached.shape
             return cached.plan, list(cached.names), list(cached.types)
@@ -746,7 +763,8 @@ class Coordinator:
             names,
             lambda: self._scan_plan(view, sql),
         )
-        self._plans[sql] = _Planned(view, plan, tuple(names), tuple(types), self._shape)
+        basis = self._basis(view)
+        self._plans[sql] = _Planned(basis, plan, tuple(names), tuple(types), self._shape)
         if len(self._plans) > PLANS_CACHED_MAX:
             self._plans.popitem(last=False)
         return plan, names, types
@@ -1069,12 +1087,12 @@ class Coordinator:
         self, view: CatalogView, sql: str
     ) -> tuple[ScalarSubqueries | None, list[str]]:
         """The query's scalar subqueries, and the texts of those `_substituted` would
-        answer first (they bind alone). Remembered for `view`, like plans."""
-        known = self._scalars.get(sql, view)
+        answer first (they bind alone). Remembered like plans (`_basis`)."""
+        known = self._scalars.get(sql, self._basis(view))
         return (
             known
             if known is not None
-            else self._scalars.put(sql, view, self._find_scalar_candidates(sql))
+            else self._scalars.put(sql, self._basis(view), self._find_scalar_candidates(sql))
         )
 
     def _find_scalar_candidates(self, sql: str) -> tuple[ScalarSubqueries | None, list[str]]:
