@@ -10,11 +10,12 @@ same data — same columns, names, types and rows, same errors with the same mes
 - Reads (SELECT): at one read barrier ('strong', the default: one consistent snapshot of
   the cluster) or as applied now ('stale'), the SELECT runs as query.planner plans it on
   the partitions (fragments, tables moved to them — broadcast whole or dealt out by a
-  join key — and a merge here; plans are remembered per query text and catalog view,
-  PLANS_CACHED_MAX); when the plan gathers, its
+  join key — and a merge here; plans are remembered per query text while the catalog,
+  placements and members stay the same, PLANS_CACHED_MAX); when the plan gathers, its
   uncorrelated scalar subqueries are answered first at that barrier and put in as
-  constants (query.scalars) and it is planned again; failing that, it runs here over the
-  narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO)
+  constants (query.scalars) and it is planned again (the next run sends them in one
+  round with the statement); its WITH queries over partitioned tables are answered first
+  (query.ctes); failing that, it runs here over the narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO)
   are the whole tables it may read gathered and the statement run in the coordinator's
   DuckDB (query._reads) — also how a fragment's runtime error is raised in DuckDB's words.
 - Writes (INSERT, UPDATE, DELETE, COPY … FROM): run once here, only the changed rows are
