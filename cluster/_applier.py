@@ -217,9 +217,9 @@ class Applier:
         self._checkpointed_ns = clock.monotonic_ns()
         self._dirty = False
         self._parser: duckdb.DuckDBPyConnection | None = None
+        """Parses fragments' SQL (never runs any); the scan lane's alone."""
         self._selects: OrderedDict[str, None] = OrderedDict()
         """Fragment texts the parser found to be one SELECT (the scan lane's alone)."""
-        """Parses fragments' SQL (never runs any); the scan lane's alone."""
         self._fragment_watch = FragmentWatch(clock, fragment_time_limit_ms)
 
     # ---- from the loop ----

@@ -21,6 +21,7 @@ which the caller checks, gives the same rows either way).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import duckdb
@@ -68,7 +69,7 @@ class WithQueries:
         known = self._printed.get(key)
         if known is not None:
             return known
-        tree = _ast.replaced(self._tree, lambda node: None)  # a copy to edit
+        tree = copy.deepcopy(self._tree)
         for entry in (tree.get("cte_map") or {}).get("map") or []:
             body = bodies.get(str(entry["key"]))
             if body is not None:

@@ -68,15 +68,13 @@ BROADCAST_RATIO = 2
 table of the partitions the fragments run on, or it is not broadcast."""
 BROADCAST_INPUT = "dcluster_rows_{}"
 """The input name a broadcast table travels under (`FRAGMENT_INPUT_NAME`)."""
-_BROADCAST_TYPES = re.compile(
+EXACT_THROUGH_ARROW = re.compile(
     r"BOOLEAN|TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT|UTINYINT|USMALLINT|UINTEGER|UBIGINT"
     r"|FLOAT|DOUBLE|DECIMAL\(\d+,\d+\)|VARCHAR|BLOB|DATE|TIME|TIMESTAMP|TIMESTAMP_S"
     r"|TIMESTAMP_MS|TIMESTAMP_NS|TIMESTAMP WITH TIME ZONE|INTERVAL"
 )
-"""Column types a broadcast table may have: each comes back from Arrow as itself, or as
-a type it casts back from exactly."""
-EXACT_THROUGH_ARROW = _BROADCAST_TYPES
-"""DuckDB types (full match) that come back from Arrow as themselves, or cast back exactly."""
+"""DuckDB column types (full match) that come back from Arrow as themselves, or as a type
+they cast back from exactly: what a broadcast table, or a WITH query's answer, may hold."""
 _SUBQUERY_POSITION = 1_000_000
 """Positions of subqueries' tables start here (never broadcast)."""
 PINNED_VALUES_MAX = 1_000
@@ -410,7 +408,7 @@ class _Planner:
             unsafe = (
                 ["not scanned"]
                 if scan is None
-                else [kind for _, kind in scan.columns if not _BROADCAST_TYPES.fullmatch(kind)]
+                else [kind for _, kind in scan.columns if not EXACT_THROUGH_ARROW.fullmatch(kind)]
             )
             if scan is None or unsafe:
                 raise _NotDistributable(f"{_named(leaf)} not moved: {unsafe[0]}")
@@ -1464,19 +1462,8 @@ def _own_items(value: object) -> Iterator[Node]:
 
 def _subqueries(node: Node) -> Iterator[Node]:
     """The subqueries of `node`'s expressions, outside its FROM, not those nested in them."""
-
-    def visit(value: object) -> Iterator[Node]:
-        if isinstance(value, dict):
-            if value.get("class") == "SUBQUERY":
-                yield value
-                return
-            for item in value.values():
-                yield from visit(item)
-        elif isinstance(value, list):
-            for item in value:
-                yield from visit(item)
-
-    yield from visit({k: v for k, v in node.items() if k != "from_table"})
+    outside = {key: value for key, value in node.items() if key != "from_table"}
+    return (item for item in _own_items(outside) if item.get("class") == "SUBQUERY")
 
 
 def _null_extended(ref: Node) -> set[int]:

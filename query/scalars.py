@@ -35,8 +35,9 @@ from query._ast import Node
 from storage.ddl import TableSpec
 
 LITERAL_CHARS_MAX = 16_384
-SUBSTITUTED_KEPT_MAX = 8
 """A longer constant is not put in the statement (the query is planned as written)."""
+SUBSTITUTED_KEPT_MAX = 8
+"""Statements printed with given constants, remembered per statement."""
 
 
 class ScalarSubqueries:

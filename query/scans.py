@@ -21,10 +21,11 @@ DuckDB's parse tree of the query (query._ast) and says, for every cluster table 
   volatile function (it must run once, on the coordinator).
 
 - **key links**: a join `t.a = s.b` on integers lets `t`'s scan keep only rows whose `a`
-  is among the `b`s of `s`'s scan; so does a conjunct `t.a IN (SELECT s.b FROM s …)`. When `s` is a reference table (held on every node),
-  the scan checks that in its own SQL against the rows of `s` that meet the conditions of
-  the place it is joined at (`inline_references`); otherwise the key set is sent from an
-  earlier round (`schedule`, `read_scans`).
+  is among the `b`s of `s`'s scan; so does a conjunct `t.a IN (SELECT s.b FROM s …)`.
+  When `s` is a reference table (held on every node), the scan checks that in its own
+  SQL against the rows of `s` that meet the conditions of the place it is joined at
+  (`inline_references`); otherwise the key set is sent from an earlier round
+  (`schedule`, `read_scans`).
 
 The query itself is then run unchanged over tables that hold just those columns and rows,
 so its answer is the one over whole tables: every row left out fails a condition that the

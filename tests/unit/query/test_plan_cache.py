@@ -26,18 +26,23 @@ def pair() -> Iterator[Pair]:
         yield pair
 
 
+def calls_of(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """The query texts the coordinator passes to `query.coordinator.<name>(con, sql, …)`."""
+    texts: list[str] = []
+    real = getattr(coordinator_module, name)
+
+    def counting(con: Any, sql: str, *args: Any) -> Any:
+        texts.append(sql)
+        return real(con, sql, *args)
+
+    monkeypatch.setattr(coordinator_module, name, counting)
+    return texts
+
+
 @pytest.fixture
 def plans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The query texts the coordinator plans (calls of the planner)."""
-    planned: list[str] = []
-    real = coordinator_module.plan_select
-
-    def counting(con: Any, sql: str, *args: Any) -> Any:
-        planned.append(sql)
-        return real(con, sql, *args)
-
-    monkeypatch.setattr(coordinator_module, "plan_select", counting)
-    return planned
+    return calls_of(monkeypatch, "plan_select")
 
 
 def test_a_repeated_query_is_planned_once(pair: Pair, plans: list[str]) -> None:
@@ -98,14 +103,7 @@ SCALAR = "SELECT k FROM t WHERE k > (SELECT avg(k) FROM t) + 40 ORDER BY k"
 def test_scalar_subqueries_are_found_once_and_answered_every_time(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    found: list[str] = []
-    real = coordinator_module.ScalarSubqueries
-
-    def counting(con: Any, sql: str, *args: Any) -> Any:
-        found.append(sql)
-        return real(con, sql, *args)
-
-    monkeypatch.setattr(coordinator_module, "ScalarSubqueries", counting)
+    found = calls_of(monkeypatch, "ScalarSubqueries")
     for _ in range(2):
         pair.run(SCALAR, ordered=True)
     assert found == [SCALAR]
@@ -121,14 +119,7 @@ def test_narrowed_scans_are_planned_once_per_view(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A gathered query's scans, and its WITH queries, are worked out once for a view."""
-    planned: list[str] = []
-    real = coordinator_module.plan_scans
-
-    def counting(con: Any, sql: str, *args: Any) -> Any:
-        planned.append(sql)
-        return real(con, sql, *args)
-
-    monkeypatch.setattr(coordinator_module, "plan_scans", counting)
+    planned = calls_of(monkeypatch, "plan_scans")
     gathered = "SELECT v, k FROM t WHERE k < 20 UNION ALL SELECT v, k FROM t WHERE k > 95"
     with_query = "WITH s AS (SELECT v, count(*) AS n FROM t GROUP BY v) SELECT * FROM s"
     for sql in (gathered, with_query):
