@@ -3,8 +3,9 @@
 - apply lane: runs each command's `StoreWork` on the DuckDB partition store, strictly in
   log order, resolving staged batches to rows first (a batch this node does not hold, or
   holds corrupt, is fetched from another holder through the loop before the entry is
-  applied); opens a read snapshot when it applies a read barrier; runs checkpoints. It
-  alone opens and closes snapshots.
+  applied); opens a read snapshot when it applies a read barrier, or when a read asks for
+  the current state (`open_current`: one snapshot per state index, shared by the reads
+  that hold it); runs checkpoints. It alone opens and closes snapshots.
 - scan lane: reads partitions, and runs fragments (one read-only SELECT over the physical
   partition tables, checked by DuckDB's own parser to be exactly one SELECT, and over the
   fragment's named Arrow inputs, checked and decoded before any SQL runs), inside those
@@ -19,7 +20,8 @@ Exactly once: the store skips any entry at or below its applied index (committed
 same DuckDB transaction as the entry's effects), so replay after a crash neither doubles
 nor skips an entry; staged rows are not even read for a skipped entry.
 
-Read snapshots live until released, until idle for `SNAPSHOT_IDLE_MS`, or until
+Read snapshots live until released (a shared one: by all its holders, and only once a
+later write or DDL has made it stale), until idle for `SNAPSHOT_IDLE_MS`, or until
 `SNAPSHOTS_KEPT_MAX` newer ones push them out; a scan of a vanished snapshot is refused
 as retryable (the client takes a new barrier). DuckDB aborts a transaction when a
 statement fails while running (a bad cast in a fragment, an interrupt), so a snapshot a
@@ -128,9 +130,13 @@ CATCH_UP_WAIT_MS = 15_000
 
 @dataclass(slots=True)
 class _Snapshot:
-    snapshot: ReadSnapshot
+    snapshot: ReadSnapshot | None
+    """None: this node holds no partition (nothing to read, but the state is named)."""
     last_used_ns: int
     readers: int = 0
+    """Reads running in it now (on the scan lane)."""
+    holders: set[int] | None = None
+    """The readers holding a shared snapshot of the current state; None: a barrier's."""
 
 
 class ScanRefused(Exception):
@@ -160,6 +166,8 @@ class ReadFailure:
     """DuckDB's exception class name when DuckDB refused a fragment's SQL."""
 
 
+OpenDone = Callable[[int, int, str | None], None]
+"""`done(state_index, catalog_version, None)` or `done(0, 0, why)`; called from a lane."""
 ReadDone = Callable[[pa.Table | None, int, ReadFailure | None], None]
 """`done(rows, index, None)` or `done(None, 0, failure)`; called from a lane."""
 Read = Callable[[ReadSnapshot], pa.Table]
@@ -205,9 +213,12 @@ class Applier:
         self._scan = Lane("dcluster-scan", self._lane_error)
         self._stage = Lane("dcluster-stage", self._lane_error)
         self.done_index = store.applied_index()
+        """The last index whose work the apply lane finished (read by the loop)."""
         self.changed_index = self.done_index
         """The last index whose entry changed the store (a barrier changes nothing)."""
-        """The last index whose work the apply lane finished (read by the loop)."""
+        self._state: tuple[int, int] | None = None
+        """(state index, catalog version) the store is at (the apply lane's alone); None
+        until the loop seeds it (reads of the current state are refused until then)."""
         self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
         self._snapshots_lock = threading.Lock()
         self._arrived = threading.Condition()
@@ -311,13 +322,18 @@ class Applier:
         self._scan.submit(lambda: self._read(index, read, done))
 
     def submit_catch_up(
-        self, index: int, items: list[CatchUpItem], keep: set[tuple[str, int]]
+        self,
+        index: int,
+        items: list[CatchUpItem],
+        keep: set[tuple[str, int]],
+        state: tuple[int, int],
     ) -> None:
         """After every earlier submission: copy each item's partition as of barrier `index`
         from another holder, then in ONE store transaction at `index` replace those local
-        partitions with the copies and drop local partitions not in `keep`. Ends with
+        partitions with the copies and drop local partitions not in `keep`; the store is
+        then at `state` (state index, catalog version). Ends with
         `host.caught_up(index, ok)`; on failure the store is unchanged."""
-        self._apply.submit(lambda: self._catch_up(index, items, keep))
+        self._apply.submit(lambda: self._catch_up(index, items, keep, state))
 
     def run_on_stage_lane(self, work: Callable[[], None]) -> None:
         self._stage.submit(work)
@@ -326,8 +342,25 @@ class Applier:
         """After every earlier submission (the store is the apply lane's alone)."""
         self._apply.submit(work)
 
-    def release(self, index: int) -> None:
-        self._apply.submit(lambda: self._close_snapshot(index))
+    def release(self, index: int, reader: int = 0) -> None:
+        """`reader` 0: the barrier at `index` is done with; else that reader's hold on the
+        shared snapshot at `index` ends."""
+        self._apply.submit(lambda: self._release(index, reader))
+
+    def seed_state(self, state_index: int, catalog_version: int) -> None:
+        """After every earlier submission, the store is at this state (the machine was
+        restored, or a snapshot installed, and the store is not behind it)."""
+
+        def seed() -> None:
+            self._state = (state_index, catalog_version)
+
+        self._apply.submit(seed)
+
+    def open_current(self, reader: int, done: OpenDone) -> None:
+        """After every earlier submission: hold the snapshot of the store's current state
+        for `reader`, opening it if no read holds one yet; `done(state_index,
+        catalog_version, None)`, or `done(0, 0, why)` when the state is not known here."""
+        self._apply.submit(lambda: self._open_current(reader, done))
 
     def close(self) -> None:
         self._closing = True
@@ -350,13 +383,18 @@ class Applier:
             snapshots = list(self._snapshots.values())
             self._snapshots.clear()
         for held in snapshots:
-            held.snapshot.close()
+            if held.snapshot is not None:
+                held.snapshot.close()
 
     # ---- apply lane ----
 
     def _run(self, work: StoreWork) -> None:
         if self._failed:
             return
+        before = self._state
+        self._state = (work.state_index, work.catalog_version)
+        if before is not None and before[0] != work.state_index:
+            self._close_stale_shared()
         if work.barrier:
             self._open_barrier(work.index)
         elif work.ops and work.index > self.store.applied_index():
@@ -448,7 +486,13 @@ class Applier:
                 return
         done()
 
-    def _catch_up(self, index: int, items: list[CatchUpItem], keep: set[tuple[str, int]]) -> None:
+    def _catch_up(
+        self,
+        index: int,
+        items: list[CatchUpItem],
+        keep: set[tuple[str, int]],
+        state: tuple[int, int],
+    ) -> None:
         if self._failed:
             return
         fetched: list[tuple[CatchUpItem, PartitionAnswer]] = []
@@ -486,6 +530,8 @@ class Applier:
                 if answer.release is not None:
                     answer.release()
         self.done_index = self.changed_index = index
+        self._close_stale_shared()
+        self._state = state
         self._host.caught_up(index, True)
         self._host.applied(index)
 
@@ -541,13 +587,64 @@ class Applier:
 
         self._scan.submit(read_and_close)
 
+    def _open_current(self, reader: int, done: OpenDone) -> None:
+        state = self._state
+        if state is None or self._failed:
+            done(0, 0, "this node does not know its store's state yet")
+            return
+        index = state[0]
+        now = self._clock.monotonic_ns()
+        with self._snapshots_lock:
+            held = self._snapshots.get(index)
+        if held is not None and held.holders is None:  # never: barriers are not writes
+            done(0, 0, f"index {index} is a barrier's here")
+            return
+        if held is None:
+            snapshot = None
+            if self.store_holds_anything():
+                try:
+                    snapshot = self.store.snapshot()
+                except PartitionStoreError as error:
+                    done(0, 0, f"no snapshot: {error}")
+                    return
+            held = _Snapshot(snapshot, now, holders=set())
+            with self._snapshots_lock:
+                self._snapshots[index] = held
+            self._trim_snapshots()
+        assert held.holders is not None
+        held.holders.add(reader)
+        held.last_used_ns = now
+        done(index, state[1], None)
+
+    def _release(self, index: int, reader: int) -> None:
+        with self._snapshots_lock:
+            held = self._snapshots.get(index)
+        if held is None:
+            return
+        if held.holders is None:
+            if reader == 0:
+                self._close_snapshot(index)
+            return
+        held.holders.discard(reader)
+        if not held.holders and (self._state is None or self._state[0] != index):
+            self._close_snapshot(index)
+
+    def _close_stale_shared(self) -> None:
+        """The state moves on: shared snapshots no read holds are of no further use (and
+        an open transaction would keep the next checkpoint from freeing old versions)."""
+        with self._snapshots_lock:
+            stale = [i for i, held in self._snapshots.items() if held.holders == set()]
+        for index in stale:
+            self._close_snapshot(index)
+
     def _close_snapshot(self, index: int) -> None:
         with self._snapshots_lock:
             held = self._snapshots.get(index)
             if held is None or held.readers:
                 return
             del self._snapshots[index]
-        held.snapshot.close()
+        if held.snapshot is not None:
+            held.snapshot.close()
 
     def _expire_snapshots(self) -> None:
         now = self._clock.monotonic_ns()
@@ -563,7 +660,11 @@ class Applier:
     def _trim_snapshots(self) -> None:
         with self._snapshots_lock:
             extra = len(self._snapshots) - SNAPSHOTS_KEPT_MAX
-            oldest = [i for i, held in self._snapshots.items() if not held.readers][: max(0, extra)]
+            oldest = [
+                index
+                for index, held in self._snapshots.items()
+                if not held.readers and not held.holders  # a shared one a read holds stays
+            ][: max(0, extra)]
         for index in oldest:
             self._close_snapshot(index)
 
@@ -572,10 +673,10 @@ class Applier:
     def _read(self, index: int, read: Read, done: ReadDone) -> None:
         with self._snapshots_lock:
             held = self._snapshots.get(index)
-            if held is not None:
+            if held is not None and held.snapshot is not None:
                 held.readers += 1
                 held.last_used_ns = self._clock.monotonic_ns()
-        if held is None:
+        if held is None or held.snapshot is None:
             why = f"no read snapshot at index {index} here (expired or never opened)"
             done(None, 0, ReadFailure(why))
             return
@@ -595,6 +696,7 @@ class Applier:
                 return  # closing: the applier closes every snapshot itself
             del self._snapshots[index]
         self._host.log_event("snapshot_aborted", index=index)
+        assert held.snapshot is not None
         self._apply.submit(held.snapshot.close)
 
     def _run_fragment(

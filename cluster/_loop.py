@@ -207,8 +207,11 @@ class Worker:
             self.requests.reply,
             self._on_store_failure,
             self._on_caught_up,
+            read_index=self.raft.read_index,
+            catching_up=lambda: self._catch_up is not None,
         )
         self._catch_up: _CatchUp | None = None
+        self._seed_store_state()
         self._barrier_ids = itertools.count(clock.wall_ns())
         self._check_store_behind()
         self._learn_addresses()
@@ -379,6 +382,7 @@ class Worker:
                 ready.snapshot.data, meta.index, meta.conf, self.config.node
             )
             old.close()
+            self._seed_store_state()
             self._check_store_behind()
             self.stats.snapshots_installed += 1
             requests.on_snapshot_installed(meta.index)
@@ -398,7 +402,9 @@ class Worker:
         self.stats.entries_applied += len(ready.committed_entries)
         if ready.read_states:
             requests.on_read_states(ready.read_states)
+            self.sql.on_read_states((s.request_id, s.index) for s in ready.read_states)
         requests.serve_reads()
+        self.sql.serve_opens()
 
     def _maybe_snapshot(self) -> None:
         """Every `snapshot_entries` applied entries: snapshot the machine, compact the log.
@@ -440,6 +446,8 @@ class Worker:
         if soft_state.role == Role.LEADER:
             self._leader_contact_ns = self._now_ns
         self.requests.on_role_change(soft_state.role)
+        if soft_state.role != Role.LEADER:
+            self.sql.on_leadership_lost()
 
     def _on_membership_applied(self, index: int) -> None:
         conf = self.machine.conf
@@ -517,6 +525,13 @@ class Worker:
 
     # ---- catching up the partition store ----
 
+    def _seed_store_state(self) -> None:
+        """The machine was restored (a restart, or a snapshot installed): the store is at
+        its state, or behind it and about to catch up (reads of the current state are
+        refused until the copy is done)."""
+        sql = self.machine.sql
+        self.sql.applier.seed_state(sql.state_index, sql.catalog_version)
+
     def _check_store_behind(self) -> None:
         """After a snapshot from the leader (or a restart in the middle of a catch-up), the
         store may be behind the state machine with the log below gone: copy what changed
@@ -587,8 +602,10 @@ class Worker:
         catch_up = self._catch_up
         assert catch_up is not None
         catch_up.barrier = index
-        keep = set(self.machine.sql.local_partitions())
-        self.sql.applier.submit_catch_up(index, items, keep)
+        sql = self.machine.sql  # as of `index`: the copy is taken as the entry applies
+        keep = set(sql.local_partitions())
+        state = (sql.state_index, sql.catalog_version)
+        self.sql.applier.submit_catch_up(index, items, keep, state)
 
     def _on_caught_up(self, index: int, ok: bool) -> None:
         catch_up = self._catch_up

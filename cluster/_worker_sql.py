@@ -19,11 +19,18 @@ answers come back through the mailbox (see cluster._threads). Requests it serves
   as estimated from the partitions held here (`estimated_table_rows`; as fresh as the
   partition counts kept for status, refreshed some time after writes).
 - `FetchStage` from another worker: the staged rows, if this node has a good copy.
-- `ReleaseRead`: the client is done with a barrier's snapshots.
+- `OpenRead`: a read point without a log entry. Parked until the state machine has
+  applied the request's `at_least` and, when it asks to linearize, a ReadIndex point this
+  node asked the leader for (`READ_INDEX_PREFIX` request ids); then the applier opens, or
+  joins, the snapshot of the store's current state and the node answers `ReadOpened`
+  with its state index. Refused (retryable) while the store catches up from replicas.
+- `ReleaseRead`: the client is done with a barrier's snapshots, or with its hold on a
+  shared one.
 
 Invariant: a stage is acknowledged only after its rows are on disk; a scan or fragment at
 barrier b is answered only from the snapshot taken when b was applied, never from later
-state.
+state; an `OpenRead` names a state index only for a snapshot holding exactly the writes
+and DDL up to it, opened after every entry up to the index it waited for was applied.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from cluster.sql_protocol import (
     FetchStage,
     FragmentHeader,
     FragmentRequest,
+    OpenRead,
+    ReadOpened,
     ReleaseRead,
     ScanError,
     ScanHeader,
@@ -62,6 +71,7 @@ from cluster.sql_protocol import (
 from cluster.state import ClusterState
 from ipc.errors import Backpressure, TransportError
 from ipc.transport import BulkReceived, Transport
+from raft.types import ProposalRefused
 from storage.partitions import PartitionStore
 from storage.staging import StagedFile, StagingArea
 
@@ -83,6 +93,9 @@ QUORUM_GRACE_MS_MIN = 100
 """...or, once a write quorum has stored the rows, this long (at least half its own
 copy's time) for the rest: a slow or paused holder fetches the batch when it applies."""
 NS_PER_MS = 1_000_000
+READ_INDEX_PREFIX = b"sql:"
+"""ReadIndex request ids of `OpenRead`s start with this (the key-value reads' ids are 8
+bytes, so the two never meet)."""
 
 
 ReadRequest = ScanRequest | FragmentRequest
@@ -93,6 +106,15 @@ class _ParkedRead:
     source: int
     request: ReadRequest
     deadline_ns: int
+
+
+@dataclass(slots=True)
+class _ParkedOpen:
+    source: int
+    request: OpenRead
+    deadline_ns: int
+    read_index: int = 0
+    """The confirmed ReadIndex point (0: not yet, or not asked)."""
 
 
 @dataclass(slots=True)
@@ -163,9 +185,13 @@ class SqlService:
         reply: Callable[[int, msgspec.Struct], None],
         on_failure: Callable[[str], None],
         on_caught_up: Callable[[int, bool], None],
+        read_index: Callable[[bytes], None] | None = None,
+        catching_up: Callable[[], bool] = lambda: False,
         fragment_time_limit_ms: int | None = None,
     ) -> None:
-        """`fragment_time_limit_ms` None: from the environment (or the default)."""
+        """`read_index(request_id)` asks Raft for a ReadIndex point (None: `OpenRead`s that
+        ask to linearize are refused); `catching_up()`: the store is being copied from
+        replicas; `fragment_time_limit_ms` None: from the environment (or the default)."""
         if fragment_time_limit_ms is None:
             fragment_time_limit_ms = fragment_time_limit_ms_from(os.environ)
         self.node = node
@@ -176,6 +202,11 @@ class SqlService:
         self._reply = reply
         self._on_failure = on_failure
         self._on_caught_up = on_caught_up
+        self._read_index = read_index
+        self._catching_up = catching_up
+        self._opens: dict[bytes, _ParkedOpen] = {}
+        """ReadIndex request id (or, not linearizing, a made-up key) -> the open waiting."""
+        self._open_ids = itertools.count(1)
         self._partition_fetches: dict[int, PartitionAnswer] = {}
         """Request id of a catch-up ScanRequest this node sent -> where the rows go."""
         self.mailbox = Mailbox()
@@ -230,7 +261,8 @@ class SqlService:
         return self.applier.done_index
 
     def submit(self, work: StoreWork) -> None:
-        if work.ops or work.barrier:
+        # A write or DDL that changes nothing here still moves the store's state index.
+        if work.ops or work.barrier or work.state_index == work.index:
             self.applier.submit(work)
 
     def run_mailbox(self) -> None:
@@ -243,8 +275,10 @@ class SqlService:
             self._on_read(source, message)
         elif isinstance(message, CatalogRequest):
             self._reply(source, self._catalog_response(message.request_id))
+        elif isinstance(message, OpenRead):
+            self._on_open(source, message)
         elif isinstance(message, ReleaseRead):
-            self.applier.release(message.index)
+            self.applier.release(message.index, message.reader)
         elif isinstance(message, FetchStage):
             self._on_fetch(source, message)
         elif isinstance(message, StageAck) and message.request_id in self._forwards:
@@ -311,6 +345,8 @@ class SqlService:
         now = self._clock.monotonic_ns()
         if self._parked:
             self._expire_parked(now)
+        if self._opens:
+            self._expire_opens(now)
         if self._outbox:
             self._flush_outbox(now)
         if self._forwards:
@@ -515,6 +551,88 @@ class SqlService:
         for parked in expired:
             why = f"node {self.node} has not applied index {parked.request.index} yet"
             self._refuse_read(parked.source, parked.request, ReadFailure(why))
+
+    # ---- read points without a log entry ----
+
+    def _on_open(self, source: int, request: OpenRead) -> None:
+        if self._catching_up():
+            self._refuse_open(source, request, "this node's store is catching up")
+            return
+        key = READ_INDEX_PREFIX + next(self._open_ids).to_bytes(8, "little")
+        deadline = self._clock.monotonic_ns() + SCAN_WAIT_MS * NS_PER_MS
+        parked = _ParkedOpen(source, request, deadline)
+        if request.linearize:
+            if self._read_index is None:
+                self._refuse_open(source, request, "this node cannot ask for a read index")
+                return
+            try:
+                self._read_index(key)
+            except ProposalRefused as error:  # no leader known, or too many reads waiting
+                self._refuse_open(source, request, f"no read index: {error}")
+                return
+        self._opens[key] = parked
+        self.serve_opens()
+
+    def on_read_states(self, read_states: Iterable[tuple[bytes, int]]) -> None:
+        """(request id, index) of ReadIndex points Raft confirmed; others' are ignored."""
+        for request_id, index in read_states:
+            parked = self._opens.get(request_id)
+            if parked is not None:
+                parked.read_index = index
+
+    def serve_opens(self) -> None:
+        """Open for every parked `OpenRead` whose points the state machine has applied
+        (the loop calls this after applying entries)."""
+        if not self._opens:
+            return
+        applied = self._state().applied_index
+        ready = [
+            key
+            for key, parked in self._opens.items()
+            if parked.request.at_least <= applied
+            and (parked.read_index > 0 or not parked.request.linearize)
+            and parked.read_index <= applied
+        ]
+        for key in ready:
+            parked = self._opens.pop(key)
+            if self._catching_up():
+                self._refuse_open(parked.source, parked.request, "this node's store is catching up")
+                continue
+            self._open(parked, applied)
+
+    def _open(self, parked: _ParkedOpen, applied: int) -> None:
+        request = parked.request
+
+        def done(state_index: int, catalog_version: int, why: str | None) -> None:
+            self.mailbox.post(lambda: answer(state_index, catalog_version, why))
+
+        def answer(state_index: int, catalog_version: int, why: str | None) -> None:
+            if why is not None:
+                self._refuse_open(parked.source, request, why)
+                return
+            opened = ReadOpened(
+                request.request_id, state_index, catalog_version, applied, parked.read_index
+            )
+            self._reply(parked.source, opened)
+
+        self.applier.open_current(request.reader, done)
+
+    def on_leadership_lost(self) -> None:
+        """ReadIndex points asked of this node as leader and not yet confirmed never will
+        be: refuse them now (the client reads at a log barrier instead)."""
+        lost = [key for key, p in self._opens.items() if p.request.linearize and not p.read_index]
+        for key in lost:
+            parked = self._opens.pop(key)
+            self._refuse_open(parked.source, parked.request, "leadership changed")
+
+    def _expire_opens(self, now: int) -> None:
+        expired = [key for key, parked in self._opens.items() if parked.deadline_ns <= now]
+        for key in expired:
+            parked = self._opens.pop(key)
+            self._refuse_open(parked.source, parked.request, "no read point within the wait")
+
+    def _refuse_open(self, source: int, request: OpenRead, why: str) -> None:
+        self._reply(source, ScanError(request.request_id, f"node {self.node}: {why}"))
 
     # ---- catalog ----
 

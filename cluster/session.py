@@ -43,6 +43,8 @@ from cluster.sql_protocol import (
     FragmentHeader,
     FragmentInputError,
     FragmentRequest,
+    OpenRead,
+    ReadOpened,
     ReleaseRead,
     ScanError,
     ScanHeader,
@@ -98,6 +100,13 @@ of a partition is primary may have moved (a failure) without a write of this ses
 Within it a session plans against one view (query.coordinator remembers plans per view);
 a barrier's catalog version still refuses a view whose tables changed."""
 CATALOG_HEDGE_MS = 300
+OPEN_READ_WAIT_MS = 100
+"""How long `open_read` waits for a linearized answer before it takes a log barrier."""
+OPEN_READ_GRACE_MS = 5
+"""Once the linearized answer is in, how long the other nodes' answers are waited for."""
+OPEN_READ_BACKOFF_MS = 1_000
+"""After a read point could not be opened (writes moving the state, a node refusing), the
+session reads at log barriers this long."""
 EARLY_MESSAGES_MAX = 4_096
 """Control messages `_send_bulk` keeps while it waits out backpressure (a stage's acks:
 one per holder of each batch sent before); later ones are dropped."""
@@ -146,10 +155,18 @@ class TransportPort:
         self._catalog_bytes = b""
         """The snapshot `_view.catalog` was restored from."""
         self._known_index = 0
-        self._view_fetched_ns = 0
         """The highest log index this session has seen applied (commit or barrier)."""
+        self._view_fetched_ns = 0
         self._held: dict[int, list[BulkReceived]] = {}
         """Barrier index -> scan deliveries whose memory the coordinator may still read."""
+        self._readers: dict[int, int] = {}
+        """State index of an open read point -> the reader id its snapshots are held for."""
+        self._open_read_after_ns = 0
+        """After a read point could not be opened, log barriers until then."""
+        self.reads_opened = 0
+        """Read points `open_read` opened without a log entry."""
+        self.reads_not_opened = 0
+        """`open_read` calls that tried and gave up (the caller took a log barrier)."""
         self._early: list[Received] = []
         """Control messages that arrived while `_send_bulk` waited out backpressure (the
         acks of stages sent just before): the next `_receive` hands them to its `take`."""
@@ -212,6 +229,80 @@ class TransportPort:
         # coordinator compares the barrier's catalog version with the view's).
         response = self._append(Command(CommandKind.BARRIER), seen=False)
         return Barrier(response.index, dict(response.versions), response.catalog_version)
+
+    def open_read(self) -> Barrier | None:
+        """A strong read point without a log entry, or None (nothing held): then use
+        `barrier()`.
+
+        Every node is asked to open the snapshot of its current state once it has applied
+        what this session has seen, the leader (every node, when no leader is known) once
+        it has also applied a ReadIndex point: the state it names then holds every write
+        acknowledged before this call. A node's snapshot at state index s holds exactly
+        the writes and DDL up to s (see `cluster.sql_protocol.OpenRead`), so reads at s are
+        one snapshot of the cluster wherever they run. The point is the linearized
+        answer's s; the nodes that answered must all name it (a node that named another
+        could not serve s; a node that did not answer within OPEN_READ_GRACE_MS is not
+        waited for: it has no snapshot at s, or the same state). Otherwise, or without a
+        linearized answer within OPEN_READ_WAIT_MS, the holds are released and the
+        session uses log barriers for OPEN_READ_BACKOFF_MS (writes are in flight)."""
+        client = self.client
+        began_ns = self._clock.monotonic_ns()
+        if began_ns < self._open_read_after_ns:
+            return None
+        reader = self._rng.getrandbits(62) + 1
+        leader = client._leader
+        asked: dict[int, tuple[int, bool]] = {}
+        """Request id -> (node, linearize)."""
+        for node in client.nodes:
+            linearize = leader is None or node == leader
+            request_id = next(self._ids)
+            request = OpenRead(
+                request_id, reader, self._known_index, linearize, client._reply_address
+            )
+            try:
+                client._transport.send(raft_id(node), request)
+            except TransportError:
+                continue
+            asked[request_id] = (node, linearize)
+        opened: dict[int, ReadOpened] = {}
+        """Node -> its answer."""
+        refused = False
+
+        def take(delivery: Any) -> bool:
+            nonlocal refused
+            if isinstance(delivery, Received):
+                message = delivery.message
+                if isinstance(message, ReadOpened | ScanError) and message.request_id in asked:
+                    node, _ = asked.pop(message.request_id)
+                    if isinstance(message, ReadOpened):
+                        opened[node] = message
+                    else:
+                        refused = True
+            return not asked or refused
+
+        linearized: ReadOpened | None = None
+        wait_ms = OPEN_READ_WAIT_MS
+        while True:
+            self._receive(take, wait_ms)
+            linearized = next((a for a in opened.values() if a.read_index > 0), None)
+            if not asked or refused:
+                break
+            waited_ms = (self._clock.monotonic_ns() - began_ns) // NS_PER_MS
+            if linearized is not None and waited_ms >= OPEN_READ_GRACE_MS:
+                break
+            if waited_ms >= OPEN_READ_WAIT_MS:
+                break
+            wait_ms = max(1, (OPEN_READ_GRACE_MS if linearized else OPEN_READ_WAIT_MS) - waited_ms)
+        points = {(a.state_index, a.catalog_version) for a in opened.values()}
+        if refused or linearized is None or len(points) != 1:
+            for node, answer in opened.items():
+                self._send_release(node, answer.state_index, reader)
+            self._open_read_after_ns = self._clock.monotonic_ns() + OPEN_READ_BACKOFF_MS * NS_PER_MS
+            self.reads_not_opened += 1
+            return None
+        self.reads_opened += 1
+        self._readers[linearized.state_index] = reader
+        return Barrier(linearized.state_index, {}, linearized.catalog_version)
 
     def commit(self, command: Command) -> Committed:
         response = self._append(command)
@@ -486,11 +577,15 @@ class TransportPort:
         for delivery in self._held.pop(index, []):
             delivery.release()
         if index > 0:
+            reader = self._readers.pop(index, 0)
             for node in self.client.nodes:
-                try:
-                    self.client._transport.send(raft_id(node), ReleaseRead(index))
-                except TransportError:
-                    pass
+                self._send_release(node, index, reader)
+
+    def _send_release(self, node: int, index: int, reader: int) -> None:
+        try:
+            self.client._transport.send(raft_id(node), ReleaseRead(index, reader))
+        except TransportError:
+            pass  # its snapshots expire
 
     def close(self) -> None:
         for index in list(self._held):

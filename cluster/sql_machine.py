@@ -69,6 +69,10 @@ class StoreWork:
     """The command was applied before (a retry): nothing happened now."""
     client_id: int = 0
     request_id: int = 0
+    state_index: int = 0
+    """The machine's `state_index` after this command (the same on every node)."""
+    catalog_version: int = 0
+    """The machine's catalog version after this command."""
 
 
 class _Image(msgspec.Struct, frozen=True, array_like=True):
@@ -136,7 +140,22 @@ class SqlStateMachine:
         """Apply one command at log `index`; `members` are the node numbers of every member
         (voters and learners) at that index, sorted."""
         work = self._apply(index, command, members)
-        return dataclasses.replace(work, client_id=command.client_id, request_id=command.request_id)
+        return dataclasses.replace(
+            work,
+            client_id=command.client_id,
+            request_id=command.request_id,
+            state_index=self.state_index,
+            catalog_version=self.catalog_version,
+        )
+
+    @property
+    def state_index(self) -> int:
+        """The last index whose command changed the SQL state (a DDL or a write, whatever
+        partitions it touched): every node's state is the same at the same state index.
+        Derived, so a restored image has it too: a DDL sets the catalog version to its
+        index and a write its table's version, and a write to a table dropped later is
+        below that drop's index."""
+        return max(self.catalog_version, max(self.versions.values(), default=0))
 
     def _apply(self, index: int, command: SqlCommand, members: tuple[int, ...]) -> StoreWork:
         session = self._sessions.get(command.client_id)

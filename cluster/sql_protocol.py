@@ -31,7 +31,16 @@ Messages (client -> worker unless said otherwise; every request carries `request
   SQL reads by name; inputs with a name not matching `FRAGMENT_INPUT_NAME`, a name twice,
   bytes that are not exactly one intact stream, or more than `FRAGMENT_INPUTS_BYTES_MAX`
   bytes in all are refused (not retryable) before any SQL runs.
-- `ReleaseRead(index)`: the client is done with the barrier's snapshots (they also expire).
+- `OpenRead(reader, at_least, linearize)` -> `ReadOpened`, or `ScanError`: a read point
+  without a log entry. The worker waits until it has applied `at_least` (and, with
+  `linearize`, a ReadIndex point confirmed by the leader's quorum), then opens (or joins)
+  the snapshot of its state as of `state_index`: the last entry that changed the SQL state
+  (a write or a DDL, wherever its partitions are), the same index on every worker for the
+  same state. Reads at that index then use it like a barrier's. The client checks that
+  every worker named the same state and that every worker's applied index covers the
+  ReadIndex point (see `cluster.session.TransportPort.open_read`).
+- `ReleaseRead(index, reader)`: the client is done with the barrier's snapshots (they also
+  expire); `reader` names the `OpenRead` hold it drops (0: a log barrier's snapshot).
 - worker -> worker `FetchStage` -> bulk `StageHeader` + rows, or `StageAck(ok=False)`: a
   holder that missed a staged batch fetches it from another holder before applying.
 
@@ -261,8 +270,32 @@ class FragmentHeader(msgspec.Struct, frozen=True):
     """The barrier index the fragment ran at (or the applied index, for stale)."""
 
 
+class OpenRead(msgspec.Struct, frozen=True):
+    request_id: int
+    reader: int
+    """Who holds the snapshot until `ReleaseRead(index, reader)` (unique per read)."""
+    at_least: int
+    """Open only once this node has applied this index (the client's own writes)."""
+    linearize: bool
+    """Also wait for a ReadIndex point of the leader (asked by this node) to be applied."""
+    reply_address: Address | None = None
+
+
+class ReadOpened(msgspec.Struct, frozen=True):
+    request_id: int
+    state_index: int
+    """The snapshot's key: the last index whose entry changed the SQL state."""
+    catalog_version: int
+    applied: int
+    """This node's applied index when the snapshot opened (its state is the state at every
+    index from `state_index` to `applied`)."""
+    read_index: int = 0
+    """The ReadIndex point it waited for (0: not asked to linearize)."""
+
+
 class ReleaseRead(msgspec.Struct, frozen=True):
     index: int
+    reader: int = 0
 
 
 SQL_MESSAGES: dict[str, type[msgspec.Struct]] = {
@@ -279,6 +312,8 @@ SQL_MESSAGES: dict[str, type[msgspec.Struct]] = {
     "sql.fragment": FragmentRequest,
     "sql.fragment_header": FragmentHeader,
     "sql.release": ReleaseRead,
+    "sql.open_read": OpenRead,
+    "sql.read_opened": ReadOpened,
 }
 
 _command_encoder = msgspec.msgpack.Encoder()

@@ -690,7 +690,7 @@ class Coordinator:
         nothing held) when the catalog moved since `view`."""
         if consistency != "strong":
             return 0
-        barrier = self._port.barrier()
+        barrier = self._port.open_read() or self._port.barrier()
         if barrier.catalog_version != view.catalog_version:
             self._port.release(barrier.index)
             return None

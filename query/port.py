@@ -161,7 +161,15 @@ class Committed:
 class ClusterPort(Protocol):
     def catalog(self, refresh: bool = False) -> CatalogView: ...
 
-    def barrier(self) -> Barrier: ...
+    def barrier(self) -> Barrier:
+        """A read point through the log: every holder's snapshot as the entry applies."""
+        ...
+
+    def open_read(self) -> Barrier | None:
+        """A strong read point without a log entry, or None (nothing held): use `barrier`.
+        Its `versions` are empty (a write reads at a log barrier, whose versions it
+        commits against)."""
+        ...
 
     def scan(
         self,

@@ -2,7 +2,10 @@
 `SELECT count(*), sum(x) …` in a loop while a writer commits statements that each insert
 rows into every partition (INSERT VALUES, INSERT … SELECT and COPY FROM Parquet in turn)
 only ever sees whole statements — after k statements exactly their rows — never fewer
-statements than were acknowledged before the read began, and never goes back in time."""
+statements than were acknowledged before the read began, and never goes back in time.
+Both ways a strong read gets its point: opened without a log entry (every read tries,
+with no back-off after one that could not be opened while writes moved the state) and
+the log barrier alone."""
 
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
+import cluster.session
+from cluster.session import TransportPort
 from tests.real.cluster.conftest import CliCluster
 from tests.real.sql.support import connect, holder_copy, placements
 
@@ -42,7 +48,14 @@ def statement(k: int, files: Path) -> str:
     return f"COPY t FROM '{files / f'{k}.parquet'}'"
 
 
-def test_strong_reads_never_see_part_of_a_statement(three: CliCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_points", ["opened", "log barriers"])
+def test_strong_reads_never_see_part_of_a_statement(
+    three: CliCluster, tmp_path: Path, read_points: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if read_points == "opened":
+        monkeypatch.setattr(cluster.session, "OPEN_READ_BACKOFF_MS", 0)
+    else:
+        monkeypatch.setattr(TransportPort, "open_read", lambda self: None)
     scratch = duckdb.connect(":memory:")
     for k in range(1, STATEMENTS + 1):
         scratch.execute(f"COPY ({rows_sql(k)}) TO '{tmp_path / f'{k}.parquet'}' (FORMAT parquet)")
@@ -93,6 +106,12 @@ def test_strong_reads_never_see_part_of_a_statement(three: CliCluster, tmp_path:
         if failures:
             raise failures[0]
         assert seen[-1] == STATEMENTS
+        port = reader._port
+        assert isinstance(port, TransportPort)
+        if read_points == "opened":
+            assert port.reads_opened >= len(seen) // 2, (port.reads_opened, len(seen))
+        else:
+            assert port.reads_opened == 0
         assert len(set(seen)) >= 3, f"the reads saw too few states to prove much: {set(seen)}"
     with three.client() as client:
         for partition, holders in enumerate(placements(client)["main.t"]):

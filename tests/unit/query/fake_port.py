@@ -33,6 +33,7 @@ applies the same staged bytes), failures of holders, expiry of snapshots and sta
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,8 @@ class FakePort:
         self.scans: list[tuple[int, str]] = []
         self.fragment_calls: list[tuple[int, list[Fragment]]] = []
         self.releases: list[int] = []
+        self.open_reads = False
+        self.opened_reads = 0
 
     def close(self) -> None:
         if self._scratch is not None:
@@ -149,6 +152,14 @@ class FakePort:
         self.index += 1
         self._barriers[self.index] = (dict(self._data), dict(self._specs))
         return Barrier(self.index, dict(self._versions), self.catalog_version)
+
+    def open_read(self) -> Barrier | None:
+        """None (reads take `barrier`) unless `open_reads`: then a read point with no
+        versions, like the cluster's."""
+        if not self.open_reads:
+            return None
+        self.opened_reads += 1
+        return dataclasses.replace(self.barrier(), versions={})
 
     def release(self, index: int) -> None:
         self.releases.append(index)
@@ -480,6 +491,9 @@ class FakeClient:
 
     def barrier(self) -> Barrier:
         return self.port.barrier()
+
+    def open_read(self) -> Barrier | None:
+        return self.port.open_read()
 
     def release(self, index: int) -> None:
         self.port.release(index)
