@@ -101,7 +101,7 @@ from query.port import (
     FragmentResult,
     PortError,
 )
-from query.results import Converter, FoundTypes, StatementResult
+from query.results import Converter, FoundTypes, StatementResult, sort_merged
 from query.scalars import ScalarSubqueries, literal
 from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, schedule
 from storage import ddl
@@ -909,8 +909,13 @@ class Coordinator:
                 )
         con = self._work.con
         found = self._found_types.read(con, rows)
-        if plan.concatenates and found == list(plan.fragment_types):
+        exact = found == list(plan.fragment_types)
+        sort = plan.sort_merge
+        sorted_rows = None if sort is None or not exact else sort_merged(rows, sort)
+        if plan.concatenates and exact:
             merged, merged_types = rows, found  # nothing for DuckDB to do
+        elif sort is not None and sorted_rows is not None:
+            merged, merged_types = sorted_rows, found[: sort.columns]
         else:
             raw = f"{FRAGMENTS_RELATION}_raw"
             con.register(raw, rows)

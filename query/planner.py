@@ -103,6 +103,19 @@ class Gather:
 
 
 @dataclass(frozen=True)
+class SortMerge:
+    """A pushdown's merge in terms pyarrow can carry out (`query.results.sort_merged`):
+    the first `columns` columns of the fragments' rows, ordered by `keys` ((column,
+    descending, NULLs first) triples), then `offset` rows skipped and at most `limit`
+    kept. The same as `merge_sql`, which stays the reference."""
+
+    columns: int
+    keys: tuple[tuple[int, bool, bool], ...]
+    limit: int | None
+    offset: int
+
+
+@dataclass(frozen=True)
 class Distributed:
     tier: str
     """'pushdown' or 'two_phase' (with ' + router' when partitions were pruned)."""
@@ -120,6 +133,8 @@ class Distributed:
     notes: tuple[str, ...] = field(default=())
     broadcasts: tuple[Broadcast, ...] = ()
     """Tables scanned first and sent with every fragment (`Fragment.inputs`)."""
+    sort_merge: SortMerge | None = None
+    """The merge as a sort (and cut) of the fragments' rows, when it is one."""
 
     @property
     def concatenates(self) -> bool:
@@ -946,6 +961,7 @@ class _Planner:
         fragment["modifiers"] = []
         outputs = len(self.output_names)
         merge_orders: list[str] = []
+        sort_keys: list[tuple[int, bool, bool]] = []
         distinct = False
         limit: Node | None = None
         for modifier in node["modifiers"]:
@@ -965,13 +981,18 @@ class _Planner:
                             dict(order["expression"], alias=f"dcluster_sort_{position}")
                         )
                     merge_orders.append(_order_sql(f"c{position}", order))
+                    down = order["type"] == "DESCENDING"
+                    first = order["null_order"] in ("NULLS_FIRST", "NULLS FIRST")
+                    sort_keys.append((position, down, first))
             elif modifier["type"] == "LIMIT_MODIFIER":
                 limit = modifier
             else:
                 raise _NotDistributable(f"a {modifier['type']}")
         limit_sql = ""
+        count: int | None = None
+        offset = 0
         if limit is not None:
-            limit_sql, pushed = self._limit(limit, bool(merge_orders))
+            limit_sql, pushed, count, offset = self._limit(limit, bool(merge_orders))
             if pushed is not None:
                 if merge_orders:
                     order_modifier = next(
@@ -987,7 +1008,11 @@ class _Planner:
             merge += " ORDER BY " + ", ".join(merge_orders)
         merge += limit_sql
         tier = "pushdown" + (f" ({why})" if why else "")
-        return self._distributed(tier, node, fragment, leaves, partitioned, partitions, merge)
+        plan = self._distributed(tier, node, fragment, leaves, partitioned, partitions, merge)
+        if distinct or not sort_keys:
+            return plan
+        sort = SortMerge(outputs, tuple(sort_keys), count, offset)
+        return dataclasses.replace(plan, sort_merge=sort)
 
     def _on_one_node(self, node: Node, leaves: list[_Leaf]) -> Distributed:
         """Only reference tables: any one node answers the whole query."""
@@ -1026,8 +1051,9 @@ class _Planner:
             orders.append(dict(order, expression=expression))
         return dict(order_modifier, orders=orders)
 
-    def _limit(self, limit: Node, ordered: bool) -> tuple[str, Node | None]:
-        """(the merge's LIMIT/OFFSET SQL, the fragments' LIMIT modifier or None)."""
+    def _limit(self, limit: Node, ordered: bool) -> tuple[str, Node | None, int | None, int]:
+        """(the merge's LIMIT/OFFSET SQL, the fragments' LIMIT modifier or None, the row
+        count or None, the offset)."""
         if (
             limit.get("limit_type", "ROW_COUNT") != "ROW_COUNT"
             or limit.get("type") != "LIMIT_MODIFIER"
@@ -1050,11 +1076,11 @@ class _Planner:
             f" OFFSET {offset}" if offset else ""
         )
         if count is None:
-            return sql, None
+            return sql, None, None, offset or 0
         pushed = copy.deepcopy(limit)
         pushed["limit"] = _ast.expression(self.con, str(count + (offset or 0)))
         pushed["offset"] = None
-        return sql, pushed  # unordered: any `count` rows of any partitions will do
+        return sql, pushed, count, offset or 0  # unordered: any `count` rows will do
 
     def _output_position(self, node: Node, expr: Node) -> int | None:
         """Which result column an ORDER BY item is: a position, a result column's name, or

@@ -6,7 +6,8 @@ DuckDB's own relation gives for them. Rows go through a DuckDB connection of def
 settings (`Converter`), except columns whose Python values pyarrow makes exactly as
 DuckDB does (`python_alike`, held to that type by type by tests/unit/query/
 test_converter.py), which skip it. `FoundTypes` remembers how DuckDB reads an Arrow
-schema, asked once per schema.
+schema, asked once per schema. `sort_merged` merges a pushdown's sorted, cut fragments
+in pyarrow where pyarrow orders as DuckDB does (tests/unit/query/test_sort_merge.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,46 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.types as pt
 
+from query.planner import SortMerge
 from storage.ddl import quote_identifier
 
 SCHEMAS_KEPT_MAX = 256
 """Arrow schemas whose DuckDB types a `FoundTypes` remembers."""
 
 T = TypeVar("T")
+
+
+def sort_merged(rows: pa.Table, sort: SortMerge) -> pa.Table | None:
+    """`sort` done on `rows` (the fragments' rows, columns as DuckDB types them), or None
+    when a key's type is one whose order pyarrow might not give as DuckDB does: only
+    integers, decimals, strings (byte order: DuckDB's without a collation), dates,
+    timestamps and booleans are sorted here — not floats (NaN), intervals, ENUMs, lists.
+    Rows equal on every key may come in any order, as from DuckDB's own sort."""
+    schema = rows.schema
+    if any(not _sorts_alike(schema.field(position).type) for position, _, _ in sort.keys):
+        return None
+    names = rows.column_names
+    keys = [
+        (names[i], "descending" if down else "ascending", "at_start" if first else "at_end")
+        for i, down, first in sort.keys
+    ]
+    ordered = rows.sort_by(keys)
+    return ordered.slice(sort.offset, sort.limit).select(range(sort.columns))
+
+
+def _sorts_alike(kind: pa.DataType) -> bool:
+    return (
+        pt.is_integer(kind)
+        or pt.is_decimal(kind)
+        or pt.is_string(kind)
+        or pt.is_large_string(kind)
+        or pt.is_string_view(kind)
+        or pt.is_date(kind)
+        or pt.is_timestamp(kind)
+        or pt.is_boolean(kind)
+    )
 
 
 class FoundTypes:

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from query.coordinator import Coordinator, ExecutionFailed
-from query.planner import Distributed
+from query.planner import Distributed, SortMerge
 from tests.unit.query.fake_port import FakePort
 from tests.unit.query.harness import beside_duckdb
 
@@ -311,6 +311,40 @@ def test_only_a_plain_pushdown_merges_by_concatenating(
     assert plan.concatenates is concatenates
     rows = coordinator.execute(sql).fetchall()
     assert sorted(rows, key=repr) == sorted(reference.execute(sql).fetchall(), key=repr)
+
+
+@pytest.mark.parametrize(
+    ("sql", "sort"),
+    [
+        (
+            "SELECT note, d, ok FROM o ORDER BY d DESC NULLS FIRST, 3 LIMIT 4 OFFSET 2",
+            SortMerge(3, ((1, True, True), (2, False, False)), 4, 2),
+        ),
+        (  # keys not in the output: sent beside it, cut off after the sort
+            "SELECT ok FROM o ORDER BY total, note NULLS FIRST",
+            SortMerge(1, ((1, False, False), (2, False, True)), None, 0),
+        ),
+        ("SELECT note FROM o ORDER BY note", SortMerge(1, ((0, False, False),), None, 0)),
+        ("SELECT DISTINCT note FROM o ORDER BY note", None),
+        ("SELECT note FROM o LIMIT 2", None),
+    ],
+)
+def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection],
+    sql: str,
+    sort: SortMerge | None,
+) -> None:
+    coordinator, _, reference = pair
+    view = coordinator._port.catalog()
+    plan, _, _ = coordinator._plan(view, sql)
+    assert isinstance(plan, Distributed)
+    assert plan.sort_merge == sort
+    rows = coordinator.execute(sql).fetchall()
+    expected = reference.execute(sql).fetchall()
+    if "LIMIT" in sql:  # the keys fix the rows' order, and which rows are kept
+        assert rows == expected
+    else:
+        assert sorted(rows, key=repr) == sorted(expected, key=repr)
 
 
 def test_a_routed_query_reads_only_the_pinned_partitions(

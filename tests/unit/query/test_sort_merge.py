@@ -1,0 +1,143 @@
+"""`query.results.sort_merged` orders and cuts as DuckDB's merge SQL does.
+
+Generated fragments' rows (integers, decimals, unicode strings, dates, timestamps with a
+time zone, NULLs everywhere, many ties; booleans beside them) are merged both ways: by DuckDB running
+the SQL the planner writes for the merge, and by `sort_merged`. The keys come out in the
+same order, and without a cut the rows are the same multiset; with a cut, the rows kept
+are rows DuckDB could have kept (ties at the cut may go either way). Key types whose
+order pyarrow might give otherwise (floats, intervals, lists) are left to DuckDB."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from decimal import Decimal
+
+import duckdb
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from query.planner import SortMerge
+from query.results import sort_merged
+
+COLUMNS = (
+    ("c0", pa.int64(), st.integers(-3, 3)),
+    ("c1", pa.string(), st.sampled_from(["", "a", "A", "ä", "b", "ab", "😀", "a\u0301", "Z"])),
+    (
+        "c2",
+        pa.decimal128(15, 2),
+        st.sampled_from([Decimal("-1.50"), Decimal("0.00"), Decimal("2.25")]),
+    ),
+    (
+        "c3",
+        pa.date32(),
+        st.sampled_from([dt.date(1992, 1, 1), dt.date(1998, 12, 1), dt.date(1, 1, 1)]),
+    ),
+    (
+        "c4",
+        pa.timestamp("us", "UTC"),
+        st.sampled_from(
+            [
+                dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+                dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=dt.UTC),
+            ]
+        ),
+    ),
+    ("c5", pa.bool_(), st.booleans()),
+)
+KEYS = 5
+"""Columns that may be keys: not c5, a BOOLEAN, which DuckDB sends as the `arrow.bool8`
+extension type (an extension is left to DuckDB)."""
+
+
+def _rows(draw: st.DrawFn) -> pa.Table:
+    count = draw(st.integers(0, 40))
+    columns = {}
+    for name, kind, values in COLUMNS:
+        column = draw(st.lists(st.one_of(st.none(), values), min_size=count, max_size=count))
+        columns[name] = pa.array(column, kind)
+    return pa.table(columns)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[pa.Table, SortMerge]:
+    rows = _rows(draw)
+    positions = draw(st.lists(st.integers(0, KEYS - 1), min_size=1, max_size=3, unique=True))
+    keys = tuple((p, draw(st.booleans()), draw(st.booleans())) for p in positions)
+    limit = draw(st.one_of(st.none(), st.integers(0, 12)))
+    offset = draw(st.integers(0, 5))
+    columns = draw(st.integers(1, len(COLUMNS)))
+    return rows, SortMerge(columns, keys, limit, offset)
+
+
+def _duckdb_sql(sort: SortMerge) -> str:
+    """The merge SQL the planner writes for `sort`."""
+    orders = ", ".join(
+        f"c{p}{' DESC' if down else ' ASC'}{' NULLS FIRST' if first else ' NULLS LAST'}"
+        for p, down, first in sort.keys
+    )
+    columns = ", ".join(f"c{i}" for i in range(sort.columns))
+    cut = (f" LIMIT {sort.limit}" if sort.limit is not None else "") + (
+        f" OFFSET {sort.offset}" if sort.offset else ""
+    )
+    return f"SELECT {columns} FROM dcluster_fragments ORDER BY {orders}{cut}"
+
+
+@pytest.fixture(scope="module")
+def con() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=cases())
+def test_sorted_and_cut_as_duckdb_does(con: duckdb.DuckDBPyConnection, case: tuple) -> None:
+    generated, sort = case
+    rows = con.from_arrow(generated).to_arrow_table()  # as DuckDB sends fragments' rows
+    ours = sort_merged(rows, sort)
+    assert ours is not None
+    con.register("dcluster_fragments", rows)
+    try:
+        theirs = con.sql(_duckdb_sql(sort)).to_arrow_table()
+        # What DuckDB's cut could have kept: every row that sorts at the cut's keys.
+        everything = con.sql(_duckdb_sql(SortMerge(len(COLUMNS), sort.keys, None, 0)))
+        whole = everything.to_arrow_table()
+    finally:
+        con.unregister("dcluster_fragments")
+    assert ours.schema == theirs.schema
+    assert ours.num_rows == theirs.num_rows
+    shown = [p for p, _, _ in sort.keys if p < sort.columns]
+    assert [ours.column(p).to_pylist() for p in shown] == [
+        theirs.column(p).to_pylist() for p in shown
+    ]
+    kept = Counter(_tuples(ours))
+    if sort.limit is None and sort.offset == 0:
+        assert kept == Counter(_tuples(theirs))
+    else:
+        assert not kept - Counter(_tuples(whole.select(range(sort.columns))))
+
+
+def _tuples(rows: pa.Table) -> list[tuple]:
+    return list(zip(*(column.to_pylist() for column in rows.columns), strict=True))
+
+
+@pytest.mark.parametrize(
+    "kind, values",
+    [
+        (pa.float64(), [1.0, float("nan"), None, -0.0]),
+        (
+            pa.month_day_nano_interval(),
+            [pa.scalar((1, 0, 0), pa.month_day_nano_interval()).as_py()],
+        ),
+        (pa.list_(pa.int64()), [[1], [0, 2], None]),
+        (pa.dictionary(pa.int8(), pa.string()), ["b", "a"]),
+        (pa.bool8(), [1, 0, None]),
+    ],
+)
+def test_keys_pyarrow_may_order_otherwise_are_left_to_duckdb(
+    kind: pa.DataType, values: list
+) -> None:
+    rows = pa.table({"c0": pa.array(values, kind), "c1": pa.array(range(len(values)))})
+    assert sort_merged(rows, SortMerge(2, ((0, False, False),), None, 0)) is None
+    assert sort_merged(rows, SortMerge(2, ((1, True, False),), 1, 0)) is not None
