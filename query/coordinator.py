@@ -101,7 +101,13 @@ from query.port import (
     FragmentResult,
     PortError,
 )
-from query.results import Converter, FoundTypes, StatementResult, sort_merged
+from query.results import (
+    Converter,
+    FoundTypes,
+    StatementResult,
+    aggregate_merged,
+    sort_merged,
+)
 from query.scalars import ScalarSubqueries, literal
 from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, schedule
 from storage import ddl
@@ -912,6 +918,13 @@ class Coordinator:
         exact = found == list(plan.fragment_types)
         sort = plan.sort_merge
         sorted_rows = None if sort is None or not exact else sort_merged(rows, sort)
+        aggregates = plan.aggregate_merge
+        if aggregates is not None and exact and shape is not None:
+            table = aggregate_merged(rows, aggregates, shape)
+            if table is not None:
+                if trace is not None:
+                    trace.append(("merge", "coordinator", plan.merge_sql, None, None))
+                return table, types
         if plan.concatenates and exact:
             merged, merged_types = rows, found  # nothing for DuckDB to do
         elif sort is not None and sorted_rows is not None:

@@ -116,6 +116,20 @@ class SortMerge:
 
 
 @dataclass(frozen=True)
+class AggregateMerge:
+    """A two-phase merge in terms pyarrow can carry out (`query.results.aggregate_merged`):
+    the partials grouped by their first `groups` columns, each output either a group
+    column or one aggregate of one partial column — ("group", i), ("sum", i), ("min", i),
+    ("max", i), or ("count", i): a sum of counts, 0 for none — then ordered and cut by
+    `sort` (keys on the outputs), if any. No HAVING, DISTINCT, grouping sets or
+    expressions around the aggregates; `merge_sql` stays the reference."""
+
+    groups: int
+    outputs: tuple[tuple[str, int], ...]
+    sort: SortMerge | None
+
+
+@dataclass(frozen=True)
 class Distributed:
     tier: str
     """'pushdown' or 'two_phase' (with ' + router' when partitions were pruned)."""
@@ -135,6 +149,8 @@ class Distributed:
     """Tables scanned first and sent with every fragment (`Fragment.inputs`)."""
     sort_merge: SortMerge | None = None
     """The merge as a sort (and cut) of the fragments' rows, when it is one."""
+    aggregate_merge: AggregateMerge | None = None
+    """The merge as plain aggregates of the partials, when it is one."""
 
     @property
     def concatenates(self) -> bool:
@@ -1144,17 +1160,36 @@ class _Planner:
         if distinct is not None:
             partials.append(copy.deepcopy(distinct))
         final = copy.deepcopy(node)
-        final["select_list"] = [
-            dict(_ast.replaced(item, swap), alias=item.get("alias") or "")
-            for item in node["select_list"]
-        ]
+        final["select_list"] = []
+        plain = (
+            distinct is None and not node.get("having") and len(node.get("group_sets") or []) <= 1
+        )
+        outputs: list[tuple[str, int]] = []
+        """What each output is, while the merge stays plain (see AggregateMerge)."""
+        for item in node["select_list"]:
+            before = len(partials)
+            final["select_list"].append(
+                dict(_ast.replaced(item, swap), alias=item.get("alias") or "")
+            )
+            output = _plain_output(item, groups, before, len(partials)) if plain else None
+            plain = output is not None
+            if output is not None:
+                outputs.append(output)
         final["having"] = _ast.replaced(node.get("having"), swap)
+        sort_keys: list[tuple[int, bool, bool]] = []
+        count: int | None = None
+        offset = 0
         modifiers = []
         for modifier in node["modifiers"]:
             if modifier["type"] == "ORDER_MODIFIER":
                 orders = []
                 for order in modifier["orders"]:
                     position = self._output_position(node, order["expression"])
+                    plain = plain and position is not None
+                    if position is not None:
+                        down = order["type"] == "DESCENDING"
+                        first = order["null_order"] in ("NULLS_FIRST", "NULLS FIRST")
+                        sort_keys.append((position, down, first))
                     expression = (
                         _ast.expression(self.con, str(position + 1))
                         if position is not None
@@ -1164,7 +1199,9 @@ class _Planner:
                 modifiers.append(dict(modifier, orders=orders))
             elif modifier["type"] in ("LIMIT_MODIFIER", "DISTINCT_MODIFIER"):
                 if modifier["type"] == "LIMIT_MODIFIER":
-                    self._limit(modifier, True)  # constants only
+                    _, _, count, offset = self._limit(modifier, True)  # constants only
+                else:
+                    plain = False
                 modifiers.append(modifier)
             else:
                 raise _NotDistributable(f"a {modifier['type']}")
@@ -1203,8 +1240,14 @@ class _Planner:
             f"FROM (SELECT {renamed} FROM {FRAGMENTS_RELATION}) AS {FRAGMENTS_RELATION}",
             1,
         )
-        return self._distributed(
+        plan = self._distributed(
             "two_phase", node, fragment, leaves, partitioned, partitions, final_sql
+        )
+        if not plain or ((count is not None or offset) and not sort_keys):
+            return plan
+        sort = SortMerge(len(outputs), tuple(sort_keys), count, offset) if sort_keys else None
+        return dataclasses.replace(
+            plan, aggregate_merge=AggregateMerge(len(groups), tuple(outputs), sort)
         )
 
     def _distinct_argument(self, node: Node) -> Node | None:
@@ -1526,6 +1569,24 @@ def _same_distribution(a: TableSpec, b: TableSpec) -> bool:
         and a.bounds == b.bounds
         and a.lists == b.lists
     )
+
+
+def _plain_output(
+    item: Node, groups: list[Node], first_partial: int, partials: int
+) -> tuple[str, int] | None:
+    """A select item of a two-phase query as an `AggregateMerge` output: a group, or one
+    count, sum, min or max whose final reads the one partial it added (`first_partial`;
+    `partials` after it); None for anything else."""
+    for i, group in enumerate(groups):
+        if _ast.same(item, group):
+            return ("group", i)
+    if item.get("class") != "FUNCTION" or partials != first_partial + 1:
+        return None
+    name = str(item["function_name"]).lower()
+    kind = {"count_star": "count", "count": "count", "sum": "sum", "min": "min", "max": "max"}
+    if name not in kind or item.get("distinct"):
+        return None
+    return (kind[name], len(groups) + first_partial)
 
 
 def _order_sql(column: str, order: Node) -> str:

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from query.coordinator import Coordinator, ExecutionFailed
-from query.planner import Distributed, SortMerge
+from query.planner import AggregateMerge, Distributed, SortMerge
 from tests.unit.query.fake_port import FakePort
 from tests.unit.query.harness import beside_duckdb
 
@@ -345,6 +345,65 @@ def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
         assert rows == expected
     else:
         assert sorted(rows, key=repr) == sorted(expected, key=repr)
+
+
+@pytest.mark.parametrize(
+    ("sql", "merge"),
+    [
+        (
+            "SELECT flag, count(*) AS n, sum(price), min(qty), max(flag), count(x) FROM l "
+            "GROUP BY flag ORDER BY n DESC, flag NULLS FIRST LIMIT 2",
+            AggregateMerge(
+                1,
+                (("group", 0), ("count", 1), ("sum", 2), ("min", 3), ("max", 4), ("count", 5)),
+                SortMerge(6, ((1, True, False), (0, False, True)), 2, 0),
+            ),
+        ),
+        ("SELECT sum(qty) FILTER (WHERE qty > 3) FROM l", AggregateMerge(0, (("sum", 0),), None)),
+        (
+            "SELECT d, ck, sum(total) FROM o GROUP BY ck, d",
+            AggregateMerge(2, (("group", 1), ("group", 0), ("sum", 2)), None),
+        ),
+        ("SELECT sum(price) * 2 FROM l", None),  # an expression around the aggregate
+        ("SELECT avg(qty) FROM l", None),
+        ("SELECT flag, count(*) FROM l GROUP BY flag HAVING count(*) > 1", None),
+        ("SELECT flag, count(DISTINCT qty) FROM l GROUP BY flag", None),
+        ("SELECT flag, count(*) FROM l GROUP BY ROLLUP(flag)", None),
+        ("SELECT flag, count(*) FROM l GROUP BY flag ORDER BY sum(qty)", None),
+        ("SELECT flag, count(*) FROM l GROUP BY flag LIMIT 1", None),
+    ],
+)
+def test_plain_two_phase_merges_aggregate_in_arrow(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection],
+    sql: str,
+    merge: AggregateMerge | None,
+) -> None:
+    coordinator, _, reference = pair
+    view = coordinator._port.catalog()
+    plan, _, _ = coordinator._plan(view, sql)
+    assert isinstance(plan, Distributed) and plan.tier.startswith("two_phase")
+    assert plan.aggregate_merge == merge
+    rows = coordinator.execute(sql).fetchall()
+    expected = reference.execute(sql).fetchall()
+    if "LIMIT 2" in sql:
+        assert rows == expected
+    elif "LIMIT" not in sql:
+        assert sorted(rows, key=repr) == sorted(expected, key=repr)
+
+
+def test_a_sum_past_38_digits_fails_as_in_duckdb(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection],
+) -> None:
+    """Partials that each fit DECIMAL(38) but whose sum does not: pyarrow's sum would wrap
+    around, so DuckDB merges them, and fails as single-node DuckDB does."""
+    coordinator, _, reference = pair
+    big = "CAST('60000000000000000000000000000000000000' AS DECIMAL(38,0))"
+    sql = f"SELECT sum(CASE WHEN ok % 250 = 0 THEN {big} ELSE 0 END) FROM o"
+    with pytest.raises(duckdb.Error) as theirs:
+        reference.execute(sql).fetchall()
+    with pytest.raises(ExecutionFailed) as ours:
+        coordinator.execute(sql).fetchall()
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_a_routed_query_reads_only_the_pinned_partitions(

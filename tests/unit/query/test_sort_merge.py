@@ -1,11 +1,15 @@
-"""`query.results.sort_merged` orders and cuts as DuckDB's merge SQL does.
+"""`query.results.sort_merged` orders and cuts as DuckDB's merge SQL does, and
+`aggregate_merged` groups and adds up as it does.
 
 Generated fragments' rows (integers, decimals, unicode strings, dates, timestamps with a
 time zone, NULLs everywhere, many ties; booleans beside them) are merged both ways: by DuckDB running
 the SQL the planner writes for the merge, and by `sort_merged`. The keys come out in the
 same order, and without a cut the rows are the same multiset; with a cut, the rows kept
 are rows DuckDB could have kept (ties at the cut may go either way). Key types whose
-order pyarrow might give otherwise (floats, intervals, lists) are left to DuckDB."""
+order pyarrow might give otherwise (floats, intervals, lists) are left to DuckDB.
+Generated partials (string and integer groups with NULLs; decimal and integer sums,
+counts, min and max) give DuckDB's rows and Arrow schema; a sum that could pass 38
+digits, or a float group, is left to DuckDB."""
 
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from query.planner import SortMerge
-from query.results import sort_merged
+from query.planner import AggregateMerge, SortMerge
+from query.results import aggregate_merged, sort_merged
 
 COLUMNS = (
     ("c0", pa.int64(), st.integers(-3, 3)),
@@ -141,3 +145,67 @@ def test_keys_pyarrow_may_order_otherwise_are_left_to_duckdb(
     rows = pa.table({"c0": pa.array(values, kind), "c1": pa.array(range(len(values)))})
     assert sort_merged(rows, SortMerge(2, ((0, False, False),), None, 0)) is None
     assert sort_merged(rows, SortMerge(2, ((1, True, False),), 1, 0)) is not None
+
+
+@st.composite
+def partials(draw: st.DrawFn) -> pa.Table:
+    count = draw(st.integers(0, 30))
+
+    def column(values: st.SearchStrategy, kind: pa.DataType) -> pa.Array:
+        drawn = draw(st.lists(st.one_of(st.none(), values), min_size=count, max_size=count))
+        return pa.array(drawn, kind)
+
+    return pa.table(
+        {
+            "c0": column(st.sampled_from(["a", "ä", "", "b"]), pa.string()),
+            "c1": column(st.integers(-2, 2), pa.int32()),
+            "c2": column(st.decimals(-(10**20), 10**20, places=4), pa.decimal128(38, 4)),
+            "c3": column(st.integers(0, 10**9), pa.int64()),
+            "c4": column(st.dates(), pa.date32()),
+            "c5": column(st.text(max_size=3), pa.string()),
+        }
+    )
+
+
+GROUPED = (
+    "SELECT g0, g1, sum(a0) AS s, CAST(coalesce(sum(a1), 0) AS BIGINT) AS n, min(a2) AS lo, "
+    "max(a3) AS hi FROM (SELECT c0 AS g0, c1 AS g1, c2 AS a0, c3 AS a1, c4 AS a2, c5 AS a3 "
+    "FROM dcluster_fragments) GROUP BY g0, g1"
+)
+WHOLE = (
+    "SELECT sum(a0) AS s, CAST(coalesce(sum(a1), 0) AS BIGINT) AS n, min(a2) AS lo, "
+    "max(a3) AS hi FROM (SELECT c2 AS a0, c3 AS a1, c4 AS a2, c5 AS a3 FROM dcluster_fragments)"
+)
+GROUPED_MERGE = AggregateMerge(
+    2, (("group", 0), ("group", 1), ("sum", 2), ("count", 3), ("min", 4), ("max", 5)), None
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=partials())
+def test_aggregates_as_duckdb_does(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
+    con.register("dcluster_fragments", rows)
+    try:
+        theirs = con.sql(GROUPED).to_arrow_table()
+        whole_theirs = con.sql(WHOLE).to_arrow_table()
+    finally:
+        con.unregister("dcluster_fragments")
+    ours = aggregate_merged(rows, GROUPED_MERGE, theirs.schema)
+    assert ours is not None and ours.schema == theirs.schema
+    assert Counter(_tuples(ours)) == Counter(_tuples(theirs))
+    no_groups = AggregateMerge(0, (("sum", 0), ("count", 1), ("min", 2), ("max", 3)), None)
+    ours_whole = aggregate_merged(rows.select(range(2, 6)), no_groups, whole_theirs.schema)
+    assert ours_whole is not None and _tuples(ours_whole) == _tuples(whole_theirs)
+
+
+def test_a_sum_that_could_overflow_or_a_float_group_is_left_to_duckdb() -> None:
+    big = Decimal("60000000000000000000000000000000000000")
+    rows = pa.table({"c0": pa.array([big, big], pa.decimal128(38, 0))})
+    shape = pa.schema([("s", pa.decimal128(38, 0))])
+    assert aggregate_merged(rows, AggregateMerge(0, (("sum", 0),), None), shape) is None
+    assert aggregate_merged(rows.slice(0, 1), AggregateMerge(0, (("sum", 0),), None), shape)
+    floats = pa.table({"c0": pa.array([0.0, -0.0]), "c1": pa.array([1, 2], pa.int64())})
+    merge = AggregateMerge(1, (("group", 0), ("count", 1)), None)
+    assert (
+        aggregate_merged(floats, merge, pa.schema([("g", pa.float64()), ("n", pa.int64())])) is None
+    )
