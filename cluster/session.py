@@ -163,6 +163,8 @@ class TransportPort:
         """State index of an open read point -> the reader id its snapshots are held for."""
         self._open_read_after_ns = 0
         """After a read point could not be opened, log barriers until then."""
+        self._silent: set[int] = set()
+        """Nodes that did not answer the last `open_read` in time: not waited for."""
         self.reads_opened = 0
         """Read points `open_read` opened without a log entry."""
         self.reads_not_opened = 0
@@ -242,7 +244,8 @@ class TransportPort:
         one snapshot of the cluster wherever they run. The point is the linearized
         answer's s; the nodes that answered must all name it (a node that named another
         could not serve s; a node that did not answer within OPEN_READ_GRACE_MS is not
-        waited for: it has no snapshot at s, or the same state). Otherwise, or without a
+        waited for, nor next time until it answers: it has no snapshot at s, or the same
+        state). Otherwise, or without a
         linearized answer within OPEN_READ_WAIT_MS, the holds are released and the
         session uses log barriers for OPEN_READ_BACKOFF_MS (writes are in flight)."""
         client = self.client
@@ -268,6 +271,11 @@ class TransportPort:
         """Node -> its answer."""
         refused = False
 
+        def done() -> bool:
+            linearized = any(answer.read_index > 0 for answer in opened.values())
+            waiting = any(node not in self._silent for node, _ in asked.values())
+            return refused or (linearized and not waiting)
+
         def take(delivery: Any) -> bool:
             nonlocal refused
             if isinstance(delivery, Received):
@@ -278,21 +286,21 @@ class TransportPort:
                         opened[node] = message
                     else:
                         refused = True
-            return not asked or refused
+            return done()
 
-        linearized: ReadOpened | None = None
         wait_ms = OPEN_READ_WAIT_MS
         while True:
             self._receive(take, wait_ms)
             linearized = next((a for a in opened.values() if a.read_index > 0), None)
-            if not asked or refused:
-                break
             waited_ms = (self._clock.monotonic_ns() - began_ns) // NS_PER_MS
+            if done() or waited_ms >= OPEN_READ_WAIT_MS:
+                break
             if linearized is not None and waited_ms >= OPEN_READ_GRACE_MS:
                 break
-            if waited_ms >= OPEN_READ_WAIT_MS:
-                break
             wait_ms = max(1, (OPEN_READ_GRACE_MS if linearized else OPEN_READ_WAIT_MS) - waited_ms)
+        # A node that did not answer in time is not waited for next time (it is dead,
+        # paused or slow: a read it cannot serve is hedged), until it answers again.
+        self._silent = (self._silent - set(opened)) | {node for node, _ in asked.values()}
         points = {(a.state_index, a.catalog_version) for a in opened.values()}
         if refused or linearized is None or len(points) != 1:
             for node, answer in opened.items():

@@ -63,6 +63,21 @@ def test_reads_with_a_dead_primary_are_not_slowed_by_it(
             assert elapsed < BOUND_S, f"a {consistency} read took {elapsed:.1f} s"
 
 
+def test_strong_reads_with_a_dead_node_still_open_without_a_log_entry(
+    dead_primary: tuple[CliCluster, int],
+) -> None:
+    """The dead node never answers `OpenRead`: the live nodes' answers agree and make the
+    read point, and after the first read the dead node is not waited for at all."""
+    three, dead = dead_primary
+    with connect(three) as con:
+        port = con._port
+        assert isinstance(port, cluster.session.TransportPort)
+        for _ in range(5):
+            assert con.execute("SELECT count(*), sum(id) FROM t").fetchall() == [(300, 44850)]
+        assert port.reads_opened == 5 and port.reads_not_opened == 0
+        assert port._silent == {dead}
+
+
 def test_writes_with_a_dead_holder_go_on_with_the_live_quorum(
     dead_primary: tuple[CliCluster, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
