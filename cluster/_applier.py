@@ -557,19 +557,25 @@ class Applier:
     # ---- snapshots (opened and closed on the apply lane only) ----
 
     def _open_barrier(self, index: int) -> None:
-        if not self.store_holds_anything():
-            return
         try:
-            snapshot = self.store.snapshot()
+            snapshot = self._snapshot_if_holding()
         except PartitionStoreError as error:
             self._host.log_event("snapshot_failed", index=index, error=str(error))
+            return
+        if snapshot is None:
             return
         with self._snapshots_lock:
             self._snapshots[index] = _Snapshot(snapshot, self._clock.monotonic_ns())
         self._trim_snapshots()
 
-    def store_holds_anything(self) -> bool:
-        return bool(self.store.partitions())
+    def _snapshot_if_holding(self) -> ReadSnapshot | None:
+        """A snapshot of the store now, or None when it holds no partition (nothing to read
+        there): one transaction, whose partition list the reads then use."""
+        snapshot = self.store.snapshot()
+        if snapshot.partitions():
+            return snapshot
+        snapshot.close()
+        return None
 
     def _open_for_stale(self, read: Read, done: ReadDone) -> None:
         try:
@@ -600,13 +606,11 @@ class Applier:
             done(0, 0, f"index {index} is a barrier's here")
             return
         if held is None:
-            snapshot = None
-            if self.store_holds_anything():
-                try:
-                    snapshot = self.store.snapshot()
-                except PartitionStoreError as error:
-                    done(0, 0, f"no snapshot: {error}")
-                    return
+            try:
+                snapshot = self._snapshot_if_holding()
+            except PartitionStoreError as error:
+                done(0, 0, f"no snapshot: {error}")
+                return
             held = _Snapshot(snapshot, now, holders=set())
             with self._snapshots_lock:
                 self._snapshots[index] = held

@@ -913,18 +913,18 @@ class Coordinator:
                         str(rows_sent.nbytes),
                     )
                 )
+        if trace is not None:
+            trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         con = self._work.con
         found = self._found_types.read(con, rows)
         exact = found == list(plan.fragment_types)
-        sort = plan.sort_merge
-        sorted_rows = None if sort is None or not exact else sort_merged(rows, sort)
         aggregates = plan.aggregate_merge
         if aggregates is not None and exact and shape is not None:
             table = aggregate_merged(rows, aggregates, shape)
             if table is not None:
-                if trace is not None:
-                    trace.append(("merge", "coordinator", plan.merge_sql, None, None))
                 return table, types
+        sort = plan.sort_merge
+        sorted_rows = sort_merged(rows, sort) if sort is not None and exact else None
         if plan.concatenates and exact:
             merged, merged_types = rows, found  # nothing for DuckDB to do
         elif sort is not None and sorted_rows is not None:
@@ -943,8 +943,6 @@ class Coordinator:
                 )
             finally:
                 con.unregister(raw)
-        if trace is not None:
-            trace.append(("merge", "coordinator", plan.merge_sql, None, None))
         assert merged is not None
         table = _cast(con, merged, merged_types, names, types)
         if shape is not None and table.schema != shape:

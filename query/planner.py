@@ -997,9 +997,7 @@ class _Planner:
                             dict(order["expression"], alias=f"dcluster_sort_{position}")
                         )
                     merge_orders.append(_order_sql(f"c{position}", order))
-                    down = order["type"] == "DESCENDING"
-                    first = order["null_order"] in ("NULLS_FIRST", "NULLS FIRST")
-                    sort_keys.append((position, down, first))
+                    sort_keys.append(_sort_key(position, order))
             elif modifier["type"] == "LIMIT_MODIFIER":
                 limit = modifier
             else:
@@ -1187,9 +1185,7 @@ class _Planner:
                     position = self._output_position(node, order["expression"])
                     plain = plain and position is not None
                     if position is not None:
-                        down = order["type"] == "DESCENDING"
-                        first = order["null_order"] in ("NULLS_FIRST", "NULLS FIRST")
-                        sort_keys.append((position, down, first))
+                        sort_keys.append(_sort_key(position, order))
                     expression = (
                         _ast.expression(self.con, str(position + 1))
                         if position is not None
@@ -1587,6 +1583,13 @@ def _plain_output(
     if name not in kind or item.get("distinct"):
         return None
     return (kind[name], len(groups) + first_partial)
+
+
+def _sort_key(position: int, order: Node) -> tuple[int, bool, bool]:
+    """An ORDER BY item on output `position` as a `SortMerge` key (DuckDB's defaults:
+    ascending, NULLs last)."""
+    nulls_first = order["null_order"] in ("NULLS_FIRST", "NULLS FIRST")
+    return (position, order["type"] == "DESCENDING", nulls_first)
 
 
 def _order_sql(column: str, order: Node) -> str:

@@ -304,13 +304,9 @@ def test_types_and_names_are_duckdbs(
 def test_only_a_plain_pushdown_merges_by_concatenating(
     pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection], sql: str, concatenates: bool
 ) -> None:
-    coordinator, _, reference = pair
-    view = coordinator._port.catalog()
-    plan, _, _ = coordinator._plan(view, sql)
-    assert isinstance(plan, Distributed)
+    plan, rows, expected = _planned_and_answered(pair, sql)
     assert plan.concatenates is concatenates
-    rows = coordinator.execute(sql).fetchall()
-    assert sorted(rows, key=repr) == sorted(reference.execute(sql).fetchall(), key=repr)
+    assert sorted(rows, key=repr) == sorted(expected, key=repr)
 
 
 @pytest.mark.parametrize(
@@ -334,13 +330,8 @@ def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
     sql: str,
     sort: SortMerge | None,
 ) -> None:
-    coordinator, _, reference = pair
-    view = coordinator._port.catalog()
-    plan, _, _ = coordinator._plan(view, sql)
-    assert isinstance(plan, Distributed)
+    plan, rows, expected = _planned_and_answered(pair, sql)
     assert plan.sort_merge == sort
-    rows = coordinator.execute(sql).fetchall()
-    expected = reference.execute(sql).fetchall()
     if "LIMIT" in sql:  # the keys fix the rows' order, and which rows are kept
         assert rows == expected
     else:
@@ -378,17 +369,23 @@ def test_plain_two_phase_merges_aggregate_in_arrow(
     sql: str,
     merge: AggregateMerge | None,
 ) -> None:
-    coordinator, _, reference = pair
-    view = coordinator._port.catalog()
-    plan, _, _ = coordinator._plan(view, sql)
-    assert isinstance(plan, Distributed) and plan.tier.startswith("two_phase")
+    plan, rows, expected = _planned_and_answered(pair, sql)
+    assert plan.tier.startswith("two_phase")
     assert plan.aggregate_merge == merge
-    rows = coordinator.execute(sql).fetchall()
-    expected = reference.execute(sql).fetchall()
     if "LIMIT 2" in sql:
         assert rows == expected
     elif "LIMIT" not in sql:
         assert sorted(rows, key=repr) == sorted(expected, key=repr)
+
+
+def _planned_and_answered(
+    pair: tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection], sql: str
+) -> tuple[Distributed, list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """`sql`'s distributed plan, the coordinator's rows and DuckDB's."""
+    coordinator, _, reference = pair
+    plan, _, _ = coordinator._plan(coordinator._port.catalog(), sql)
+    assert isinstance(plan, Distributed)
+    return plan, coordinator.execute(sql).fetchall(), reference.execute(sql).fetchall()
 
 
 def test_a_sum_past_38_digits_fails_as_in_duckdb(
