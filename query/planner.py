@@ -120,8 +120,9 @@ class AggregateMerge:
     """A two-phase merge in terms pyarrow can carry out (`query.results.aggregate_merged`):
     the partials grouped by their first `groups` columns, each output either a group
     column or one aggregate of one partial column — ("group", i), ("sum", i), ("min", i),
-    ("max", i), or ("count", i): a sum of counts, 0 for none — then ordered and cut by
-    `sort` (keys on the outputs), if any. No HAVING, DISTINCT, grouping sets or
+    ("max", i), ("count", i): a sum of counts, 0 for none, or ("avg", i): the sum of
+    partial sums i over the sum of partial counts i + 1, as a DOUBLE — then ordered and cut
+    by `sort` (keys on the outputs), if any. No HAVING, DISTINCT, grouping sets or
     expressions around the aggregates; `merge_sql` stays the reference."""
 
     groups: int
@@ -1570,17 +1571,22 @@ def _same_distribution(a: TableSpec, b: TableSpec) -> bool:
 def _plain_output(
     item: Node, groups: list[Node], first_partial: int, partials: int
 ) -> tuple[str, int] | None:
-    """A select item of a two-phase query as an `AggregateMerge` output: a group, or one
+    """A select item of a two-phase query as an `AggregateMerge` output: a group, one
     count, sum, min or max whose final reads the one partial it added (`first_partial`;
-    `partials` after it); None for anything else."""
+    `partials` after it), or an average over the sum and count it added; None for
+    anything else."""
     for i, group in enumerate(groups):
         if _ast.same(item, group):
             return ("group", i)
-    if item.get("class") != "FUNCTION" or partials != first_partial + 1:
+    if item.get("class") != "FUNCTION" or item.get("distinct"):
         return None
     name = str(item["function_name"]).lower()
+    if name in ("avg", "mean") and partials == first_partial + 2:
+        return ("avg", len(groups) + first_partial)
+    if partials != first_partial + 1:
+        return None
     kind = {"count_star": "count", "count": "count", "sum": "sum", "min": "min", "max": "max"}
-    if name not in kind or item.get("distinct"):
+    if name not in kind:
         return None
     return (kind[name], len(groups) + first_partial)
 

@@ -66,17 +66,25 @@ def aggregate_merged(rows: pa.Table, merge: AggregateMerge, shape: pa.Schema) ->
         field = schema.field(column)
         if kind in ("min", "max") and not _sorts_alike(field.type):
             return None
-        if kind in ("sum", "count") and not _sum_fits(rows.column(column), field.type):
-            return None
-        if kind != "group":
-            asked.append((names[column], "sum" if kind == "count" else kind))
+        summed = (column, column + 1) if kind == "avg" else (column,)
+        if kind in ("sum", "count", "avg"):
+            if not all(_sum_fits(rows.column(i), schema.field(i).type) for i in summed):
+                return None
+            asked += [(names[i], "sum") for i in summed]
+        elif kind != "group":
+            asked.append((names[column], kind))
     grouped = rows.group_by(names[: merge.groups]).aggregate(asked)
     columns = []
     for kind, column in merge.outputs:
         if kind == "group":
             columns.append(grouped.column(names[column]))
             continue
-        values = grouped.column(f"{names[column]}_{'sum' if kind == 'count' else kind}")
+        values = grouped.column(f"{names[column]}_{'sum' if kind in ('count', 'avg') else kind}")
+        if kind == "avg":
+            average = _average(values, grouped.column(f"{names[column + 1]}_sum"))
+            if average is None:
+                return None
+            values = average
         columns.append(pc.fill_null(values, 0) if kind == "count" else values)
     table = pa.Table.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))])
     if merge.sort is not None:
@@ -102,6 +110,37 @@ def _sum_fits(column: pa.ChunkedArray, kind: pa.DataType) -> bool:
     if pt.is_integer(kind):
         return largest * len(column) < 2**63
     return largest.scaleb(kind.scale) * len(column) < Decimal(10) ** 38
+
+
+def _average(total: pa.ChunkedArray, count: pa.ChunkedArray) -> pa.Array | None:
+    """`CAST(total AS DOUBLE) / count` as DuckDB computes it, or None when that is not
+    sure: DuckDB casts a decimal to DOUBLE as its unscaled integer over 10^scale (Arrow's
+    cast rounds differently), done here alike while the integer is below 2^53 (exact as a
+    DOUBLE). A NULL total (no values) stays NULL."""
+    kind = total.type
+    if not (pt.is_integer(kind) or pt.is_decimal128(kind)) or not pt.is_integer(count.type):
+        return None
+    scale = kind.scale if pt.is_decimal128(kind) else 0
+    for column, places in ((total, scale), (count, 0)):
+        low, high = pc.min_max(column).values()
+        if low.as_py() is None:
+            continue
+        largest = max(abs(Decimal(low.as_py())), abs(Decimal(high.as_py())))
+        if largest.scaleb(places) >= 2**53:
+            return None
+    numerator = total.cast(pa.float64()) if scale == 0 else _unscaled(total).cast(pa.float64())
+    if scale:
+        numerator = pc.divide(numerator, float(f"1e{scale}"))
+    return pc.divide(numerator, count.cast(pa.float64()))
+
+
+def _unscaled(column: pa.ChunkedArray) -> pa.Array:
+    """A decimal column's unscaled integers, as DECIMAL(38, 0) (the same 128 bits read
+    without the scale)."""
+    array = column.combine_chunks().cast(pa.decimal128(38, column.type.scale))
+    return pa.Array.from_buffers(
+        pa.decimal128(38, 0), len(array), array.buffers(), offset=array.offset
+    )
 
 
 def _sorts_alike(kind: pa.DataType) -> bool:

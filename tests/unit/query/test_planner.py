@@ -356,7 +356,17 @@ def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
             AggregateMerge(2, (("group", 1), ("group", 0), ("sum", 2)), None),
         ),
         ("SELECT sum(price) * 2 FROM l", None),  # an expression around the aggregate
-        ("SELECT avg(qty) FROM l", None),
+        ("SELECT avg(qty) FROM l", AggregateMerge(0, (("avg", 0),), None)),
+        (
+            "SELECT flag, avg(qty) FILTER (WHERE price > 2) AS a, count(*) FROM l "
+            "GROUP BY flag ORDER BY a DESC",
+            AggregateMerge(
+                1,
+                (("group", 0), ("avg", 1), ("count", 3)),
+                SortMerge(3, ((1, True, False),), None, 0),  # a DOUBLE key: sorted by DuckDB
+            ),
+        ),
+        ("SELECT avg(qty) + 1 FROM l", None),
         ("SELECT flag, count(*) FROM l GROUP BY flag HAVING count(*) > 1", None),
         ("SELECT flag, count(DISTINCT qty) FROM l GROUP BY flag", None),
         ("SELECT flag, count(*) FROM l GROUP BY ROLLUP(flag)", None),
