@@ -27,6 +27,7 @@ def test_up_returns_with_a_leader_and_prints_where_everything_is(cluster: CliClu
     assert all(node.pid is not None and node.state == "running" for node in info.nodes)
     for node in info.nodes:
         assert psutil.Process(node.pid).cpu_affinity() == [node.core], "pinned to its core"
+        assert os.sched_getscheduler(node.pid) == os.SCHED_BATCH, "not preempting its clients"
     assert cluster.run.secret_file.stat().st_mode & 0o777 == 0o600
     status = cluster.status()
     assert status["leader"] is not None
