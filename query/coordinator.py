@@ -109,7 +109,15 @@ from query.results import (
     sort_merged,
 )
 from query.scalars import ScalarSubqueries, literal
-from query.scans import KEYS_MAX, ScanPlan, key_names, plan_scans, read_scans, schedule
+from query.scans import (
+    KEYS_MAX,
+    ScanPlan,
+    TableScan,
+    key_names,
+    plan_scans,
+    read_scans,
+    schedule,
+)
 from storage import ddl
 from storage.catalog import AlterTable, BindError, CatalogError, CreateTable, Ddl, DropTable
 from storage.ddl import Statement, StatementKind, quote_identifier
@@ -769,6 +777,8 @@ class Coordinator:
             lambda spec: [name for name, _ in work.stored_columns(spec)],
             names,
             lambda: self._scan_plan(view, sql),
+            lambda scan, moved: _whole_broadcast_bytes(scan, moved, view),
+            BROADCAST_BYTES_MAX,
         )
         basis = self._basis(view)
         self._plans[sql] = _Planned(basis, plan, tuple(names), tuple(types), self._shape)
@@ -1302,15 +1312,23 @@ def _expected_broadcast_bytes(plan: Distributed, view: CatalogView) -> int:
     tables give one). The others count nothing: how much they give is not known before
     they are read."""
     moved = {broadcast.scan.key for broadcast in plan.broadcasts}
-    total = 0
-    for broadcast in plan.broadcasts:
-        scan = broadcast.scan
-        if broadcast.split is None and any(
-            not terms and not any(link.source in moved for link in links)
-            for terms, links in scan.places
-        ):
-            total += (view.table_rows.get(scan.key) or 0) * _width(scan.columns)
-    return total
+    return sum(
+        _whole_broadcast_bytes(broadcast.scan, moved, view)
+        for broadcast in plan.broadcasts
+        if broadcast.split is None
+    )
+
+
+def _whole_broadcast_bytes(scan: TableScan, moved: set[str], view: CatalogView) -> int:
+    """About how many bytes a table broadcast as `scan` comes to when it is read whole (at
+    some place no condition narrows it, nor a key set of another `moved` table: only those
+    are read before it); 0 when it is not surely read whole."""
+    if any(
+        not terms and not any(link.source in moved for link in links)
+        for terms, links in scan.places
+    ):
+        return (view.table_rows.get(scan.key) or 0) * _width(scan.columns)
+    return 0
 
 
 def _width(columns: Sequence[tuple[str, str]]) -> int:

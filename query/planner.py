@@ -197,6 +197,19 @@ class _Move:
     rows: int
 
 
+@dataclass(frozen=True)
+class _Option:
+    """One way to move the tables not co-located with a main group (`_choose_moves`)."""
+
+    rows: int
+    """Estimated rows moved, a broadcast table's once per fragment."""
+    order: int
+    """The main group's place, largest first (the tie-break)."""
+    moves: dict[int, _Move]
+    copies: int
+    """Fragments: how many times a broadcast table is sent."""
+
+
 @dataclass
 class _Leaf:
     node: Node
@@ -236,13 +249,20 @@ def plan_select(
     columns_of: Callable[[TableSpec], Sequence[str]],
     output_names: Sequence[str],
     scans: Callable[[], ScanPlan | str] | None = None,
+    whole_bytes: Callable[[TableScan, set[str]], int] | None = None,
+    broadcast_bytes_max: int = 0,
 ) -> Distributed | Gather:
     """The plan of one SELECT bound against `con` (the work database, whose tables match
     `specs`); `columns_of(spec)` lists a table's columns, `output_names` the query's result
     columns as DuckDB binds them. `scans()` gives the query's narrowed scans (query.scans),
-    which broadcast tables are read by; without it nothing is broadcast."""
+    which broadcast tables are read by; without it nothing is broadcast. `whole_bytes(scan,
+    moved)` estimates the bytes of a table scanned so (beside the tables `moved`) when it
+    is surely read whole, else 0; a broadcast of more than `broadcast_bytes_max` of them
+    is sure to be too large (`_Planner._choose_moves`)."""
     try:
-        return _Planner(con, view, specs, columns_of, output_names, scans).plan(sql)
+        planner = _Planner(con, view, specs, columns_of, output_names, scans)
+        planner.whole_bytes, planner.broadcast_bytes_max = whole_bytes, broadcast_bytes_max
+        return planner.plan(sql)
     except _NotDistributable as why:
         return Gather(str(why))
     except _ast.NotATree as error:
@@ -261,6 +281,8 @@ class _Planner:
     ) -> None:
         self.output_names = [name.lower() for name in output_names]
         self._scans = scans
+        self.whole_bytes: Callable[[TableScan, set[str]], int] | None = None
+        self.broadcast_bytes_max = 0
         self._broadcast: dict[int, Broadcast] = {}
         """FROM position -> how that table is moved to the fragments."""
         self._moves: dict[int, _Move] = {}
@@ -363,7 +385,13 @@ class _Planner:
 
         Every group that can be the main one is tried (the FROM clause must then plan as
         co-located tables); the one moving the fewest estimated rows wins, a broadcast
-        counting once per partition. With none, the query is gathered, saying why."""
+        counting once per partition. But when a way broadcasts a table sure to be too large
+        (read whole, over `broadcast_bytes_max`: it would be gathered instead), ways are
+        ranked first by the bytes they surely move — tables read whole, a broadcast one
+        once per partition; filtered tables count nothing. Repartitioning a filtered table
+        then beats broadcasting a large one (TPC-H q14: a month of lineitem dealt out by
+        part key, not all of part sent to every fragment), and an unfiltered table larger
+        than the broadcast does not. With none, the query is gathered, saying why."""
         self._moves = {}
         self._broadcast = {}
         tables = _base_tables(node["from_table"])
@@ -398,7 +426,7 @@ class _Planner:
             groups.values(),
             key=lambda group: (-sum(rows.get(leaf.key, 0) for leaf in group), group[0].position),
         )
-        options: list[tuple[int, int, dict[int, _Move]]] = []
+        options: list[_Option] = []
         reasons: list[str] = []
         for order, main in enumerate(biggest_first):
             others = [leaf for leaf in partitioned if leaf not in main]
@@ -421,16 +449,21 @@ class _Planner:
                 self._moves = {}
             copies = main[0].spec.partitions
             cost = sum(move.rows * (1 if move.split else copies) for move in moves.values())
-            options.append((cost, order, moves))
+            options.append(_Option(cost, order, moves, copies))
         if not options:
             raise _NotDistributable(reasons[0] if len(reasons) == 1 else "; or ".join(reasons))
         if self._scans is None:
             raise _NotDistributable("no scans to move tables by")
-        _, _, moves = min(options, key=lambda option: option[:2])
         plan = self._scans()
         if isinstance(plan, str):
             raise _NotDistributable(f"tables not co-located; no scan to move them by: {plan}")
         scans = {scan.key: scan for scan in plan.scans}
+        sizes = [self._surely_moved(option, leaves, scans) for option in options]
+        if any(oversized for _, oversized in sizes):
+            ranked = zip(sizes, options, strict=True)
+            moves = min(ranked, key=lambda r: (r[0][0], r[1].rows, r[1].order))[1].moves
+        else:
+            moves = min(options, key=lambda option: (option.rows, option.order)).moves
         names: dict[tuple[str, str | None], str] = {}
         for leaf in partitioned:
             move = moves.get(leaf.position)
@@ -448,6 +481,24 @@ class _Planner:
             name = names.setdefault((leaf.key, column), BROADCAST_INPUT.format(len(names)))
             self._broadcast[leaf.position] = Broadcast(scan, name, move.split)
         self._moves = moves
+
+    def _surely_moved(
+        self, option: _Option, leaves: list[_Leaf], scans: Mapping[str, TableScan]
+    ) -> tuple[int, bool]:
+        """(The bytes `option` surely moves, whether it broadcasts a table sure to be too
+        large): see `_choose_moves`."""
+        moved = {leaves[position].key for position in option.moves}
+        total, oversized = 0, False
+        for position, move in option.moves.items():
+            scan = scans.get(leaves[position].key)
+            if scan is None or self.whole_bytes is None:
+                continue
+            size = self.whole_bytes(scan, moved)
+            if move.split is None:
+                oversized = oversized or size > self.broadcast_bytes_max
+                size *= option.copies
+            total += size
+        return total, oversized
 
     def _moves_into(
         self, main: list[_Leaf], others: list[_Leaf], leaves: list[_Leaf], terms: list[Node]

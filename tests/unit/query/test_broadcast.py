@@ -196,10 +196,11 @@ def test_a_broadcast_sure_to_be_too_large_is_not_read_first(
 ) -> None:
     """dim read whole: its estimated size (rows times column widths) is over the limit
     before it is read, so the query gathers at once — one round fewer, and dim narrowed
-    by f's keys rather than read whole."""
+    by f's keys rather than read whole. (Joined on an expression of dim's key, f cannot be
+    dealt out to dim's partitions instead.)"""
     monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
     sql = (
-        "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
+        "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk + 0 "
         "WHERE f.fk % 3 = 1 GROUP BY 1"
     )
     rows = pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
@@ -209,6 +210,28 @@ def test_a_broadcast_sure_to_be_too_large_is_not_read_first(
     assert steps.index("gather") < steps.index("scanned main.dim"), steps  # read once, after
     assert "scanned main.f" in steps, steps
     pair.run(sql)
+
+
+def test_a_filtered_table_is_repartitioned_rather_than_a_large_one_broadcast(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As TPC-H q14: dim read whole is sure to be too large to send to every fragment, but
+    f, filtered, can be dealt out by dk to dim's partitions: its filtered rows move once,
+    dim stays where it is, and nothing is gathered."""
+    monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 1)
+    sql = (
+        "SELECT dim.name, sum(f.amount) FROM f JOIN dim ON f.dk = dim.dk "
+        "WHERE f.fk % 3 = 1 GROUP BY 1"
+    )
+    rows = pair.coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    steps = [row[0] for row in rows]
+    assert "gather" not in steps and "repartition main.f" in steps, steps
+    assert "scanned main.dim" not in steps and "merge" in steps, steps
+    pair.run(sql)
+    monkeypatch.setattr(coordinator_module, "BROADCAST_BYTES_MAX", 10**9)  # not too large
+    fresh = sql.replace("GROUP BY", "GROUP  BY")  # a new text: plans are remembered by text
+    plan = pair.coordinator.execute("EXPLAIN " + fresh).fetchall()
+    assert "broadcast main.dim" in [row[0] for row in plan], plan  # fewer rows moved
 
 
 def test_a_large_broadcast_is_sent_when_a_gather_would_read_more_of_whole_tables(
