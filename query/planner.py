@@ -120,10 +120,12 @@ class AggregateMerge:
     """A two-phase merge in terms pyarrow can carry out (`query.results.aggregate_merged`):
     the partials grouped by their first `groups` columns, each output either a group
     column or one aggregate of one partial column — ("group", i), ("sum", i), ("min", i),
-    ("max", i), ("count", i): a sum of counts, 0 for none, or ("avg", i): the sum of
-    partial sums i over the sum of partial counts i + 1, as a DOUBLE — then ordered and cut
-    by `sort` (keys on the outputs), if any. No HAVING, DISTINCT, grouping sets or
-    expressions around the aggregates; `merge_sql` stays the reference."""
+    ("max", i), ("count", i): a sum of counts, 0 for none, ("avg", i): the sum of partial
+    sums i over the sum of partial counts i + 1, as a DOUBLE, or ("count_distinct", i):
+    how many distinct non-NULL values column i holds (the partials of distinct
+    pre-aggregation) — then ordered and cut by `sort` (keys on the outputs), if any. No
+    HAVING, DISTINCT modifier, grouping sets or expressions around the aggregates;
+    `merge_sql` stays the reference."""
 
     groups: int
     outputs: tuple[tuple[str, int], ...]
@@ -1211,9 +1213,7 @@ class _Planner:
             partials.append(copy.deepcopy(distinct))
         final = copy.deepcopy(node)
         final["select_list"] = []
-        plain = (
-            distinct is None and not node.get("having") and len(node.get("group_sets") or []) <= 1
-        )
+        plain = not node.get("having") and len(node.get("group_sets") or []) <= 1
         outputs: list[tuple[str, int]] = []
         """What each output is, while the merge stays plain (see AggregateMerge)."""
         for item in node["select_list"]:
@@ -1221,7 +1221,12 @@ class _Planner:
             final["select_list"].append(
                 dict(_ast.replaced(item, swap), alias=item.get("alias") or "")
             )
-            output = _plain_output(item, groups, before, len(partials)) if plain else None
+            if not plain:
+                output = None
+            elif distinct is not None:
+                output = _distinct_output(item, groups)
+            else:
+                output = _plain_output(item, groups, before, len(partials))
             plain = output is not None
             if output is not None:
                 outputs.append(output)
@@ -1640,6 +1645,21 @@ def _plain_output(
     if name not in kind:
         return None
     return (kind[name], len(groups) + first_partial)
+
+
+def _distinct_output(item: Node, groups: list[Node]) -> tuple[str, int] | None:
+    """A select item of a two-phase query with distinct pre-aggregation (the partials: the
+    groups, then their distinct values of X) as an `AggregateMerge` output: a group,
+    count(DISTINCT X), or min or max of X; None for anything else."""
+    for i, group in enumerate(groups):
+        if _ast.same(item, group):
+            return ("group", i)
+    if item.get("class") != "FUNCTION":
+        return None
+    name = str(item["function_name"]).lower()
+    if name == "count" and item.get("distinct"):
+        return ("count_distinct", len(groups))
+    return (name, len(groups)) if name in ("min", "max") else None
 
 
 def _sort_key(position: int, order: Node) -> tuple[int, bool, bool]:

@@ -64,7 +64,7 @@ def aggregate_merged(rows: pa.Table, merge: AggregateMerge, shape: pa.Schema) ->
     asked: list[tuple[str, str]] = []
     for kind, column in merge.outputs:
         field = schema.field(column)
-        if kind in ("min", "max") and not _sorts_alike(field.type):
+        if kind in ("min", "max", "count_distinct") and not _sorts_alike(field.type):
             return None
         summed = (column, column + 1) if kind == "avg" else (column,)
         if kind in ("sum", "count", "avg"):
@@ -85,7 +85,8 @@ def aggregate_merged(rows: pa.Table, merge: AggregateMerge, shape: pa.Schema) ->
             if average is None:
                 return None
             values = average
-        columns.append(pc.fill_null(values, 0) if kind == "count" else values)
+        counted = kind in ("count", "count_distinct")
+        columns.append(pc.fill_null(values, 0) if counted else values)
     table = pa.Table.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))])
     if merge.sort is not None:
         sorted_table = sort_merged(table, merge.sort)

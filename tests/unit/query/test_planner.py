@@ -368,7 +368,25 @@ def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
         ),
         ("SELECT avg(qty) + 1 FROM l", None),
         ("SELECT flag, count(*) FROM l GROUP BY flag HAVING count(*) > 1", None),
-        ("SELECT flag, count(DISTINCT qty) FROM l GROUP BY flag", None),
+        (
+            "SELECT flag, count(DISTINCT qty) AS n, min(qty), max(DISTINCT qty) FROM l "
+            "GROUP BY flag ORDER BY n DESC, flag",
+            AggregateMerge(
+                1,
+                (("group", 0), ("count_distinct", 1), ("min", 1), ("max", 1)),
+                SortMerge(4, ((1, True, False), (0, False, False)), None, 0),
+            ),
+        ),
+        ("SELECT count(DISTINCT qty) FROM l", AggregateMerge(0, (("count_distinct", 0),), None)),
+        (
+            "SELECT count(DISTINCT qty) FROM l WHERE qty < 0",
+            AggregateMerge(0, (("count_distinct", 0),), None),
+        ),
+        ("SELECT flag, sum(DISTINCT qty) FROM l GROUP BY flag", None),
+        (
+            "SELECT flag, count(DISTINCT qty) FROM l GROUP BY flag HAVING count(DISTINCT qty) > 1",
+            None,
+        ),
         ("SELECT flag, count(*) FROM l GROUP BY ROLLUP(flag)", None),
         ("SELECT flag, count(*) FROM l GROUP BY flag ORDER BY sum(qty)", None),
         ("SELECT flag, count(*) FROM l GROUP BY flag LIMIT 1", None),

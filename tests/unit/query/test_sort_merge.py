@@ -8,8 +8,8 @@ same order, and without a cut the rows are the same multiset; with a cut, the ro
 are rows DuckDB could have kept (ties at the cut may go either way). Key types whose
 order pyarrow might give otherwise (floats, intervals, lists) are left to DuckDB.
 Generated partials (string and integer groups with NULLs; decimal and integer sums,
-counts, min and max) give DuckDB's rows and Arrow schema; a sum that could pass 38
-digits, or a float group, is left to DuckDB."""
+counts, min and max, counts of distinct values) give DuckDB's rows and Arrow schema; a
+sum that could pass 38 digits, or a float group, is left to DuckDB."""
 
 from __future__ import annotations
 
@@ -181,6 +181,15 @@ GROUPED_MERGE = AggregateMerge(
 )
 
 
+DISTINCTS = (
+    "SELECT g0, count(DISTINCT a0) AS n, min(a0) AS lo, max(a0) AS hi "
+    "FROM (SELECT c0 AS g0, c1 AS a0 FROM dcluster_fragments) GROUP BY g0"
+)
+DISTINCTS_MERGE = AggregateMerge(
+    1, (("group", 0), ("count_distinct", 1), ("min", 1), ("max", 1)), None
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(rows=partials())
 def test_aggregates_as_duckdb_does(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
@@ -196,6 +205,15 @@ def test_aggregates_as_duckdb_does(con: duckdb.DuckDBPyConnection, rows: pa.Tabl
     no_groups = AggregateMerge(0, (("sum", 0), ("count", 1), ("min", 2), ("max", 3)), None)
     ours_whole = aggregate_merged(rows.select(range(2, 6)), no_groups, whole_theirs.schema)
     assert ours_whole is not None and _tuples(ours_whole) == _tuples(whole_theirs)
+    for distinct in ("c1", "c2", "c5"):  # integers, decimals, unicode strings
+        partials = rows.select(["c0", distinct]).rename_columns(["c0", "c1"])
+        con.register("dcluster_fragments", partials)
+        try:
+            theirs = con.sql(DISTINCTS).to_arrow_table()
+        finally:
+            con.unregister("dcluster_fragments")
+        ours = aggregate_merged(partials, DISTINCTS_MERGE, theirs.schema)
+        assert ours is not None and Counter(_tuples(ours)) == Counter(_tuples(theirs))
 
 
 def test_a_sum_that_could_overflow_or_a_float_group_is_left_to_duckdb() -> None:
