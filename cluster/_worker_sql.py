@@ -495,8 +495,13 @@ class SqlService:
         self._start_read(source, request)
 
     def _start_read(self, source: int, request: ReadRequest) -> None:
+        started_ns = self._clock.monotonic_ns()
+
         def done(rows: pa.Table | None, index: int, failure: ReadFailure | None) -> None:
-            self.mailbox.post(lambda: self._read_done(source, request, rows, index, failure))
+            elapsed_ns = self._clock.monotonic_ns() - started_ns
+            self.mailbox.post(
+                lambda: self._read_done(source, request, rows, index, failure, elapsed_ns)
+            )
 
         if isinstance(request, ScanRequest):
             self.applier.scan(
@@ -512,6 +517,7 @@ class SqlService:
         rows: pa.Table | None,
         index: int,
         failure: ReadFailure | None,
+        elapsed_ns: int = 0,
     ) -> None:
         if rows is None:
             self._refuse_read(source, request, failure or ReadFailure("read failed"))
@@ -520,7 +526,7 @@ class SqlService:
         if isinstance(request, ScanRequest):
             header = ScanHeader(request.request_id, request.table, request.partition, index)
         else:
-            header = FragmentHeader(request.request_id, index)
+            header = FragmentHeader(request.request_id, index, elapsed_ns // 1000)
         self._send_bulk(source, header, rows)
 
     def _refuse_read(self, source: int, request: ReadRequest, failure: ReadFailure) -> None:

@@ -129,6 +129,8 @@ class _HedgedRead:
     rows: pa.Table | None = None
     node: int = -1
     """The holder whose rows these are."""
+    elapsed_us: int = 0
+    """How long the fragment took on that holder (`FragmentHeader.elapsed_us`)."""
     error: str | None = None
     """The last retryable error (or unreachable holder)."""
     refusal: ScanError | None = None
@@ -578,7 +580,7 @@ class TransportPort:
         results = []
         for read in reads:
             assert read.rows is not None
-            results.append(FragmentResult(read.rows, read.node))
+            results.append(FragmentResult(read.rows, read.node, read.elapsed_us))
         return results
 
     def release(self, index: int) -> None:
@@ -749,6 +751,8 @@ class _HedgedReads:
                     self.port._held.setdefault(self.index, []).append(delivery)
                     read.rows = delivery.table
                     read.node = node_of(delivery.source)
+                    if isinstance(delivery.header, FragmentHeader):
+                        read.elapsed_us = delivery.header.elapsed_us
         elif isinstance(delivery, Received) and isinstance(delivery.message, ScanError):
             error = delivery.message
             read = self.pending.pop(error.request_id, None)

@@ -268,6 +268,9 @@ class FragmentHeader(msgspec.Struct, frozen=True):
     request_id: int
     index: int
     """The barrier index the fragment ran at (or the applied index, for stale)."""
+    elapsed_us: int = 0
+    """Microseconds on the node from the read's start (its turn in the scan lane, the
+    snapshot, the SQL) until its rows were in hand; not the sending (EXPLAIN ANALYZE)."""
 
 
 class OpenRead(msgspec.Struct, frozen=True):

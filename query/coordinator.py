@@ -914,11 +914,12 @@ class Coordinator:
         if trace is not None:
             for result, partition in zip(results, plan.partitions, strict=True):
                 rows_sent = result.rows
+                ran = f"ran {result.elapsed_us / 1000:.1f} ms there" if result.elapsed_us else ""
                 trace.append(
                     (
                         f"partition {partition}",
                         f"node {result.node}",
-                        "",
+                        ran,
                         str(rows_sent.num_rows),
                         str(rows_sent.nbytes),
                     )

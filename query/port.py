@@ -149,6 +149,8 @@ class FragmentResult:
     rows: pa.Table
     node: int
     """The node whose answer was used."""
+    elapsed_us: int = 0
+    """How long it ran there, as the node measured it (0: not known)."""
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,12 @@ refused with the limit named, and its holder serves the next read; a holder that
 hold a partition passes the fragment on; a paused first holder is hedged, not waited out.
 Inputs: a fragment reads named Arrow tables sent with it (small ones, and ones too big for
 one queue message), each only while it runs; bad inputs fail without being sent. The
-catalog: its estimate of a table's rows catches up with the rows inserted."""
+catalog: its estimate of a table's rows catches up with the rows inserted. Each answer
+says how long the fragment ran on its holder, and EXPLAIN ANALYZE shows it."""
 
 from __future__ import annotations
 
+import re
 import signal
 import tempfile
 import time
@@ -107,11 +109,18 @@ def test_fragments_add_up_at_their_barrier_and_stale_sees_now(
     barrier = port.barrier()
     with connect(three) as con:
         con.execute("INSERT INTO t VALUES (5000), (6000)")
+    began = time.monotonic_ns()
     results = port.fragments(barrier.index, fragments)
+    waited_us = (time.monotonic_ns() - began) // 1000
     assert _totals(results) == (ROWS, ROWS * (ROWS - 1) // 2)
     for result, fragment in zip(results, fragments, strict=True):
         assert result.node in fragment.holders
+        assert 0 < result.elapsed_us <= waited_us, "the holder's own time, within the wait"
     port.release(barrier.index)
+    with connect(three) as con:  # EXPLAIN ANALYZE says how long each fragment ran
+        steps = con.execute("EXPLAIN ANALYZE SELECT x % 7, count(*) FROM t GROUP BY 1").fetchall()
+    ran = [str(step[2]) for step in steps if str(step[0]).startswith("partition ")]
+    assert len(ran) == 3 and all(re.fullmatch(r"ran \d+\.\d ms there", r) for r in ran), steps
 
     stale = port.fragments(0, fragments)
     assert _totals(stale) == (ROWS + 2, ROWS * (ROWS - 1) // 2 + 11_000)
