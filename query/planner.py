@@ -43,6 +43,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 import msgspec
@@ -115,6 +116,12 @@ class SortMerge:
     offset: int
 
 
+MergeExpression = tuple[Any, ...]
+"""An `AggregateMerge` output computed from aggregates of the partials, as nested tuples:
+("sum" | "min" | "max" | "count", column), ("constant", SQL text, DuckDB type),
+("*" | "/", left, right) or ("double", operand) — a cast to DOUBLE."""
+
+
 @dataclass(frozen=True)
 class AggregateMerge:
     """A two-phase merge in terms pyarrow can carry out (`query.results.aggregate_merged`):
@@ -130,6 +137,9 @@ class AggregateMerge:
     groups: int
     outputs: tuple[tuple[str, int], ...]
     sort: SortMerge | None
+    expressions: tuple[MergeExpression, ...] = ()
+    """The outputs ("expression", k): `*` and `/` over aggregates of the partials and
+    constants, computed as DuckDB computes them (`query.results.aggregate_merged`)."""
 
 
 @dataclass(frozen=True)
@@ -1216,17 +1226,21 @@ class _Planner:
         plain = not node.get("having") and len(node.get("group_sets") or []) <= 1
         outputs: list[tuple[str, int]] = []
         """What each output is, while the merge stays plain (see AggregateMerge)."""
+        expressions: list[MergeExpression] = []
         for item in node["select_list"]:
             before = len(partials)
-            final["select_list"].append(
-                dict(_ast.replaced(item, swap), alias=item.get("alias") or "")
-            )
+            swapped = _ast.replaced(item, swap)
+            final["select_list"].append(dict(swapped, alias=item.get("alias") or ""))
             if not plain:
                 output = None
             elif distinct is not None:
                 output = _distinct_output(item, groups)
             else:
                 output = _plain_output(item, groups, before, len(partials))
+                computed = None if output else self._merge_expression(swapped, len(groups))
+                if computed is not None:
+                    output = ("expression", len(expressions))
+                    expressions.append(computed)
             plain = output is not None
             if output is not None:
                 outputs.append(output)
@@ -1299,9 +1313,40 @@ class _Planner:
         if not plain or ((count is not None or offset) and not sort_keys):
             return plan
         sort = SortMerge(len(outputs), tuple(sort_keys), count, offset) if sort_keys else None
-        return dataclasses.replace(
-            plan, aggregate_merge=AggregateMerge(len(groups), tuple(outputs), sort)
-        )
+        merge = AggregateMerge(len(groups), tuple(outputs), sort, tuple(expressions))
+        return dataclasses.replace(plan, aggregate_merge=merge)
+
+    def _merge_expression(self, item: Node, groups: int) -> MergeExpression | None:
+        """A final select item (over the partials a… and groups g…) as a `MergeExpression`,
+        or None when it is anything but `*` and `/` over sums, counts, min and max of
+        partials, numeric constants and casts to DOUBLE."""
+        kind = item.get("class")
+        if kind == "CONSTANT":
+            literal = item.get("literal") or {}
+            if literal.get("kind") not in ("NUMERIC", "INTEGER"):
+                return None
+            text = str(literal["text"])
+            return ("constant", text, str(self.con.sql(f"SELECT {text}").types[0]))
+        if kind == "CAST":
+            counted = _count_final(item)
+            if counted is not None:
+                return ("count", groups + counted)
+            target = (item.get("type_expr") or {}).get("type_name")
+            if item.get("try_cast") or str(target).upper() != "DOUBLE":
+                return None
+            child = self._merge_expression(item["child"], groups)
+            return None if child is None else ("double", child)
+        if kind != "FUNCTION" or item.get("filter") is not None or item.get("distinct"):
+            return None
+        name = str(item["function_name"]).lower()
+        arguments = [a.get("expression", a) for a in item.get("arguments") or []]
+        if item.get("is_operator") and name in ("*", "/") and len(arguments) == 2:
+            left, right = (self._merge_expression(a, groups) for a in arguments)
+            return None if left is None or right is None else (name, left, right)
+        if name in ("sum", "min", "max") and len(arguments) == 1:
+            partial = _partial_position(arguments[0])
+            return None if partial is None else (name, groups + partial)
+        return None
 
     def _distinct_argument(self, node: Node) -> Node | None:
         """X when every aggregate is f(DISTINCT X), approx_count_distinct(X), min(X) or
@@ -1645,6 +1690,33 @@ def _plain_output(
     if name not in kind:
         return None
     return (kind[name], len(groups) + first_partial)
+
+
+def _partial_position(node: Node) -> int | None:
+    """N for a reference to the partial column aN; else None."""
+    if not _ast.is_column_ref(node) or len(node["column_names"]) != 1:
+        return None
+    name = str(node["column_names"][0])
+    return int(name[1:]) if re.fullmatch(r"a\d+", name) else None
+
+
+def _count_final(node: Node) -> int | None:
+    """N when `node` is the final of a count, `CAST(coalesce(sum(aN), 0) AS BIGINT)`."""
+    if node.get("class") != "CAST" or str(node["type_expr"].get("type_name")).upper() != "BIGINT":
+        return None
+    inner = node["child"]
+    if inner.get("type") != "OPERATOR_COALESCE":
+        return None
+    arguments = inner.get("children") or []
+    if len(arguments) != 2 or arguments[1].get("class") != "CONSTANT":
+        return None
+    if (arguments[1].get("literal") or {}).get("text") != "0":
+        return None
+    total = arguments[0]
+    if total.get("class") != "FUNCTION" or str(total["function_name"]).lower() != "sum":
+        return None
+    summed = [a.get("expression", a) for a in total.get("arguments") or []]
+    return _partial_position(summed[0]) if len(summed) == 1 else None
 
 
 def _distinct_output(item: Node, groups: list[Node]) -> tuple[str, int] | None:

@@ -15,16 +15,17 @@ in DuckDB costs 2-4 ms of Python API calls, in pyarrow a few hundred microsecond
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.types as pt
 
-from query.planner import AggregateMerge, SortMerge
+from query.planner import AggregateMerge, MergeExpression, SortMerge
 from storage.ddl import quote_identifier
 
 SCHEMAS_KEPT_MAX = 256
@@ -56,41 +57,56 @@ def aggregate_merged(rows: pa.Table, merge: AggregateMerge, shape: pa.Schema) ->
     result's Arrow schema `shape` (names and types as single-node DuckDB gives them); None
     when pyarrow might not do it as DuckDB does: a group or min/max column of a type not
     sorted here (floats: -0.0 and NaN), a sum that is not of integers or decimals, a sum
-    that could overflow (pyarrow's decimal sums wrap around; DuckDB's fail), or a result
-    that does not cast exactly to `shape`."""
+    that could overflow (pyarrow's decimal sums wrap around; DuckDB's fail), arithmetic
+    not done here exactly (`_computed`), or a result that does not cast exactly to
+    `shape`."""
     schema, names = rows.schema, rows.column_names
     if any(not _sorts_alike(schema.field(i).type) for i in range(merge.groups)):
         return None
-    asked: list[tuple[str, str]] = []
+    needed: list[tuple[str, int]] = []
     for kind, column in merge.outputs:
+        if kind == "expression":
+            needed += _aggregates_in(merge.expressions[column])
+        elif kind == "avg":
+            needed += [("sum", column), ("sum", column + 1)]
+        elif kind != "group":
+            needed.append((kind, column))
+    asked: list[tuple[str, str]] = []
+    for kind, column in dict.fromkeys(needed):
         field = schema.field(column)
         if kind in ("min", "max", "count_distinct") and not _sorts_alike(field.type):
             return None
-        summed = (column, column + 1) if kind == "avg" else (column,)
-        if kind in ("sum", "count", "avg"):
-            if not all(_sum_fits(rows.column(i), schema.field(i).type) for i in summed):
-                return None
-            asked += [(names[i], "sum") for i in summed]
-        elif kind != "group":
-            asked.append((names[column], kind))
+        if kind in ("sum", "count") and not _sum_fits(rows.column(column), field.type):
+            return None
+        asked.append((names[column], "sum" if kind == "count" else kind))
+    asked = list(dict.fromkeys(asked))
     grouped = (
         rows.group_by(names[: merge.groups]).aggregate(asked)
         if merge.groups
         else _aggregated_whole(rows, asked)
     )
+
+    def aggregate(kind: str, column: int) -> pa.ChunkedArray:
+        values = grouped.column(f"{names[column]}_{'sum' if kind == 'count' else kind}")
+        return pc.fill_null(values, 0) if kind in ("count", "count_distinct") else values
+
     columns = []
-    for kind, column in merge.outputs:
+    for (kind, column), wanted in zip(merge.outputs, shape, strict=True):
         if kind == "group":
             columns.append(grouped.column(names[column]))
             continue
-        values = grouped.column(f"{names[column]}_{'sum' if kind in ('count', 'avg') else kind}")
         if kind == "avg":
-            average = _average(values, grouped.column(f"{names[column + 1]}_sum"))
-            if average is None:
-                return None
-            values = average
-        counted = kind in ("count", "count_distinct")
-        columns.append(pc.fill_null(values, 0) if counted else values)
+            computed = _average(aggregate("sum", column), aggregate("sum", column + 1))
+        elif kind == "expression":
+            count = len(grouped) if merge.groups else 1  # no groups: one row, always
+            computed = _computed(merge.expressions[column], aggregate, count)
+            if computed is not None and not _same_scale(computed.type, wanted.type):
+                computed = None
+        else:
+            computed = aggregate(kind, column)
+        if computed is None:
+            return None
+        columns.append(computed)
     table = pa.Table.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))])
     if merge.sort is not None:
         sorted_table = sort_merged(table, merge.sort)
@@ -101,6 +117,124 @@ def aggregate_merged(rows: pa.Table, merge: AggregateMerge, shape: pa.Schema) ->
         return table.rename_columns(shape.names).cast(shape)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError):
         return None
+
+
+def _aggregates_in(expression: MergeExpression) -> list[tuple[str, int]]:
+    """The (aggregate, partial column) pairs a merge expression reads."""
+    if expression[0] in ("sum", "min", "max", "count"):
+        return [(expression[0], expression[1])]
+    if expression[0] == "constant":
+        return []
+    return [pair for operand in expression[1:] for pair in _aggregates_in(operand)]
+
+
+Values: TypeAlias = pa.ChunkedArray | pa.Array | pa.Scalar
+"""What a merge expression evaluates to: a column, or a constant."""
+
+
+def _computed(
+    expression: MergeExpression, aggregate: Callable[[str, int], pa.ChunkedArray], rows: int
+) -> pa.Array | pa.ChunkedArray | None:
+    """A merge expression over the grouped aggregates (`rows` of them), as DuckDB computes
+    it, or None where that is not sure here: `*` of integers and decimals is DuckDB's exact
+    DECIMAL product (refused past 38 digits), `/` and casts to DOUBLE go through DuckDB's
+    decimal-to-DOUBLE cast (`_to_double`: below 2^53)."""
+    value = _evaluated(expression, aggregate)
+    if value is None:
+        return None
+    if isinstance(value, pa.Scalar):
+        return pa.array([value] * rows, value.type)
+    return value
+
+
+def _evaluated(
+    expression: MergeExpression, aggregate: Callable[[str, int], pa.ChunkedArray]
+) -> Values | None:
+    operation = expression[0]
+    if operation in ("sum", "min", "max", "count"):
+        return aggregate(operation, expression[1])
+    if operation == "constant":
+        return _constant(expression[1], expression[2])
+    operands = [_evaluated(operand, aggregate) for operand in expression[1:]]
+    if any(operand is None for operand in operands):
+        return None
+    if operation == "double":
+        return _to_double(operands[0])
+    if operation == "/":
+        left, right = (_to_double(operand) for operand in operands)
+        return None if left is None or right is None else pc.divide(left, right)
+    if operation == "*":
+        return _product(operands[0], operands[1])
+    return None
+
+
+def _constant(text: str, kind: str) -> pa.Scalar | None:
+    """A numeric literal as DuckDB types it."""
+    declared = re.fullmatch(r"DECIMAL\((\d+),(\d+)\)", kind)
+    if declared:
+        width, scale = int(declared[1]), int(declared[2])
+        return pa.scalar(Decimal(text), pa.decimal128(width, scale))
+    integers = {"INTEGER": pa.int32(), "BIGINT": pa.int64(), "SMALLINT": pa.int16()}
+    if kind in integers:
+        return pa.scalar(int(text), integers[kind])
+    return None
+
+
+def _magnitude(values: Values) -> Decimal | None:
+    """The largest absolute unscaled value (None: all NULL)."""
+    if isinstance(values, pa.Scalar):
+        low = high = values.as_py()
+    else:
+        low, high = (value.as_py() for value in pc.min_max(values).values())
+    if low is None:
+        return None
+    scale = values.type.scale if pt.is_decimal(values.type) else 0
+    return max(abs(Decimal(low)), abs(Decimal(high))).scaleb(scale)
+
+
+def _to_double(values: Values) -> Values | None:
+    """CAST(values AS DOUBLE) as DuckDB does it: a DOUBLE as it is, an integer or decimal
+    below 2^53 unscaled as its unscaled integer over 10^scale; None otherwise."""
+    kind = values.type
+    if pt.is_floating(kind):
+        return values
+    if not (pt.is_integer(kind) or pt.is_decimal128(kind)):
+        return None
+    largest = _magnitude(values)
+    if largest is not None and largest >= 2**53:
+        return None
+    if pt.is_integer(kind) or kind.scale == 0:
+        return pc.cast(_unscaled(values) if pt.is_decimal(kind) else values, pa.float64())
+    return pc.divide(pc.cast(_unscaled(values), pa.float64()), float(f"1e{kind.scale}"))
+
+
+def _product(left: Values, right: Values) -> Values | None:
+    """left * right as DuckDB multiplies integers and decimals: exactly, the scales
+    added; None for other types or past 38 digits."""
+    narrowed = []
+    for values in (left, right):
+        kind = values.type
+        if not (pt.is_integer(kind) or pt.is_decimal128(kind)):
+            return None
+        scale = kind.scale if pt.is_decimal(kind) else 0
+        largest = _magnitude(values)
+        digits = max(1, len(str(int(largest)))) if largest is not None else 1
+        narrowed.append((values, digits, scale))
+    if narrowed[0][1] + narrowed[1][1] + 1 > 38:
+        return None
+    cast = []
+    for values, digits, scale in narrowed:
+        if pt.is_integer(values.type):  # Arrow casts an integer to 19 digits or more
+            values = pc.cast(values, pa.decimal128(19, 0))
+        cast.append(pc.cast(values, pa.decimal128(digits, scale)))
+    return pc.multiply(cast[0], cast[1])
+
+
+def _same_scale(computed: pa.DataType, wanted: pa.DataType) -> bool:
+    """A computed decimal has the scale DuckDB's result has (a cast would round)."""
+    if pt.is_decimal(computed) or pt.is_decimal(wanted):
+        return pt.is_decimal(computed) and pt.is_decimal(wanted) and computed.scale == wanted.scale
+    return True
 
 
 def _sum_fits(column: pa.ChunkedArray, kind: pa.DataType) -> bool:
@@ -134,32 +268,25 @@ def _aggregated_whole(rows: pa.Table, asked: list[tuple[str, str]]) -> pa.Table:
     )
 
 
-def _average(total: pa.ChunkedArray, count: pa.ChunkedArray) -> pa.Array | None:
-    """`CAST(total AS DOUBLE) / count` as DuckDB computes it, or None when that is not
-    sure: DuckDB casts a decimal to DOUBLE as its unscaled integer over 10^scale (Arrow's
-    cast rounds differently), done here alike while the integer is below 2^53 (exact as a
-    DOUBLE). A NULL total (no values) stays NULL."""
-    kind = total.type
-    if not (pt.is_integer(kind) or pt.is_decimal128(kind)) or not pt.is_integer(count.type):
+def _average(total: pa.ChunkedArray, count: pa.ChunkedArray) -> Values | None:
+    """`CAST(total AS DOUBLE) / count` as DuckDB computes it (`_to_double`), or None when
+    that is not sure. A NULL total (no values) stays NULL."""
+    if pt.is_floating(total.type) or not pt.is_integer(count.type):
+        return None  # a DOUBLE sum's partials may add up in another order
+    numerator, denominator = _to_double(total), _to_double(count)
+    if numerator is None or denominator is None:
         return None
-    scale = kind.scale if pt.is_decimal128(kind) else 0
-    for column, places in ((total, scale), (count, 0)):
-        low, high = pc.min_max(column).values()
-        if low.as_py() is None:
-            continue
-        largest = max(abs(Decimal(low.as_py())), abs(Decimal(high.as_py())))
-        if largest.scaleb(places) >= 2**53:
-            return None
-    numerator = total.cast(pa.float64()) if scale == 0 else _unscaled(total).cast(pa.float64())
-    if scale:
-        numerator = pc.divide(numerator, float(f"1e{scale}"))
-    return pc.divide(numerator, count.cast(pa.float64()))
+    return pc.divide(numerator, denominator)
 
 
-def _unscaled(column: pa.ChunkedArray) -> pa.Array:
-    """A decimal column's unscaled integers, as DECIMAL(38, 0) (the same 128 bits read
-    without the scale)."""
-    array = column.combine_chunks().cast(pa.decimal128(38, column.type.scale))
+def _unscaled(values: Values) -> Values:
+    """Decimals' unscaled integers, as DECIMAL(38, 0) (the same 128 bits read without the
+    scale)."""
+    if isinstance(values, pa.Scalar):
+        unscaled = None if values.as_py() is None else int(values.as_py().scaleb(values.type.scale))
+        return pa.scalar(unscaled, pa.decimal128(38, 0))
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    array = array.cast(pa.decimal128(38, values.type.scale))
     return pa.Array.from_buffers(
         pa.decimal128(38, 0), len(array), array.buffers(), offset=array.offset
     )

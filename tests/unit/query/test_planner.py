@@ -355,7 +355,28 @@ def test_a_sorted_pushdown_merges_by_sorting_in_arrow(
             "SELECT d, ck, sum(total) FROM o GROUP BY ck, d",
             AggregateMerge(2, (("group", 1), ("group", 0), ("sum", 2)), None),
         ),
-        ("SELECT sum(price) * 2 FROM l", None),  # an expression around the aggregate
+        (  # an expression around the aggregates: computed as DuckDB would
+            "SELECT sum(price) * 2 FROM l",
+            AggregateMerge(
+                0, (("expression", 0),), None, (("*", ("sum", 0), ("constant", "2", "INTEGER")),)
+            ),
+        ),
+        (
+            "SELECT flag, 100.00 * sum(price) / count(*) AS r FROM l GROUP BY flag ORDER BY r",
+            AggregateMerge(
+                1,
+                (("group", 0), ("expression", 0)),
+                SortMerge(2, ((1, False, False),), None, 0),
+                (
+                    (
+                        "/",
+                        ("*", ("constant", "100.00", "DECIMAL(5,2)"), ("sum", 1)),
+                        ("count", 2),
+                    ),
+                ),
+            ),
+        ),
+        ("SELECT sum(price) + 1 FROM l", None),  # only * and / are computed here
         ("SELECT avg(qty) FROM l", AggregateMerge(0, (("avg", 0),), None)),
         (
             "SELECT flag, avg(qty) FILTER (WHERE price > 2) AS a, count(*) FROM l "

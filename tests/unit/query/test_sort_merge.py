@@ -20,7 +20,7 @@ from decimal import Decimal
 import duckdb
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from query.planner import AggregateMerge, SortMerge
@@ -300,3 +300,133 @@ def test_an_average_past_2_to_the_53_is_left_to_duckdb() -> None:
     )
     merged = aggregate_merged(smaller, AggregateMerge(0, (("avg", 0),), None), shape)
     assert merged is not None and merged.column(0).to_pylist() == [(2**53 - 1) / 100 / 3]
+
+
+LEAVES = (
+    ("sum", 1),  # a sum of DECIMAL(38, 4) partials
+    ("sum", 2),  # of HUGEINT partials (DECIMAL(38, 0) in Arrow)
+    ("count", 3),
+    ("max", 1),
+    ("constant", "100.00", "DECIMAL(5,2)"),
+    ("constant", "0.0001000000", "DECIMAL(11,10)"),
+    ("constant", "7.0", "DECIMAL(2,1)"),
+    ("constant", "2", "INTEGER"),
+)
+
+
+def _expression(draw: st.DrawFn, depth: int = 0) -> tuple:
+    if depth >= 3 or draw(st.integers(0, 2)) == 0:
+        return draw(st.sampled_from(LEAVES))
+    operation = draw(st.sampled_from(["*", "/", "double"]))
+    if operation == "double":
+        return ("double", _expression(draw, depth + 1))
+    return (operation, _expression(draw, depth + 1), _expression(draw, depth + 1))
+
+
+def _expression_sql(expression: tuple) -> str:
+    """The SQL the planner's merge runs for `expression`, over columns c0, c1, …"""
+    operation = expression[0]
+    if operation == "constant":
+        return str(expression[1])
+    if operation == "count":
+        return f"CAST(coalesce(sum(c{expression[1]}), 0) AS BIGINT)"
+    if operation in ("sum", "max"):
+        return f"{operation}(c{expression[1]})"
+    if operation == "double":
+        return f"CAST({_expression_sql(expression[1])} AS DOUBLE)"
+    return f"({_expression_sql(expression[1])} {operation} {_expression_sql(expression[2])})"
+
+
+@st.composite
+def computed(draw: st.DrawFn) -> tuple[pa.Table, tuple, bool]:
+    count = draw(st.integers(1, 12))
+    digits = draw(st.sampled_from([4, 10, 16, 30]))
+    grouped = draw(st.booleans())
+    groups, sums, wholes, counts = [], [], [], []
+    for _ in range(count):
+        groups.append(draw(st.sampled_from(["a", "b", None])))
+        value = draw(st.one_of(st.none(), st.integers(-(10**digits), 10**digits)))
+        sums.append(None if value is None else Decimal(value).scaleb(-4))
+        wholes.append(draw(st.one_of(st.none(), st.integers(-(10**digits), 10**digits))))
+        counts.append(draw(st.integers(0, 10**6)))
+    rows = pa.table(
+        {
+            "c0": pa.array(groups, pa.string()),
+            "c1": pa.array(sums, pa.decimal128(38, 4)),
+            "c2": pa.array(wholes, pa.decimal128(38, 0)),
+            "c3": pa.array(counts, pa.int64()),
+        }
+    )
+    return rows, _expression(draw), grouped
+
+
+def _same(ours: list[tuple], theirs: list[tuple]) -> bool:
+    """Equal, NaN equal to NaN."""
+    key = lambda row: tuple("nan" if v != v else repr(v) for v in row)  # noqa: E731
+    return sorted(map(key, ours)) == sorted(map(key, theirs))
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=computed())
+def test_expressions_over_aggregates_as_duckdb_does(
+    con: duckdb.DuckDBPyConnection, case: tuple
+) -> None:
+    """`*` and `/` over sums, counts, max and constants, and casts to DOUBLE: what
+    `aggregate_merged` computes is what DuckDB's merge SQL gives, bit for bit, or it is
+    left to DuckDB (None) — always when DuckDB fails (a product past 38 digits)."""
+    rows, expression, grouped = case
+    sql = _expression_sql(expression)
+    assume(grouped or "(c" in sql)  # without an aggregate or a GROUP BY: not an aggregate query
+    con.register("dcluster_fragments", rows)
+    try:
+        if grouped:
+            theirs = con.sql(f"SELECT c0, {sql} AS x FROM dcluster_fragments GROUP BY c0")
+        else:
+            theirs = con.sql(f"SELECT {sql} AS x FROM dcluster_fragments")
+        their_rows = theirs.to_arrow_table()
+    except duckdb.Error:
+        their_rows = None
+    finally:
+        con.unregister("dcluster_fragments")
+    outputs = ((("group", 0),) if grouped else ()) + (("expression", 0),)
+    merge = AggregateMerge(1 if grouped else 0, outputs, None, (expression,))
+    if their_rows is None:
+        shape = pa.schema(([("c0", pa.string())] if grouped else []) + [("x", pa.float64())])
+        assert aggregate_merged(rows, merge, shape) is None
+        return
+    ours = aggregate_merged(rows, merge, their_rows.schema)
+    if ours is not None:
+        assert ours.schema == their_rows.schema
+        assert _same(_tuples(ours), _tuples(their_rows)), (sql, ours, their_rows)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        ("/", ("*", ("constant", "100.00", "DECIMAL(5,2)"), ("sum", 1)), ("sum", 2)),  # q14
+        ("*", ("sum", 1), ("constant", "0.0001000000", "DECIMAL(11,10)")),  # q11
+        ("/", ("sum", 1), ("sum", 2)),  # q08
+        ("/", ("double", ("sum", 1)), ("count", 3)),
+    ],
+)
+def test_tpch_merge_expressions_are_computed_here(
+    con: duckdb.DuckDBPyConnection, expression: tuple
+) -> None:
+    rows = pa.table(
+        {
+            "c1": pa.array([Decimal("12345.6789"), Decimal("-2.5000")], pa.decimal128(38, 4)),
+            "c2": pa.array([Decimal(1_000_000), Decimal(3)], pa.decimal128(38, 0)),
+            "c3": pa.array([7, 0], pa.int64()),
+        }
+    )
+    con.register("dcluster_fragments", rows)
+    try:
+        theirs = con.sql(f"SELECT {_expression_sql(expression)} AS x FROM dcluster_fragments")
+        their_rows = theirs.to_arrow_table()
+    finally:
+        con.unregister("dcluster_fragments")
+    merge = AggregateMerge(0, (("expression", 0),), None, (expression,))
+    ours = aggregate_merged(
+        rows.add_column(0, "c0", pa.array(["a", "a"])), merge, their_rows.schema
+    )
+    assert ours is not None and _tuples(ours) == _tuples(their_rows)
