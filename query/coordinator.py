@@ -97,6 +97,7 @@ from query.port import (
     ClusterPort,
     Command,
     Conflict,
+    Fragment,
     FragmentFailed,
     FragmentResult,
     PortError,
@@ -513,6 +514,10 @@ class Coordinator:
         found = self._with_queries(view, sql)
         if found is None:
             return None
+        if trace is None and depth == 0:
+            together = self._with_answered_together(view, found, index)
+            if together is not None:
+                return together
         answers: dict[str, tuple[pa.Table, list[str]]] = {}
         steps: list[Step] | None = None if trace is None else []  # kept if it answers
         for name, text in found.texts.items():
@@ -531,33 +536,99 @@ class Coordinator:
                 return None
             answers[name] = (table, types)
 
-        def select(name: str, source: str | None) -> str:
-            table, types = answers[name]
-            columns = ", ".join(
-                f"CAST({'NULL' if source is None else f'c{i}'} AS {kind}) AS "
-                + quote_identifier(column)
-                for i, (column, kind) in enumerate(zip(table.column_names, types, strict=True))
-            )
-            return f"SELECT {columns} " + ("WHERE false" if source is None else f"FROM {source}")
-
-        sources = {name: f"dcluster_with_{number}" for number, name in enumerate(answers)}
-        planning = found.statement({name: select(name, None) for name in answers})
-        plan = self._scan_plan(view, planning, none_ok=True)
-        if isinstance(plan, str):
+        shapes = {name: (table.column_names, types) for name, (table, types) in answers.items()}
+        planning, plan = self._with_statement_scans(view, found, shapes)
+        if plan is None:
             return None
-        extra = {
-            sources[name]: table.rename_columns([f"c{i}" for i in range(table.num_columns)])
-            for name, (table, _) in answers.items()
-        }
-        running = found.statement({name: select(name, sources[name]) for name in answers})
         parts: list[tuple[str, ...]] = []
+        extra = _with_inputs({name: table for name, (table, _) in answers.items()})
         try:
-            answered = self._narrowed_run(view, plan, index, running, None, parts, extra=extra)
+            answered = self._with_statement_run(view, found, plan, index, shapes, extra, parts)
         except (FragmentFailed, SqlError):
             return None
         if trace is not None and steps is not None:
             trace += steps + self._scan_plan_steps(view, planning) + _scan_steps(parts)
         return answered
+
+    def _with_answered_together(
+        self, view: CatalogView, found: WithQueries, index: int
+    ) -> tuple[pa.Table | None, list[str]] | None:
+        """`_with_answered_first` in one round fewer: when every WITH query plans as
+        fragments that move no table, they are sent with the statement's first round of
+        scans (whose plan depends only on the WITH queries' column names and types, not
+        on their rows). None when that does not apply or anything did not answer (the
+        caller then takes the longer way)."""
+        planned = []
+        for name, text in found.texts.items():
+            plan, names, types = self._plan(view, text)
+            exact = all(EXACT_THROUGH_ARROW.fullmatch(kind) for kind in types)
+            if not isinstance(plan, Distributed) or plan.broadcasts or not exact:
+                return None
+            if len(set(names)) != len(names):
+                return None
+            planned.append((name, plan, names, types, self._shape))
+        shapes = {name: (names, types) for name, _, names, types, _ in planned}
+        _, scans = self._with_statement_scans(view, found, shapes)
+        if scans is None or not scans.scans:
+            return None
+        first = [fragment for _, plan, _, _, _ in planned for fragment in plan.fragments]
+        extra: dict[str, pa.Table] = {}  # the answers, filled by the first round
+
+        def fetch(asked: Sequence[Fragment]) -> list[FragmentResult]:
+            if extra:
+                return self._port.fragments(index, asked)
+            results = self._port.fragments(index, [*first, *asked])
+            answered, rest = results[: len(first)], results[len(first) :]
+            tables = {}
+            for name, plan, names, types, shape in planned:
+                count = len(plan.fragments)
+                mine, answered = answered[:count], answered[count:]
+                merged = self._merged(plan, mine, names, types, shape, None)
+                if merged is None:
+                    raise _NotTogether
+                tables[name] = merged[0]
+            extra.update(_with_inputs(tables))
+            return rest
+
+        try:
+            answer = self._with_statement_run(view, found, scans, index, shapes, extra, None, fetch)
+        except (FragmentFailed, SqlError, _NotTogether):
+            return None
+        return answer if extra else None
+
+    def _with_statement_scans(
+        self,
+        view: CatalogView,
+        found: WithQueries,
+        shapes: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    ) -> tuple[str, ScanPlan | None]:
+        """The statement with each WITH query read from an empty relation of its columns'
+        (names, types) in `shapes`, and its narrowed scans (None: none can be planned)."""
+        planning = found.statement({name: _with_select(*shapes[name], None) for name in shapes})
+        plan = self._scan_plan(view, planning, none_ok=True)
+        return planning, None if isinstance(plan, str) else plan
+
+    def _with_statement_run(
+        self,
+        view: CatalogView,
+        found: WithQueries,
+        plan: ScanPlan,
+        index: int,
+        shapes: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+        extra: Mapping[str, pa.Table],
+        parts: list[tuple[str, ...]] | None,
+        fetch: Callable[[Sequence[Fragment]], list[FragmentResult]] | None = None,
+    ) -> tuple[pa.Table | None, list[str]]:
+        """The statement over `plan`'s scans, each WITH query (of `shapes`: its column
+        names and types) reading its answer from `extra` (`_with_inputs`; it may be filled
+        by the first `fetch`, before the statement runs)."""
+        running = found.statement(
+            {
+                name: _with_select(names, types, _with_source(number))
+                for number, (name, (names, types)) in enumerate(shapes.items())
+            }
+        )
+        return self._narrowed_run(view, plan, index, running, None, parts, extra=extra, fetch=fetch)
 
     def _substituted(
         self, view: CatalogView, sql: str, index: int, trace: list[Step] | None, depth: int
@@ -720,13 +791,15 @@ class Coordinator:
         trace: list[tuple[str, ...]] | None,
         known: Mapping[str, pa.Table] | None = None,
         extra: Mapping[str, pa.Table] | None = None,
+        fetch: Callable[[Sequence[Fragment]], list[FragmentResult]] | None = None,
     ) -> tuple[pa.Table | None, list[str]]:
-        """Read `plan`'s scans at barrier `index` (the rows in `known` are not read again)
-        and run the query over them (and over `extra`: Arrow tables it reads by name)."""
+        """Read `plan`'s scans at barrier `index` (the rows in `known` are not read again;
+        each round through `fetch`, by default the port's fragments) and run the query
+        over them (and over `extra`: Arrow tables it reads by name)."""
         rows = read_scans(
             plan,
             view.table_rows,
-            lambda asked: self._port.fragments(index, asked),
+            fetch or (lambda asked: self._port.fragments(index, asked)),
             trace,
             known,
         )
@@ -1305,6 +1378,34 @@ _FIXED_WIDTHS = {
     "TIMESTAMP": 8,
     "HUGEINT": 16,
 }
+
+
+class _NotTogether(Exception):
+    """A WITH query sent with the statement's first round did not merge as planned."""
+
+
+def _with_source(number: int) -> str:
+    """The name the statement reads the `number`th WITH query's answer by."""
+    return f"dcluster_with_{number}"
+
+
+def _with_inputs(tables: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
+    """WITH queries' answers (in the order of their WITH clause) by `_with_source`, with
+    columns c0, c1, …"""
+    return {
+        _with_source(number): table.rename_columns([f"c{i}" for i in range(table.num_columns)])
+        for number, table in enumerate(tables.values())
+    }
+
+
+def _with_select(names: Sequence[str], types: Sequence[str], source: str | None) -> str:
+    """A WITH query's stand-in: its columns (`names`, DuckDB `types`) read from `source`,
+    the Arrow of its answer (columns c0, c1, …), or, with None, from no rows."""
+    columns = ", ".join(
+        f"CAST({'NULL' if source is None else f'c{i}'} AS {kind}) AS {quote_identifier(column)}"
+        for i, (column, kind) in enumerate(zip(names, types, strict=True))
+    )
+    return f"SELECT {columns} " + ("WHERE false" if source is None else f"FROM {source}")
 
 
 def _expected_broadcast_bytes(plan: Distributed, view: CatalogView) -> int:

@@ -1,6 +1,8 @@
 """WITH queries over partitioned tables answered first (query.ctes): each runs as a query of
 its own at the statement's barrier — on the partitions when it plans so — and the
-statement then runs over narrowed scans with the WITH query reading that answer. Answers
+statement then runs over narrowed scans with the WITH query reading that answer — in the
+same round as the statement's first scans when the WITH queries plan as fragments that
+move no table. Answers
 are single-node DuckDB's (harness.Pair: columns, DuckDB types, Arrow types, rows; errors
 in the same words); EXPLAIN ANALYZE shows each WITH query answered first.
 """
@@ -122,5 +124,24 @@ def test_the_with_query_and_the_statement_read_one_snapshot(pair: Pair) -> None:
     pair.run(sql, ordered=True)
     (index,) = pair.port.releases[releases:]
     asked = pair.port.fragment_calls[calls:]
-    assert len(asked) >= 2  # the WITH query's fragments, then the statement's scans
     assert {at for at, _ in asked} == {index}
+    # One round: the WITH query's fragments go with the statement's first scans (their
+    # plan needs only the WITH query's column types, not its rows).
+    ((_, fragments),) = asked
+    assert any("sum(price)" in fragment.sql for fragment in fragments), fragments
+    assert any('"main.sup__p0"' in fragment.sql for fragment in fragments), fragments
+
+
+def test_a_with_query_that_moves_tables_is_answered_first_in_a_round_of_its_own(
+    pair: Pair,
+) -> None:
+    """A WITH query that reads a broadcast or gathered table does not go with the
+    statement's scans: it is answered first, then the statement's scans are read."""
+    sql = (
+        "WITH r AS (SELECT li.sk, sum(li.price) AS total FROM li, li AS other "
+        "WHERE li.ok = other.ok + 1 GROUP BY li.sk) "
+        "SELECT sup.name, r.total FROM sup JOIN r ON sup.sk = r.sk ORDER BY 1, 2"
+    )
+    calls = len(pair.port.fragment_calls)
+    pair.run(sql, ordered=True)
+    assert len(pair.port.fragment_calls[calls:]) >= 2
