@@ -671,8 +671,9 @@ class Coordinator:
         (against this view), its fragments sent together with the subqueries' own. The
         answer counts only when every subquery, merged, gives that same constant again at
         this barrier; then it is the answer `_substituted` would lead to, one round
-        sooner. None otherwise (the caller answers the subqueries first), or when the
-        statement or a subquery does not plan as fragments without moved tables. (A
+        sooner. A statement that gathers sends them with its first round of narrowed scans
+        (q22). None otherwise (the caller answers the subqueries first), or when a
+        subquery does not plan as fragments without moved tables, nor the statement. (A
         DOUBLE sum may differ in its last bit from run to run: then it is not the same
         constant, and the long way is taken.)"""
         known = self._constants.get(sql, self._basis(view))
@@ -682,36 +683,59 @@ class Coordinator:
         candidates, _ = self._scalar_candidates(view, sql)
         if candidates is None:
             return None
-        parts = []
-        for text in [*constants, None]:
-            plan, names, types = self._plan(
-                view, candidates.substituted(constants) if text is None else text
-            )
+        subqueries = []
+        for text in constants:
+            plan, names, types = self._plan(view, text)
             if not isinstance(plan, Distributed) or plan.broadcasts:
                 return None
-            parts.append((text, plan, names, types, self._shape))
-        fragments = [fragment for part in parts for fragment in part[1].fragments]
-        try:
-            results = self._port.fragments(index, fragments)
-        except FragmentFailed:
-            return None
-        answered = None
-        for text, plan, names, types, shape in parts:
-            count = len(plan.fragments)
-            mine, results = results[:count], results[count:]
-            try:
+            subqueries.append((text, plan, names, types, self._shape))
+        first = [fragment for part in subqueries for fragment in part[1].fragments]
+
+        def constants_again(results: Sequence[FragmentResult]) -> bool:
+            """Whether the subqueries' fragments give the constants planned with."""
+            for text, plan, names, types, shape in subqueries:
+                count = len(plan.fragments)
+                mine, results = results[:count], results[count:]
                 answered = self._merged(plan, mine, names, types, shape, None)
-            except SqlError:
-                return None  # the longer way says it as the query as written would
-            if answered is None:
+                if answered is None:
+                    return False
+                if not answered[0].equals(answers[text]):
+                    # the same rows give the same constant; other rows might too (a
+                    # DECIMAL kept as another width): the constant decides
+                    again = literal(self._work.con, answered[0], types[0])
+                    if again != constants[text]:
+                        return False  # the data changed since: answer them first
+            return True
+
+        substituted = candidates.substituted(constants)
+        plan, names, types = self._plan(view, substituted)
+        shape = self._shape
+        try:
+            if isinstance(plan, Distributed) and not plan.broadcasts:
+                results = self._port.fragments(index, [*first, *plan.fragments])
+                if not constants_again(results[: len(first)]):
+                    return None
+                return self._merged(plan, results[len(first) :], names, types, shape, None)
+            if isinstance(plan, Distributed):
                 return None
-            if text is not None and not answered[0].equals(answers[text]):
-                # the same rows give the same constant; other rows might too (a DECIMAL
-                # kept as another width): the constant decides
-                again = literal(self._work.con, answered[0], types[0])
-                if again != constants[text]:
-                    return None  # the data changed since: answer the subqueries first
-        return answered
+            scans = self._scan_plan(view, substituted)  # gathered: with its first scans
+            if isinstance(scans, str) or not scans.scans:
+                return None
+            checked: list[bool] = []
+
+            def fetch(asked: Sequence[Fragment]) -> list[FragmentResult]:
+                if checked:
+                    return self._port.fragments(index, asked)
+                results = self._port.fragments(index, [*first, *asked])
+                checked.append(True)
+                if not constants_again(results[: len(first)]):
+                    raise _NotTogether
+                return results[len(first) :]
+
+            answered = self._narrowed_run(view, scans, index, substituted, None, None, fetch=fetch)
+            return answered if checked else None
+        except (FragmentFailed, SqlError, _NotTogether):
+            return None  # the longer way says it as the query as written would
 
     def _scanned_run(
         self,
@@ -1381,7 +1405,8 @@ _FIXED_WIDTHS = {
 
 
 class _NotTogether(Exception):
-    """A WITH query sent with the statement's first round did not merge as planned."""
+    """What was sent with a statement's first round of scans (WITH queries, scalar
+    subqueries) did not give what the statement was planned with."""
 
 
 def _with_source(number: int) -> str:

@@ -10,6 +10,7 @@ partitions its key pins, and no fragment of a pushed-down query is a whole-table
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -449,7 +450,13 @@ def test_a_sum_past_38_digits_fails_as_in_duckdb(
         reference.execute(sql).fetchall()
     with pytest.raises(ExecutionFailed) as ours:
         coordinator.execute(sql).fetchall()
-    assert str(ours.value) == str(theirs.value)
+    # the same error in the same words; the two addends it names depend on the order
+    # DuckDB's threads added the values in, on either side
+    assert _without_numbers(str(ours.value)) == _without_numbers(str(theirs.value))
+
+
+def _without_numbers(message: str) -> str:
+    return re.sub(r"\d+", "N", message)
 
 
 def test_a_routed_query_reads_only_the_pinned_partitions(

@@ -206,6 +206,29 @@ def test_run_again_the_subqueries_go_in_one_round_with_the_statement(pair: Pair,
     assert any("CAST(" in text for text in texts), texts  # the statement, with a constant
 
 
+def test_run_again_a_gathered_statement_reads_the_subqueries_with_its_first_scans(
+    pair: Pair,
+) -> None:
+    """TPC-H q22's shape: the statement gathers (NOT EXISTS over u, partitioned on
+    another key); run again, the subquery's fragments go with its first round of narrowed
+    scans, planned with the constant it gave last time — one round fewer."""
+    sql = (
+        "SELECT k, v FROM t WHERE v > (SELECT avg(v) FROM t WHERE v > 10) "
+        "AND NOT EXISTS (SELECT * FROM u WHERE u.k = t.k) ORDER BY k"
+    )
+    fresh = sql.replace("ORDER BY", "ORDER  BY")  # not run before: the long way first
+    calls = len(pair.port.fragment_calls)
+    pair.run(fresh, ordered=True)
+    long_way = len(pair.port.fragment_calls) - calls  # the subquery, then the scans
+    calls = len(pair.port.fragment_calls)
+    pair.run(fresh, ordered=True)
+    asked = pair.port.fragment_calls[calls:]
+    assert len(asked) == long_way - 1, asked
+    texts = [fragment.sql for fragment in asked[0][1]]
+    assert any("avg(v)" in text or "sum(v)" in text for text in texts), texts  # subquery
+    assert any('"main.t__p0"' in text and "CAST(" in text for text in texts), texts
+
+
 def test_a_constant_that_changed_is_not_used() -> None:
     """Another client's write changes what the subquery gives: the round run with the old
     constant is thrown away and the subquery answered first again."""
