@@ -571,30 +571,50 @@ class Coordinator:
         _, scans = self._with_statement_scans(view, found, shapes)
         if scans is None or not scans.scans:
             return None
-        first = [fragment for _, plan, _, _, _ in planned for fragment in plan.fragments]
         extra: dict[str, pa.Table] = {}  # the answers, filled by the first round
 
-        def fetch(asked: Sequence[Fragment]) -> list[FragmentResult]:
-            if extra:
-                return self._port.fragments(index, asked)
-            results = self._port.fragments(index, [*first, *asked])
-            answered, rest = results[: len(first)], results[len(first) :]
-            tables = {}
-            for name, plan, names, types, shape in planned:
-                count = len(plan.fragments)
-                mine, answered = answered[:count], answered[count:]
-                merged = self._merged(plan, mine, names, types, shape, None)
-                if merged is None:
-                    raise _NotTogether
-                tables[name] = merged[0]
-            extra.update(_with_inputs(tables))
-            return rest
+        def answered(merged: Mapping[str, tuple[pa.Table, list[str]]]) -> None:
+            extra.update(_with_inputs({name: table for name, (table, _) in merged.items()}))
 
+        fetch, sent = self._first_round_with(index, planned, answered)
         try:
             answer = self._with_statement_run(view, found, scans, index, shapes, extra, None, fetch)
         except (FragmentFailed, SqlError, _NotTogether):
             return None
-        return answer if extra else None
+        return answer if sent else None
+
+    def _first_round_with(
+        self,
+        index: int,
+        parts: Sequence[tuple[str, Distributed, list[str], list[str], pa.Schema | None]],
+        take: Callable[[Mapping[str, tuple[pa.Table, list[str]]]], None],
+    ) -> tuple[Callable[[Sequence[Fragment]], list[FragmentResult]], list[bool]]:
+        """A `fetch` for `_narrowed_run` that sends the fragments of `parts` ((name, plan,
+        names, types, shape) of queries that plan as fragments) with the first round of
+        scans, and gives `take` their merged answers by name before returning that
+        round's scans; `take` may raise `_NotTogether`, as does a part that does not merge.
+        With it, a list that is not empty once they were sent (and taken)."""
+        first = [fragment for _, plan, _, _, _ in parts for fragment in plan.fragments]
+        sent: list[bool] = []
+
+        def fetch(asked: Sequence[Fragment]) -> list[FragmentResult]:
+            if sent:
+                return self._port.fragments(index, asked)
+            sent.append(True)
+            results = self._port.fragments(index, [*first, *asked])
+            answers, rest = results[: len(first)], results[len(first) :]
+            merged = {}
+            for name, plan, names, types, shape in parts:
+                count = len(plan.fragments)
+                mine, answers = answers[:count], answers[count:]
+                answer = self._merged(plan, mine, names, types, shape, None)
+                if answer is None:
+                    raise _NotTogether
+                merged[name] = answer
+            take(merged)
+            return rest
+
+        return fetch, sent
 
     def _with_statement_scans(
         self,
@@ -689,51 +709,30 @@ class Coordinator:
             if not isinstance(plan, Distributed) or plan.broadcasts:
                 return None
             subqueries.append((text, plan, names, types, self._shape))
-        first = [fragment for part in subqueries for fragment in part[1].fragments]
 
-        def constants_again(results: Sequence[FragmentResult]) -> bool:
-            """Whether the subqueries' fragments give the constants planned with."""
-            for text, plan, names, types, shape in subqueries:
-                count = len(plan.fragments)
-                mine, results = results[:count], results[count:]
-                answered = self._merged(plan, mine, names, types, shape, None)
-                if answered is None:
-                    return False
-                if not answered[0].equals(answers[text]):
+        def constants_again(merged: Mapping[str, tuple[pa.Table, list[str]]]) -> None:
+            """Raise `_NotTogether` unless the subqueries gave the constants planned with."""
+            for text, (table, types) in merged.items():
+                if not table.equals(answers[text]):
                     # the same rows give the same constant; other rows might too (a
                     # DECIMAL kept as another width): the constant decides
-                    again = literal(self._work.con, answered[0], types[0])
-                    if again != constants[text]:
-                        return False  # the data changed since: answer them first
-            return True
+                    if literal(self._work.con, table, types[0]) != constants[text]:
+                        raise _NotTogether  # the data changed since: answer them first
 
         substituted = candidates.substituted(constants)
         plan, names, types = self._plan(view, substituted)
         shape = self._shape
         try:
+            fetch, sent = self._first_round_with(index, subqueries, constants_again)
             if isinstance(plan, Distributed) and not plan.broadcasts:
-                results = self._port.fragments(index, [*first, *plan.fragments])
-                if not constants_again(results[: len(first)]):
-                    return None
-                return self._merged(plan, results[len(first) :], names, types, shape, None)
+                return self._merged(plan, fetch(plan.fragments), names, types, shape, None)
             if isinstance(plan, Distributed):
                 return None
             scans = self._scan_plan(view, substituted)  # gathered: with its first scans
-            if isinstance(scans, str) or not scans.scans:
+            if isinstance(scans, str):
                 return None
-            checked: list[bool] = []
-
-            def fetch(asked: Sequence[Fragment]) -> list[FragmentResult]:
-                if checked:
-                    return self._port.fragments(index, asked)
-                results = self._port.fragments(index, [*first, *asked])
-                checked.append(True)
-                if not constants_again(results[: len(first)]):
-                    raise _NotTogether
-                return results[len(first) :]
-
             answered = self._narrowed_run(view, scans, index, substituted, None, None, fetch=fetch)
-            return answered if checked else None
+            return answered if sent else None  # the constants checked, or not used
         except (FragmentFailed, SqlError, _NotTogether):
             return None  # the longer way says it as the query as written would
 
