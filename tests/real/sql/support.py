@@ -190,14 +190,36 @@ class Mirror:
 # ---- one holder's copy of a partition ----
 
 
+def current_leader(client: Client) -> int:
+    """The node leading now. A loaded machine may be between leaders, or the leader slow
+    to answer a status, for a moment: asked again until SETTLE_TIMEOUT_S passes."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        leader = client.leader()
+        if leader is not None:
+            return leader
+        time.sleep(0.1)
+    raise AssertionError(f"no leader in {SETTLE_TIMEOUT_S:g} s")
+
+
 def placements(client: Client) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Table key -> holders of each partition, from the leader's applied catalog."""
-    leader = client.leader()
-    assert leader is not None, "no leader"
-    request = CatalogRequest(next(client._request_ids), client._reply_address)
-    answer = client._exchange(leader, request, CatalogResponse, 5_000)
-    assert isinstance(answer, CatalogResponse) and answer.ok, answer
-    return {key: tuple(map(tuple, holders)) for key, holders in answer.placements}
+    """Table key -> holders of each partition, from the leader's applied catalog. A
+    loaded machine may be between leaders, or the leader slow to answer, for a moment:
+    asked again until SETTLE_TIMEOUT_S passes, as a client of the cluster would."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last: object = "no leader"
+    while time.monotonic() < deadline:
+        leader = client.leader()
+        if leader is None:
+            last = "no leader"
+        else:
+            request = CatalogRequest(next(client._request_ids), client._reply_address)
+            answer = client._exchange(leader, request, CatalogResponse, 5_000)
+            if isinstance(answer, CatalogResponse) and answer.ok:
+                return {key: tuple(map(tuple, holders)) for key, holders in answer.placements}
+            last = answer if answer is not None else f"node {leader} did not answer"
+        time.sleep(0.1)
+    raise AssertionError(f"no catalog from a leader in {SETTLE_TIMEOUT_S:g} s: {last}")
 
 
 def holder_copy(client: Client, node: int, table: str, partition: int) -> pa.Table:

@@ -41,6 +41,7 @@ from tests.real.cluster.conftest import CliCluster
 from tests.real.sql.support import (
     assert_replicas_agree,
     connect,
+    current_leader,
     holder_copy,
     placements,
     run_cli,
@@ -115,8 +116,7 @@ def _down_while_the_cluster_moves_on(
         con.execute("INSERT INTO c SELECT i, 0 FROM range(1000) t(i)")
         con.execute("INSERT INTO gone VALUES (1), (2)")
         with three.client() as client:
-            leader = client.leader()
-        assert leader is not None
+            leader = current_leader(client)
         down = (leader + 1) % 3
         supervisor = three.info().supervisor_pid
         assert supervisor is not None

@@ -19,7 +19,7 @@ import pytest
 import cluster.session
 from cluster import control
 from tests.real.cluster.conftest import CliCluster
-from tests.real.sql.support import connect, placements
+from tests.real.sql.support import connect, current_leader, placements
 
 TIMEOUT_MS = 5_000
 """The client's stage and scan timeouts in these tests (set here, so that what they measure
@@ -36,7 +36,7 @@ def dead_primary(three: CliCluster) -> Iterator[tuple[CliCluster, int]]:
         con.execute("INSERT INTO t SELECT i FROM range(300) t(i)")
         assert con.execute("SELECT count(*) FROM t").fetchall() == [(300,)]
     with three.client() as client:
-        leader = client.leader()
+        leader = current_leader(client)
         holders_of = placements(client)["main.t"]
     victim = next(holders[0] for holders in holders_of if holders[0] != leader)
     supervisor = three.info().supervisor_pid

@@ -31,6 +31,7 @@ from tests.real.cluster.conftest import CliCluster
 from tests.real.sql.support import (
     assert_replicas_agree,
     connect,
+    current_leader,
     placements,
     replica_copies,
     settled,
@@ -79,8 +80,7 @@ def test_a_holder_killed_during_a_big_copy_leaves_all_of_it_or_none(
         con.execute("CREATE TABLE big (id BIGINT, v DOUBLE, s VARCHAR) PARTITION BY HASH(id)")
         for number, delay in enumerate(KILL_DELAYS_S):
             with three.client() as client:
-                leader = client.leader()
-            assert leader is not None
+                leader = current_leader(client)
             last = number == len(KILL_DELAYS_S) - 1
             victim = leader if last else (leader + 1 + number) % 3
             restarts = three.info().nodes[victim].restarts
@@ -165,8 +165,7 @@ def test_replicas_hold_the_same_rows_exactly_once_after_kills_and_pauses(
                     con.execute(f"INSERT INTO f VALUES ({batch * 7}, 'x'), ({batch * 500}, 'y')")
 
         with three.client() as client:
-            leader = client.leader()
-        assert leader is not None
+            leader = current_leader(client)
         follower, other = (leader + 1) % 3, (leader + 2) % 3
         burst(0, 12)
         killed = three.cli("chaos", "kill", str(follower))  # while it applies the burst

@@ -34,7 +34,7 @@ from cluster._fragment_watch import FRAGMENT_TIME_LIMIT_ENV
 from cluster.session import SCAN_TIMEOUT_MS, TransportPort, open_port
 from query.port import Fragment, FragmentFailed, Unavailable
 from tests.real.cluster.conftest import CliCluster
-from tests.real.sql.support import connect
+from tests.real.sql.support import connect, current_leader
 
 TABLE = "main.t"
 ROWS = 1_000
@@ -214,7 +214,7 @@ def test_a_paused_first_holder_is_hedged(three: CliCluster, port: TransportPort)
     fragments = _per_partition(port)
     barrier = port.barrier()
     with three.client() as client:
-        leader = client.leader()
+        leader = current_leader(client)
     victim = next(f.holders[0] for f in fragments if f.holders[0] != leader)
     control.signal_node(three.info(), victim, signal.SIGSTOP)
     try:

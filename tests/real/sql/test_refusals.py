@@ -22,6 +22,7 @@ from tests.real.sql.support import (
     Mirror,
     assert_replicas_agree,
     connect,
+    current_leader,
     holder_copy,
     placements,
     settled,
@@ -79,7 +80,7 @@ def test_refusals_carry_duckdbs_messages_and_write_nothing(three: CliCluster) ->
 def pick_victim(three: CliCluster, table: str) -> tuple[int, list[int]]:
     """A node other than the leader and the partitions of `table` it holds."""
     with three.client() as client:
-        leader = client.leader()
+        leader = current_leader(client)
         holders_of = placements(client)[table]
     victim = next(node for holders in holders_of for node in holders if node != leader)
     return victim, [p for p, holders in enumerate(holders_of) if victim in holders]
