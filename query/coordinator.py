@@ -15,8 +15,9 @@ same data — same columns, names, types and rows, same errors with the same mes
   uncorrelated scalar subqueries are answered first at that barrier and put in as
   constants (query.scalars) and it is planned again (the next run sends them in one
   round with the statement); its WITH queries over partitioned tables are answered first
-  (query.ctes); failing that, it runs here over the narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO)
-  are the whole tables it may read gathered and the statement run in the coordinator's
+  (query.ctes); failing that, it runs here over the narrowed scans of query.scans. Only when none of these can answer (and for COPY … TO,
+  and a PIVOT without an IN list, which DuckDB runs as several statements) are the whole
+  tables it may read gathered and the statement run in the coordinator's
   DuckDB (query._reads) — also how a fragment's runtime error is raised in DuckDB's words.
 - Writes (INSERT, UPDATE, DELETE, COPY … FROM): run once here, only the changed rows are
   staged and one commit names them (query._writes). A commit refused because what the
@@ -166,6 +167,10 @@ PLANS_CACHED_MAX = 256
 and the members stay those they were planned against): a repeated query skips DuckDB's
 bind and the planner, 5–10 ms."""
 SCALARS_DEPTH_MAX = 3
+PIVOTS_GATHER = (
+    "a PIVOT without an IN list takes its columns from the data (DuckDB runs it as several "
+    "statements), so it runs here as written; PIVOT … ON col IN (…) is planned"
+)
 """Scalar subqueries inside scalar subqueries are answered first this many levels deep."""
 WRITE_ATTEMPTS_MAX = 8
 """Times a statement is planned and run again after its commit met a Conflict."""
@@ -416,7 +421,7 @@ class Coordinator:
     def _read(
         self, statement: Statement, words: list[Token], parameters: object, consistency: str
     ) -> StatementResult:
-        if statement.kind == StatementKind.SELECT:
+        if statement.kind == StatementKind.SELECT and not statement.pivots:
             if parameters is not None:
                 self._bind(statement.sql, parameters)
             answered = self._planned_read(statement.sql, parameters, consistency, None)
@@ -1117,6 +1122,8 @@ class Coordinator:
             raise Unsupported("EXPLAIN [ANALYZE] takes one SELECT, without parameters")
         if analyze:
             steps = self._analyzed(statement, consistency)
+        elif statement.pivots:
+            steps = self._whole_tables_steps(PIVOTS_GATHER, statement.sql)
         else:
             view = self._port.catalog()
             plan, _, _ = self._plan(view, statement.sql)
@@ -1172,10 +1179,7 @@ class Coordinator:
         steps: list[Step] = []
         scans = self._scan_plan(view, sql)
         if isinstance(scans, str):
-            steps.append(("whole tables", "coordinator", scans, None, None))
-            for key in self._work.tables_named(tokens(sql)):
-                steps.append((f"scan {key}", "every partition", "all rows", None, None))
-            return steps
+            return self._whole_tables_steps(scans, sql)
         rounds = schedule(scans, view.table_rows)
         names = key_names(rounds)
         for number, scans_in_round in enumerate(rounds):
@@ -1191,14 +1195,27 @@ class Coordinator:
             steps.append((f"keys of {source}.{column}", "coordinator", why, None, None))
         return steps
 
+    def _whole_tables_steps(self, why: str, sql: str) -> list[Step]:
+        """EXPLAIN's rows for a query run here over the whole tables it may read."""
+        steps: list[Step] = [("whole tables", "coordinator", why, None, None)]
+        self._work.prepare(self._port.catalog().catalog)
+        for key in self._work.tables_named(tokens(sql)):
+            steps.append((f"scan {key}", "every partition", "all rows", None, None))
+        return steps
+
     def _analyzed(self, statement: Statement, consistency: str) -> list[Step]:
         """EXPLAIN ANALYZE's steps: the query run as `_read` runs it, with each planned
         query's steps and what every scan, fragment and broadcast moved."""
         started = self._clock.monotonic_ns()
         steps: list[Step] = []
-        answered = self._planned_read(statement.sql, None, consistency, steps)
+        answered = None
+        if statement.pivots:
+            steps.append(("gather", "coordinator", f"whole tables: {PIVOTS_GATHER}", None, None))
+        else:
+            answered = self._planned_read(statement.sql, None, consistency, steps)
         if answered is None:
-            steps.append(("gather", "coordinator", "whole tables", None, None))
+            if not statement.pivots:
+                steps.append(("gather", "coordinator", "whole tables", None, None))
             result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
             rows = len(result)
         else:

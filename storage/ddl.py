@@ -144,6 +144,9 @@ class Statement(msgspec.Struct, frozen=True):
     if_exists: bool = False
     select_sql: str | None = None
     """For CREATE TABLE … AS and CREATE VIEW: the query after AS."""
+    pivots: bool = False
+    """DuckDB runs it as several statements: each PIVOT … ON without an IN list first
+    creates an ENUM type of the values it finds in the data (a MULTI statement)."""
 
 
 class Column(msgspec.Struct, frozen=True):
@@ -527,6 +530,10 @@ def _parse_alter(sql: str, tokens: list[Token], words: list[str]) -> Statement:
 
 
 _DML_NAME_AFTER = {"INSERT": "INTO", "DELETE": "FROM"}
+# The words a query (not a write) can start with, when not with a "(".
+_QUERY_FIRST_WORDS = frozenset(
+    {"SELECT", "WITH", "FROM", "PIVOT", "PIVOT_WIDER", "VALUES", "TABLE"}
+)
 
 
 def _parse_other(sql: str, tokens: list[Token], words: list[str]) -> Statement:
@@ -539,7 +546,16 @@ def _parse_other(sql: str, tokens: list[Token], words: list[str]) -> Statement:
         duckdb.StatementType.COPY: StatementKind.COPY,
     }
     kind = kinds.get(statement_type)
+    pivots = statement_type == duckdb.StatementType.MULTI
+    if pivots:
+        query = words[0] in _QUERY_FIRST_WORDS or tokens[0].text == "("
+        kind = StatementKind.SELECT if query else None
     if kind is None:
+        if pivots:
+            raise UnsupportedStatement(
+                "dcluster runs a PIVOT without an IN list (DuckDB makes it several "
+                "statements) only as a query; write the values out: PIVOT … ON col IN (…)"
+            )
         raise UnsupportedStatement(f"dcluster does not run {statement_type.name} statements")
     name_at: int | None = None
     if words[0] in ("UPDATE", "COPY"):
@@ -548,7 +564,7 @@ def _parse_other(sql: str, tokens: list[Token], words: list[str]) -> Statement:
         name_at = words.index(_DML_NAME_AFTER[words[0]]) + 1
     parts, _ = _qualified_name(tokens, name_at) if name_at is not None else ([], 0)
     schema, name = _split_name(parts)
-    return Statement(kind=kind, sql=sql, name=name, schema=schema)
+    return Statement(kind=kind, sql=sql, name=name, schema=schema, pivots=pivots)
 
 
 # ---------------------------------------------------------------------------------------
@@ -855,9 +871,7 @@ class _Known:
     stabilities: dict[str, list[_Stability]]
 
 
-_KNOWN: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, _Known] = (
-    weakref.WeakKeyDictionary()
-)
+_KNOWN: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, _Known] = weakref.WeakKeyDictionary()
 """Per connection. A macro created on a connection after its first statement is not seen:
 dcluster's connections never get macros after that (the catalog and work databases are
 rebuilt from scratch when the catalog changes)."""

@@ -322,12 +322,6 @@ class Query:
     """A known coordinator bug: the reason (the test is xfail(strict=True))."""
 
 
-PIVOT_IS_MULTI = (
-    "PIVOT (even inside a SELECT) is a MULTI statement to duckdb.extract_statements, so "
-    "storage.ddl.parse refuses it: 'dcluster does not run MULTI statements'"
-)
-
-
 def _queries() -> list[Query]:
     q = Query
     return [
@@ -1599,7 +1593,21 @@ def _queries() -> list[Query]:
             "gather_pivot",
             "gather",
             "SELECT * FROM (PIVOT (SELECT grp, flag, i FROM f) ON flag USING sum(i) GROUP BY grp)",
-            xfail=PIVOT_IS_MULTI,
+        ),
+        q(
+            "gather_pivot_statement",
+            "gather",
+            "PIVOT f ON grp USING count(*), max(s) GROUP BY flag ORDER BY flag",
+        ),
+        q(
+            "gather_pivot_in_with",
+            "gather",
+            "WITH p AS (PIVOT (SELECT k % 3 AS m, dt, i FROM f) ON m, dt > DATE '2010-01-05' USING sum(i)) SELECT * FROM p",
+        ),
+        q(
+            "pivot_in_list",
+            "gather",
+            "SELECT * FROM (PIVOT (SELECT grp, flag, i FROM f) ON flag IN (true, false) USING sum(i) GROUP BY grp)",
         ),
         q(
             "gather_unpivot",
