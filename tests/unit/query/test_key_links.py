@@ -286,7 +286,7 @@ def test_inline_keys_follow_the_place_and_chain_through_reference_tables(pair: P
 def test_a_link_chains_through_a_partitioned_middle_table(pair: Pair) -> None:
     """dim.k = fact.dk and fact.dk = prod.pk: dim need not wait for fact (the largest)
     to be narrowed by prod's keys — its scan takes them straight from prod (q09's
-    partsupp, through lineitem to part)."""
+    partsupp, through lineitem to part). Nor does fact wait for dim's."""
     coordinator, _, _ = pair
     sql = (
         "SELECT count(*), sum(fact.v) FROM fact JOIN dim ON dim.k = fact.dk "
@@ -298,7 +298,32 @@ def test_a_link_chains_through_a_partitioned_middle_table(pair: Pair) -> None:
         "every partition, round 2",
         f'SELECT "k" FROM "main"."dim" WHERE ("k" IN (SELECT k FROM {prod_keys}))',
     )
-    assert steps["scan main.fact"][0] == "every partition, round 3"
+    # fact does not wait a round longer for dim's keys: prod's, on the same column, are
+    # there a round earlier
+    assert steps["scan main.fact"] == (
+        "every partition, round 2",
+        f'SELECT "dk", "v" FROM "main"."fact" WHERE ("dk" IN (SELECT k FROM {prod_keys}))',
+    )
+    same_answer(pair, sql)
+
+
+def test_a_scan_goes_in_the_first_round_it_has_keys_for(pair: Pair) -> None:
+    """fact is linked to prod (first round) and to dim (second, as dim waits for prod's
+    keys): fact takes prod's keys in the second round rather than wait for a third
+    (q20's lineitem: part's keys, not partsupp's)."""
+    coordinator, _, _ = pair
+    sql = (
+        "SELECT count(*), sum(fact.id) FROM fact JOIN dim ON fact.v = dim.grp "
+        "JOIN prod ON dim.k = prod.pk AND fact.pk = prod.pk WHERE prod.kind = 'a'"
+    )
+    steps = explained(coordinator, sql)
+    prod_keys = steps["keys of main.prod.pk"][1].split(":")[0]
+    assert steps["scan main.dim"][0] == "every partition, round 2"
+    assert steps["scan main.fact"] == (
+        "every partition, round 2",
+        f'SELECT "id", "pk", "v" FROM "main"."fact" WHERE ("pk" IN (SELECT k FROM {prod_keys}))',
+    )
+    assert "keys of main.dim.grp" not in steps
     same_answer(pair, sql)
 
 
