@@ -943,7 +943,7 @@ class Coordinator:
                     known = {  # a moved scan may keep fewer columns than the gather needs
                         b.scan.key: _scanned(b, rows)
                         for b, rows in moved
-                        if columns.get(b.scan.key) == b.scan.columns
+                        if columns.get(b.scan.key) == b.scan.columns and not b.scan.aggregates
                     }
                     why = (
                         f"gathered: the broadcast tables came to over {BROADCAST_BYTES_MAX:,} bytes"

@@ -85,6 +85,11 @@ AGGREGATE_NAMES_CACHED_MAX = 10_000
 _AGGREGATE_NAMES: dict[str, bool] = {}
 """Function name -> is it an aggregate, for every DuckDB connection of this process (the
 built-in functions are the same for all; a user macro's name is looked up each time)."""
+_EAGER_SUMMED = re.compile(
+    r"TINYINT|SMALLINT|INTEGER|BIGINT|UTINYINT|USMALLINT|UINTEGER|DECIMAL\(([1-9]|1[0-8]),\d+\)"
+)
+"""Column types whose partial sums a scan may take for eager aggregation: no partial can
+overflow (a HUGEINT or 38-digit sum of them), and none is a float."""
 _SIMPLE_AGGREGATES = {"min": "min", "max": "max", "bool_and": "bool_and", "bool_or": "bool_or"}
 _VARIANCES = {
     "var_samp": "samp",
@@ -1464,11 +1469,13 @@ class _Planner:
         if not partitions:  # nothing can match: one partition still answers (the shape)
             partitions = (0,)
         fragment = self._trimmed_moves(fragment)
+        types = self._types(fragment)
+        fragment = self._eager_aggregated(fragment, types)
         return Distributed(
             tier=tier,
             fragments=self._fragments(fragment, leaves, partitions),
             fragment_sql=_ast.to_sql(self.con, fragment),
-            fragment_types=self._types(fragment),
+            fragment_types=types,
             merge_sql=merge,
             partitions=partitions,
             partitions_total=total,
@@ -1538,6 +1545,145 @@ class _Planner:
             self._broadcast[position] = dataclasses.replace(broadcast, scan=scan)
         return trimmed
 
+    def _eager_aggregated(self, fragment: Node, types: tuple[str, ...]) -> Node:
+        """`fragment` with a repartitioned table's rows aggregated where they are scanned
+        (eager aggregation), when that is exact; else as it is.
+
+        The table's scan groups its rows by the split column K and computes each
+        aggregate the fragment's grouped SELECT (`_core`) takes over its other columns:
+        one row per K per partition scanned, in place of every row (q13: orders counted
+        per customer, not dealt out one by one). In the fragment `count(c)` becomes
+        `COALESCE(sum(n), 0)` of the partial counts, `count(*)` the same with a
+        NULL-extended row counting 1, `sum(c)` the sum of the partial sums, and `min`
+        and `max` the least and greatest partial.
+
+        Exact because each row of the join with the grouped rows stands for as many
+        rows of the join with the table's own rows as its group holds, all with the same
+        values everywhere but in the table's other columns, and those are read only by
+        the aggregates rewritten (checked). So every aggregate must be one of those over
+        the table's other columns, or min/max of other tables' columns (which repeated
+        rows do not change); no DISTINCT, FILTER or ORDER BY in them. `sum` only of
+        integers up to BIGINT and decimals of 18 digits or fewer (so no partial can
+        overflow, and no float is added in another order). The rewritten fragment is
+        bound once over the work tables, with the table's scan as a derived table, and
+        used only if its result types are `types`."""
+        core = self._core(fragment)
+        if not core.get("group_expressions") and not self._aggregates(core):
+            return fragment
+        names = [b.name for b in self._broadcast.values()]
+        for leaf in self._leaves(core["from_table"]):
+            broadcast = self._broadcast.get(leaf.position)
+            if leaf.repartitioned and broadcast and names.count(broadcast.name) == 1:
+                rewritten = self._eager_one(fragment, core, leaf, broadcast, types)
+                if rewritten is not None:
+                    return rewritten
+        return fragment
+
+    def _eager_one(
+        self,
+        fragment: Node,
+        core: Node,
+        leaf: _Leaf,
+        broadcast: Broadcast,
+        types: tuple[str, ...],
+    ) -> Node | None:
+        """`_eager_aggregated` for one table, or None when it is not exact."""
+        assert broadcast.split is not None
+        scan = broadcast.scan
+        key = broadcast.split.column.lower()
+        column_types = {name.lower(): kind.upper() for name, kind in scan.columns}
+        grouped = tuple(c for c in scan.columns if c[0].lower() == key)
+        if not grouped:
+            return None
+        others = set(column_types) - {key}
+        alias = leaf.alias.lower()
+
+        def owned(item: Node) -> str | None:
+            """The table's non-key column a reference surely or maybe names."""
+            names = [str(name).lower() for name in item["column_names"]]
+            if names[-1] in others and (len(names) == 1 or names[-2] == alias):
+                return names[-1]
+            return None
+
+        aggregates: dict[str, str] = {}  # scan SQL -> its output name
+        swaps: dict[int, Node] = {}
+        for function in self._aggregates(core):
+            name = str(function["function_name"]).lower()
+            arguments = [argument["expression"] for argument in function["arguments"]]
+            refs = [item for item in _ast.walk(arguments) if _ast.is_column_ref(item)]
+            if (
+                function.get("distinct")
+                or function.get("filter") is not None
+                or function["order_bys"]["orders"]
+            ):
+                return None
+            mine = [owned(ref) for ref in refs]
+            if name in ("min", "max") and not any(mine):
+                continue  # over other tables' columns: repeated rows change nothing
+            if name == "count_star" and not arguments:
+                scan_sql, template = "count(*)", "CAST(COALESCE(sum(COALESCE({}, 1)), 0) AS BIGINT)"
+            elif (
+                name in ("count", "sum", "min", "max")
+                and len(arguments) == 1
+                and _ast.is_column_ref(arguments[0])
+                and mine[0] is not None
+            ):
+                column = mine[0]
+                if name == "sum" and not _EAGER_SUMMED.fullmatch(column_types[column]):
+                    return None
+                scan_sql = f"{name}({quote_identifier(column)})"
+                template = {
+                    "count": "CAST(COALESCE(sum({}), 0) AS BIGINT)",
+                    "sum": "sum({})",
+                }.get(name, f"{name}({{}})")
+            else:
+                return None
+            output = aggregates.setdefault(scan_sql, f"dcluster_eager_{len(aggregates)}")
+            reference = f"{quote_identifier(leaf.alias)}.{quote_identifier(output)}"
+            swaps[id(function)] = dict(
+                _ast.expression(self.con, template.format(reference)), alias=function["alias"]
+            )
+        if not swaps:
+            return None
+        rewritten: Node = _ast.replaced(fragment, lambda item: swaps.get(id(item)))
+        for item in _ast.walk(rewritten):
+            if item.get("class") in ("STAR", "COLUMNS"):
+                return None
+            if _ast.is_column_ref(item):
+                names = [str(name).lower() for name in item["column_names"]]
+                if owned(item) is not None or names == [alias]:
+                    return None  # read outside the aggregates rewritten, or a whole row
+        eager = dataclasses.replace(
+            scan,
+            columns=grouped,
+            aggregates=tuple((output, scan_sql, "") for scan_sql, output in aggregates.items()),
+        )
+        derived = f"SELECT * FROM ({eager.select_sql()}) AS {quote_identifier(leaf.alias)}"
+        table = _ast.parse(self.con, derived)["from_table"]
+        check: Node = _ast.replaced(
+            fragment,
+            lambda item: table if id(item) == id(leaf.node) else swaps.get(id(item)),
+        )
+        try:
+            relation = self.con.sql(_ast.to_sql(self.con, check))
+            assert relation is not None
+            if tuple(str(kind) for kind in relation.types) != types:
+                return None
+            typed = self.con.sql(eager.select_sql()).types
+        except duckdb.Error:
+            return None
+        eager = dataclasses.replace(
+            eager,
+            aggregates=tuple(
+                (output, scan_sql, str(kind))
+                for (output, scan_sql, _), kind in zip(
+                    eager.aggregates, typed[len(grouped) :], strict=True
+                )
+            ),
+        )
+        self._broadcast[leaf.position] = dataclasses.replace(broadcast, scan=eager)
+        return rewritten
+
     def _sole_leaf(self, term: Node, leaves: list[_Leaf]) -> _Leaf | None:
         """The one table every column of `term` surely names (None: unsure, or another
         table too, or a subquery inside)."""
@@ -1581,7 +1727,7 @@ class _Planner:
                 broadcast = self._broadcast[leaf.position]
                 columns = ", ".join(
                     f"CAST({quote_identifier(name)} AS {kind}) AS {quote_identifier(name)}"
-                    for name, kind in broadcast.scan.columns
+                    for name, kind in broadcast.scan.output_columns
                 )
                 sql = (
                     f"SELECT * FROM (SELECT {columns} FROM {broadcast.name}) "

@@ -100,6 +100,15 @@ class TableScan:
     extra: tuple[str, ...] = ()
     """SQL expressions over the table's columns, selected after `columns` (e.g. the
     partition a repartitioned row goes to)."""
+    aggregates: tuple[tuple[str, str, str], ...] = ()
+    """(name, SQL, DuckDB type) of aggregates selected after `columns`, which the rows
+    are then grouped by (eager aggregation, query.planner): one row per value of
+    `columns` per partition. Before `extra`, which must then be over `columns` only."""
+
+    @property
+    def output_columns(self) -> tuple[tuple[str, str], ...]:
+        """(name, DuckDB type) of every row the scan sends, `extra` aside."""
+        return self.columns + tuple((name, kind) for name, _, kind in self.aggregates)
 
     @property
     def filter(self) -> str | None:
@@ -159,7 +168,8 @@ class TableScan:
 
     def select_sql(self, keys: KeysNames | None = None) -> str:
         """The scan with the tables' logical names (for EXPLAIN)."""
-        return _select_sql(self.columns, self.condition(keys or {}, False), self.logical_name)
+        condition = self.condition(keys or {}, False)
+        return _select_sql(self.columns, condition, self.logical_name, (), self.aggregates)
 
     def inline_sources(self) -> dict[str, TableScan]:
         """Table key -> scan of every reference table the condition reads (inline links,
@@ -183,7 +193,8 @@ class TableScan:
         sources = self.inline_sources().values()
         fragments = []
         for partition, holders in self.partitions:
-            sql = _select_sql(self.columns, condition, self.table_name(partition), self.extra)
+            table = self.table_name(partition)
+            sql = _select_sql(self.columns, condition, table, self.extra, self.aggregates)
             reads = ((self.key, partition), *((source.key, 0) for source in sources))
             held = [n for n in holders if all(n in s.partitions[0][1] for s in sources)]
             fragments.append(Fragment(sql, reads, tuple(held), used))
@@ -208,10 +219,13 @@ def _select_sql(
     condition: str | None,
     table: str,
     extra: Sequence[str] = (),
+    aggregates: Sequence[tuple[str, str, str]] = (),
 ) -> str:
-    names = ", ".join([quote_identifier(name) for name, _ in columns] + list(extra))
+    kept = [quote_identifier(name) for name, _ in columns]
+    computed = [f"{sql} AS {quote_identifier(name)}" for name, sql, _ in aggregates]
     where = "" if condition is None else f" WHERE {condition}"
-    return f"SELECT {names} FROM {table}{where}"
+    grouped = f" GROUP BY {', '.join(kept)}" if aggregates and kept else ""
+    return f"SELECT {', '.join(kept + computed + list(extra))} FROM {table}{where}{grouped}"
 
 
 @dataclass(frozen=True)
