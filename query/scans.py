@@ -316,12 +316,69 @@ def schedule(
         links_of[scan.key] = links
         if links or scan.filter is not None:
             narrowed.add(scan.key)
+    _wait_within(plan, round_of, links_of, narrowed, size)
     rounds: list[list[tuple[TableScan, tuple[KeyLink, ...]]]] = [
         [] for _ in range(max(round_of.values(), default=-1) + 1)
     ]
     for scan in plan.scans:  # each round in the plan's order
         rounds[round_of[scan.key]].append((scan, links_of[scan.key]))
     return rounds
+
+
+def _wait_within(
+    plan: ScanPlan,
+    round_of: dict[str, int],
+    links_of: dict[str, tuple[KeyLink, ...]],
+    narrowed: set[str],
+    size: Callable[[str], float],
+) -> None:
+    """`schedule`'s second pass: a partitioned table's scan of TARGET_ROWS_MIN rows or more
+    that waits for no keys, and that no scan waits for, takes the keys of a narrowed table however large
+    that table is, when they come before the last round the others need anyway: the
+    query takes no more rounds, and the scan sends fewer rows (TPC-H q10: customer by
+    the customer keys of a quarter's orders, in lineitem's round)."""
+    last = max(round_of.values(), default=0)
+    waited_for = {link.source for links in links_of.values() for link in links}
+    for scan in sorted(plan.scans, key=lambda scan: (size(scan.key), scan.key)):
+        if (
+            links_of[scan.key]
+            or scan.key in waited_for
+            or scan.spec.reference  # small by design, and read on one node
+            or size(scan.key) < TARGET_ROWS_MIN
+        ):
+            continue
+        links = tuple(
+            link
+            for link in scan.links
+            if link.source in narrowed
+            and link.source != scan.key
+            and round_of[link.source] < last
+            and link.source not in _waiting_on(scan.key, links_of)
+        )
+        if not links:
+            continue
+        earliest = min(round_of[link.source] for link in links)
+        links = tuple(link for link in links if round_of[link.source] == earliest)
+        names = {(link.source, link.source_column): "k" for link in links}
+        if scan.condition(names) == scan.condition({}):
+            continue
+        round_of[scan.key] = earliest + 1
+        links_of[scan.key] = links
+        narrowed.add(scan.key)
+        waited_for |= {link.source for link in links}
+
+
+def _waiting_on(key: str, links_of: Mapping[str, tuple[KeyLink, ...]]) -> set[str]:
+    """The scans that wait, through any chain of key sets, for `key`'s."""
+    waiting: set[str] = set()
+    pending = [key]
+    while pending:
+        source = pending.pop()
+        for other, links in links_of.items():
+            if other not in waiting and any(link.source == source for link in links):
+                waiting.add(other)
+                pending.append(other)
+    return waiting
 
 
 def key_names(

@@ -37,6 +37,8 @@ SETUP = [
     "INSERT INTO prod SELECT i, CASE WHEN i % 3 = 0 THEN 'a' ELSE 'b' END FROM range(17) t(i)",
     "CREATE TABLE zone (zg INTEGER, tag VARCHAR) REFERENCE",
     "INSERT INTO zone VALUES (0, 'x'), (1, 'y')",
+    "CREATE TABLE sale (id BIGINT, amt INTEGER) PARTITION BY HASH(id) PARTITIONS 2",
+    "INSERT INTO sale SELECT i * 2, i % 9 FROM range(300) t(i)",
 ]
 
 Pair = tuple[Coordinator, FakePort, duckdb.DuckDBPyConnection]
@@ -325,6 +327,37 @@ def test_a_scan_goes_in_the_first_round_it_has_keys_for(pair: Pair) -> None:
     )
     assert "keys of main.dim.grp" not in steps
     same_answer(pair, sql)
+
+
+def test_a_scan_takes_a_larger_tables_keys_in_a_round_the_query_needs_anyway(
+    pair: Pair,
+) -> None:
+    """sale (300 rows) is smaller than fact (600), so it would not wait for fact's keys;
+    but dim waits a round for prod's anyway, and sale then takes the ids of the fact
+    rows with v = 1 in that round (TPC-H q10: customer, by a quarter's orders)."""
+    coordinator, _, _ = pair
+    sql = (
+        "SELECT count(*), sum(sale.amt), max(dim.name) FROM dim JOIN prod ON dim.k = prod.pk "
+        "CROSS JOIN (fact JOIN sale ON sale.id = fact.id) WHERE prod.kind = 'a' AND fact.v = 1"
+    )
+    steps = explained(coordinator, sql)
+    assert steps["scan main.dim"][0] == "every partition, round 2"
+    assert steps["scan main.fact"][0] == "every partition"
+    fact_keys = steps["keys of main.fact.id"][1].split(":")[0]
+    assert steps["scan main.sale"] == (
+        "every partition, round 2",
+        f'SELECT "id", "amt" FROM "main"."sale" WHERE ("id" IN (SELECT k FROM {fact_keys}))',
+    )
+    assert fact_rows_sent(pair, sql) < 100
+    sent = coordinator.execute("EXPLAIN ANALYZE " + sql).fetchall()
+    assert sum(int(row[3]) for row in sent if row[0] == "scanned main.sale") < 100
+    same_answer(pair, sql)
+    # with no later round needed, sale does not wait: its scan is read whole at once
+    alone = (
+        "SELECT count(*), sum(sale.amt) FROM fact JOIN sale ON sale.id = fact.id WHERE fact.v = 1"
+    )
+    assert explained(coordinator, alone)["scan main.sale"][0] == "every partition"
+    same_answer(pair, alone)
 
 
 def test_a_reference_table_read_whole_is_not_checked_inline(pair: Pair) -> None:
