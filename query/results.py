@@ -193,8 +193,11 @@ def _magnitude(values: Values) -> Decimal | None:
 
 
 def _to_double(values: Values) -> Values | None:
-    """CAST(values AS DOUBLE) as DuckDB does it: a DOUBLE as it is, an integer or decimal
-    below 2^53 unscaled as its unscaled integer over 10^scale; None otherwise."""
+    """CAST(values AS DOUBLE) as DuckDB does it (TryCastDecimalToFloatingPoint): a DOUBLE
+    as it is; an integer or decimal below 2^53 unscaled as its unscaled integer over
+    10^scale; a decimal of scale 1 to 15 below 2^63 unscaled as the integer part plus the
+    fraction over 10^scale, each part converted on its own (both parts below 2^53, so
+    each converts exactly); None otherwise."""
     kind = values.type
     if pt.is_floating(kind):
         return values
@@ -202,10 +205,34 @@ def _to_double(values: Values) -> Values | None:
         return None
     largest = _magnitude(values)
     if largest is not None and largest >= 2**53:
-        return None
+        return _split_to_double(values, largest)
     if pt.is_integer(kind) or kind.scale == 0:
         return pc.cast(_unscaled(values) if pt.is_decimal(kind) else values, pa.float64())
     return pc.divide(pc.cast(_unscaled(values), pa.float64()), float(f"1e{kind.scale}"))
+
+
+def _split_to_double(values: Values, largest: Decimal) -> Values | None:
+    """`_to_double` of decimals some of which are 2^53 or more unscaled: DuckDB's slow
+    path for those (integer part + fraction / 10^scale, C++ division: toward zero), its
+    fast path for the others. None where this is not sure to be DuckDB's: integers,
+    scale 0 or over 15, 2^63 or more, an integer part of 2^53 or more, or exactly 2^53
+    (where the two paths meet)."""
+    kind = values.type
+    if not pt.is_decimal(kind) or not 1 <= kind.scale <= 15 or largest >= 2**63:
+        return None
+    numbers = pc.cast(_unscaled(values), pa.int64())
+    power = pa.scalar(10**kind.scale, pa.int64())
+    whole = pc.divide(numbers, power)  # Arrow's integer division truncates, as C++'s
+    largest_whole = pc.max(pc.abs(whole)) if not isinstance(whole, pa.Scalar) else pc.abs(whole)
+    if (largest_whole.as_py() or 0) >= 2**53 or Decimal(2**53) == largest:
+        return None
+    if not isinstance(numbers, pa.Scalar) and pc.any(pc.equal(pc.abs(numbers), 2**53)).as_py():
+        return None
+    divisor = float(10**kind.scale)
+    fast = pc.divide(pc.cast(numbers, pa.float64(), safe=False), divisor)  # where below 2^53
+    fraction = pc.subtract(numbers, pc.multiply(whole, power))
+    slow = pc.add(pc.cast(whole, pa.float64()), pc.divide(pc.cast(fraction, pa.float64()), divisor))
+    return pc.if_else(pc.less(pc.abs(numbers), 2**53), fast, slow)
 
 
 def _product(left: Values, right: Values) -> Values | None:
