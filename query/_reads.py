@@ -150,12 +150,24 @@ def from_duckdb(error: duckdb.Error) -> DuckDBError:
 # Statement text
 
 
+TOKENS_CACHED_MAX = 256
+"""Statement texts whose tokens `tokens` remembers (the lexer depends on the text alone;
+a script is lexed to split it, then each statement again)."""
+_TOKENS: dict[str, tuple[Token, ...]] = {}
+
+
 def tokens(sql: str) -> list[Token]:
-    """`storage.ddl.lex`, with the lexer's refusal as dcluster's error."""
-    try:
-        return lex(sql)
-    except duckdb.Error as error:
-        raise from_duckdb(error) from error
+    """`storage.ddl.lex` (a fresh list), with the lexer's refusal as dcluster's error."""
+    known = _TOKENS.get(sql)
+    if known is None:
+        try:
+            known = tuple(lex(sql))
+        except duckdb.Error as error:
+            raise from_duckdb(error) from error
+        if len(_TOKENS) >= TOKENS_CACHED_MAX:
+            _TOKENS.pop(next(iter(_TOKENS)))  # the oldest
+        _TOKENS[sql] = known
+    return list(known)
 
 
 def split_script(sql: str) -> list[str]:

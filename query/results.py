@@ -143,7 +143,7 @@ def _computed(
     if value is None:
         return None
     if isinstance(value, pa.Scalar):
-        return pa.array([value] * rows, value.type)
+        return pa.repeat(value, rows)
     return value
 
 
@@ -289,7 +289,8 @@ def _aggregated_whole(rows: pa.Table, asked: list[tuple[str, str]]) -> pa.Table:
     }
     return pa.table(
         {
-            f"{name}_{function}": pa.array([functions[function](rows.column(name))])
+            # pa.repeat, not pa.array([scalar]): that one tries to import numpy every call
+            f"{name}_{function}": pa.repeat(functions[function](rows.column(name)), 1)
             for name, function in asked
         }
     )
