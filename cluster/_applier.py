@@ -164,6 +164,8 @@ class ReadFailure:
     """True: another holder (or a new barrier) may serve it."""
     duckdb_error: str = ""
     """DuckDB's exception class name when DuckDB refused a fragment's SQL."""
+    snapshot_missing: bool = False
+    """No snapshot at the read's index here (`ScanError.snapshot_missing`)."""
 
 
 OpenDone = Callable[[int, int, str | None], None]
@@ -682,7 +684,7 @@ class Applier:
                 held.last_used_ns = self._clock.monotonic_ns()
         if held is None or held.snapshot is None:
             why = f"no read snapshot at index {index} here (expired or never opened)"
-            done(None, 0, ReadFailure(why))
+            done(None, 0, ReadFailure(why, snapshot_missing=True))
             return
         try:
             rows, failure = _attempt(held.snapshot, read)

@@ -535,7 +535,11 @@ class SqlService:
         else:
             self.stats.fragment_refusals += 1
         error = ScanError(
-            request.request_id, failure.error, failure.retryable, failure.duckdb_error
+            request.request_id,
+            failure.error,
+            failure.retryable,
+            failure.duckdb_error,
+            failure.snapshot_missing,
         )
         self._reply(source, error)
 

@@ -72,6 +72,7 @@ from query.port import (
     Fragment,
     FragmentFailed,
     FragmentResult,
+    SnapshotMissing,
     Unavailable,
     WriteRefused,
     write_quorum,
@@ -136,6 +137,8 @@ class _HedgedRead:
     refusal: ScanError | None = None
     """A holder refused it for good (not retryable): every holder would."""
     gave_up: bool = False
+    snapshot_missing: bool = False
+    """A holder had no snapshot at the read's index (`ScanError.snapshot_missing`)."""
 
     @property
     def finished(self) -> bool:
@@ -549,7 +552,8 @@ class TransportPort:
         missing = sorted(p for p, read in reads.items() if read.rows is None)
         if missing:
             detail = "; ".join(f"partition {p}: {reads[p].why()}" for p in missing)
-            raise Unavailable(f"could not read {table} at index {index}: {detail}")
+            failure = _unanswered([reads[p] for p in missing])
+            raise failure(f"could not read {table} at index {index}: {detail}")
         tables = [reads[p].rows for p in partitions]
         if not tables:
             raise CommandRefused(f"no partitions of {table} were asked for")
@@ -574,7 +578,8 @@ class TransportPort:
         missing = [number for number, read in enumerate(reads) if read.rows is None]
         if missing:
             detail = "; ".join(f"fragment {n}: {reads[n].why()}" for n in missing)
-            raise Unavailable(
+            failure = _unanswered([reads[n] for n in missing])
+            raise failure(
                 f"{len(missing)} of {len(reads)} fragments at index {index} got no answer: {detail}"
             )
         results = []
@@ -764,8 +769,15 @@ class _HedgedReads:
                     read.refusal = error
                 else:
                     read.error = f"node {holder}: {error.error}"
+                    read.snapshot_missing = read.snapshot_missing or error.snapshot_missing
                     self.move_on(read)
         return self.settled()
+
+
+def _unanswered(reads: Sequence[_HedgedRead]) -> type[Unavailable]:
+    """What reads that got no rows fail with: SnapshotMissing when a holder of each had
+    no snapshot at the read point (a new point may serve them), else Unavailable."""
+    return SnapshotMissing if all(read.snapshot_missing for read in reads) else Unavailable
 
 
 def _held_count(held: dict[int, list[BulkReceived]]) -> int:

@@ -244,6 +244,10 @@ class ScanError(msgspec.Struct, frozen=True):
     duckdb_error: str = ""
     """Fragments: DuckDB's exception class name when DuckDB refused the SQL itself (then
     `error` is DuckDB's message unchanged and `retryable` is False)."""
+    snapshot_missing: bool = False
+    """This node holds no snapshot at the read's index (never opened here: it did not
+    answer the read point in time and has moved past it; or closed): a read at a new
+    point may be served here."""
 
 
 class FragmentRequest(msgspec.Struct, frozen=True):

@@ -102,6 +102,7 @@ from query.port import (
     FragmentFailed,
     FragmentResult,
     PortError,
+    SnapshotMissing,
 )
 from query.results import (
     Converter,
@@ -435,18 +436,32 @@ class Coordinator:
     ) -> tuple[pa.Table | None, list[str]] | None:
         """A SELECT answered at one read barrier: on the partitions as planned, else over
         narrowed scans (`_answer`); None when the catalog moved or neither could answer
-        (the caller gathers whole tables, for DuckDB's own error if there is one)."""
-        view = self._port.catalog()
-        index = self._barrier(view, consistency)
-        if index is None:  # the catalog moved since the view: once more, with a fresh one
-            view = self._port.catalog(refresh=True)
-            index = self._barrier(view, consistency)
-        if index is None:
-            return None
-        try:
-            return self._answer(view, sql, parameters, index, trace, 0)
-        finally:
-            self._port.release(index)
+        (the caller gathers whole tables, for DuckDB's own error if there is one).
+
+        A read point opened without a log entry may be missing on a holder that did not
+        answer it in time and has moved on (`SnapshotMissing`): the read is done again,
+        once, at a log barrier, which every holder applies."""
+        for log in (False, True):
+            view = self._port.catalog()
+            index = self._barrier(view, consistency, log)
+            if index is None:  # the catalog moved since the view: once more, with a fresh one
+                view = self._port.catalog(refresh=True)
+                index = self._barrier(view, consistency, log)
+            if index is None:
+                return None
+            mark = len(trace) if trace is not None else 0
+            try:
+                return self._answer(view, sql, parameters, index, trace, 0)
+            except SnapshotMissing as missing:
+                if log or consistency != "strong":
+                    raise
+                if trace is not None:
+                    del trace[mark:]
+                    why = f"read again at a log barrier: {missing}"
+                    trace.append(("read point", "coordinator", why, None, None))
+            finally:
+                self._port.release(index)
+        raise AssertionError("unreachable: the log barrier's attempt returns or raises")
 
     def _answer(
         self,
@@ -798,12 +813,13 @@ class Coordinator:
         )
         return self._scan_plans.put((sql, none_ok), self._basis(view), planned)
 
-    def _barrier(self, view: CatalogView, consistency: str) -> int | None:
-        """The index to read at: a new read barrier ('strong'), or 0 ('stale'); None (and
-        nothing held) when the catalog moved since `view`."""
+    def _barrier(self, view: CatalogView, consistency: str, log: bool = False) -> int | None:
+        """The index to read at: a new read barrier ('strong'; a log entry's with `log`,
+        else a read point opened without one where the port can), or 0 ('stale'); None
+        (and nothing held) when the catalog moved since `view`."""
         if consistency != "strong":
             return 0
-        barrier = self._port.open_read() or self._port.barrier()
+        barrier = (None if log else self._port.open_read()) or self._port.barrier()
         if barrier.catalog_version != view.catalog_version:
             self._port.release(barrier.index)
             return None

@@ -69,6 +69,12 @@ class Unavailable(PortError):
     """No worker could serve the request within the time bounds."""
 
 
+class SnapshotMissing(Unavailable):
+    """A read found no snapshot at its read point on any holder asked (the point was
+    opened without a log entry, and a holder that did not answer in time has moved past
+    it): nothing is wrong with the data; the same read at a new point may be served."""
+
+
 class FragmentFailed(PortError):
     """DuckDB raised while a worker ran a fragment (a cast, a division by zero, …): the
     message is DuckDB's and `duckdb_error` its exception class name. Empty when the worker

@@ -82,6 +82,7 @@ class Node:
         rows, _, failure = answers.get(timeout=ANSWER_TIMEOUT_S)
         if rows is None:
             assert failure is not None and failure.retryable, failure
+            assert failure.snapshot_missing, "the coordinator reads again at a new point"
             return None
         return int(rows.column("n")[0].as_py())
 

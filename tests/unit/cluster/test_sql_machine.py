@@ -35,9 +35,7 @@ class Log:
         return self._command(CommandKind.DDL, ddl=msgspec.msgpack.encode(change), **expected)
 
     def write(self, table: str, partitions: list[int], **expected: object) -> SqlCommand:
-        batches = tuple(
-            StagedBatch(f"s{self.request_id}-{p}", p, 3, 7, (0, 1)) for p in partitions
-        )
+        batches = tuple(StagedBatch(f"s{self.request_id}-{p}", p, 3, 7, (0, 1)) for p in partitions)
         return self._command(CommandKind.WRITE, writes=(TableWrite(table, batches),), **expected)
 
     def barrier(self) -> SqlCommand:
@@ -61,7 +59,7 @@ def test_create_table_places_partitions_and_gives_each_node_its_own() -> None:
         assert sorted(op.partition for op in created) == [
             p for p, held_by in enumerate(holders) if node in held_by
         ]
-        assert all(op.columns_sql.startswith('id INTEGER') for op in created)
+        assert all(op.columns_sql.startswith("id INTEGER") for op in created)
     assert machines[0].versions == {"main.t": 1} == machines[0].schema_versions
     assert len({machine.snapshot() for machine in machines}) == 1
 

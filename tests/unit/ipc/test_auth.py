@@ -50,9 +50,7 @@ def test_a_proof_replayed_into_a_new_handshake_is_refused() -> None:
     fresh_server_nonce = transcript(server_nonce=auth.new_nonce())
     assert not auth.verify_client_proof(SECRET, fresh_server_nonce, proof)
     fresh_client_nonce = transcript(client_nonce=auth.new_nonce())
-    assert not auth.verify_server_proof(
-        SECRET, fresh_client_nonce, auth.server_proof(SECRET, old)
-    )
+    assert not auth.verify_server_proof(SECRET, fresh_client_nonce, auth.server_proof(SECRET, old))
 
 
 def test_swapped_nonces_are_refused() -> None:

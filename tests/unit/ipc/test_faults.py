@@ -120,8 +120,7 @@ def test_instances_share_nothing() -> None:
 
 links = st.tuples(st.integers(1, 5), st.integers(1, 5)).filter(lambda link: link[0] != link[1])
 operations = st.lists(
-    st.tuples(st.sampled_from(["block", "unblock", "delay", "heal"]), links,
-              st.integers(0, 3)),
+    st.tuples(st.sampled_from(["block", "unblock", "delay", "heal"]), links, st.integers(0, 3)),
     max_size=30,
 )
 

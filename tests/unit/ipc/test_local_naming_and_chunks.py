@@ -42,7 +42,9 @@ def test_node_prefixes_do_not_capture_other_nodes(tmp_path: Path) -> None:
     token = registry.resource_token("c", tmp_path)
     node_1 = registry.node_prefix(token, 1)
     assert not registry.segment_prefix(token, 12, 1).startswith(node_1)
-    assert not registry.segment_prefix(token, 1, 12).startswith(registry.segment_prefix(token, 1, 1))
+    assert not registry.segment_prefix(token, 1, 12).startswith(
+        registry.segment_prefix(token, 1, 1)
+    )
     assert registry.node_of_segment(token, registry.segment_prefix(token, 12, 3) + "0") == 12
     assert registry.node_of_segment(token, "dc.other-0123456789.1.1.0") is None
 

@@ -73,7 +73,10 @@ class Cluster:
 
     def start(self, node: int) -> SimTransport:
         transport = SimTransport(
-            self.fabric, node, messages=MESSAGES, options=self.options,
+            self.fabric,
+            node,
+            messages=MESSAGES,
+            options=self.options,
             on_ready=lambda: self._read(node),
         )
         self.nodes[node] = transport
@@ -87,7 +90,8 @@ class Cluster:
 
     def pings(self, node: int, source: int | None = None) -> list[int]:
         return [
-            d.message.seq for d in self.got[node]
+            d.message.seq
+            for d in self.got[node]
             if isinstance(d, Received) and (source is None or d.source == source)
         ]
 

@@ -63,6 +63,7 @@ from query.port import (
     FragmentFailed,
     FragmentResult,
     PortError,
+    SnapshotMissing,
     WriteRefused,
     write_quorum,
 )
@@ -117,6 +118,10 @@ class FakePort:
         self.releases: list[int] = []
         self.open_reads = False
         self.opened_reads = 0
+        self.missing_snapshots = 0
+        """The next this many reads at a point `open_read` gave find no snapshot there
+        (`SnapshotMissing`), as on a holder that did not answer the point in time."""
+        self._opened: set[int] = set()
 
     def close(self) -> None:
         if self._scratch is not None:
@@ -159,7 +164,14 @@ class FakePort:
         if not self.open_reads:
             return None
         self.opened_reads += 1
-        return dataclasses.replace(self.barrier(), versions={})
+        point = dataclasses.replace(self.barrier(), versions={})
+        self._opened.add(point.index)
+        return point
+
+    def _snapshot_at(self, index: int) -> None:
+        if index in self._opened and self.missing_snapshots > 0:
+            self.missing_snapshots -= 1
+            raise SnapshotMissing(f"node 1: no read snapshot at index {index} here")
 
     def release(self, index: int) -> None:
         self.releases.append(index)
@@ -174,6 +186,7 @@ class FakePort:
     ) -> pa.Table:
         if self.before_scan is not None:
             self.before_scan(index, table)
+        self._snapshot_at(index)
         self.scans.append((index, table))
         parts = self._partitions_at(index, table)
         assert all(0 <= p < len(parts) for p in partitions), (partitions, len(parts))
@@ -181,6 +194,7 @@ class FakePort:
         return result.select(list(columns)) if columns is not None else result
 
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        self._snapshot_at(index)
         self.fragment_calls.append((index, list(fragments)))
         results = []
         for fragment in fragments:

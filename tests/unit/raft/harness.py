@@ -49,7 +49,9 @@ class Cluster:
         self.storages[node_id] = storage
         node = RaftNode(
             RaftConfig(
-                node_id=node_id, storage=storage, rng=random.Random(self.seed * 1000 + node_id),
+                node_id=node_id,
+                storage=storage,
+                rng=random.Random(self.seed * 1000 + node_id),
                 applied=applied,
                 **self.config,
             )

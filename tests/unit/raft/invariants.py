@@ -36,7 +36,10 @@ class SafetyChecker:
 
     def _check_local(self, node_id: int, node: RaftNode) -> None:
         assert node.applied_index <= node.commit_index <= node.last_index, (
-            node_id, node.applied_index, node.commit_index, node.last_index,
+            node_id,
+            node.applied_index,
+            node.commit_index,
+            node.last_index,
         )
         if self.incarnation.get(node_id) is node:
             assert node.commit_index >= self.commit_of[node_id], (
@@ -89,7 +92,4 @@ def _term(node: RaftNode, index: int) -> int:
 
 
 def _entries(node: RaftNode, low: int, high: int) -> list[tuple[int, int, bytes, int]]:
-    return [
-        (e.index, e.term, e.data, int(e.kind))
-        for e in node.log.slice(low, high + 1, 1 << 62)
-    ]
+    return [(e.index, e.term, e.data, int(e.kind)) for e in node.log.slice(low, high + 1, 1 << 62)]

@@ -74,9 +74,7 @@ def new_node(
             if hard_state.commit < BOOTSTRAP_INDEX:
                 hard_state = HardState(hard_state.term, hard_state.vote, BOOTSTRAP_INDEX)
             storage.set_hard_state(hard_state)
-    return RaftNode(
-        RaftConfig(node_id=node_id, storage=storage, rng=random.Random(seed), **config)
-    )
+    return RaftNode(RaftConfig(node_id=node_id, storage=storage, rng=random.Random(seed), **config))
 
 
 def storage_of(node: RaftNode) -> MemoryStorage:
@@ -98,7 +96,8 @@ def persist(node: RaftNode) -> Ready:
 
 def sent(ready: Ready, kind: MessageType | None = None, target: int | None = None) -> list[Message]:
     return [
-        m for m in ready.messages
+        m
+        for m in ready.messages
         if (kind is None or m.type == kind) and (target is None or m.target == target)
     ]
 
@@ -138,7 +137,14 @@ def observable_state(node: RaftNode) -> tuple[Any, ...]:
     """Everything a message could change: role, term, vote, leader, commit/apply, the log,
     membership and the leader's view of its followers."""
     return (
-        node.role, node.term, node.vote, node.leader, node.commit_index, node.applied_index,
-        node.last_index, [node.log.term(i) for i in range(node.log.first_index(), node.last_index + 1)],
-        node.conf, {peer: (p.match, p.next, p.state) for peer, p in node.progress.items()},
+        node.role,
+        node.term,
+        node.vote,
+        node.leader,
+        node.commit_index,
+        node.applied_index,
+        node.last_index,
+        [node.log.term(i) for i in range(node.log.first_index(), node.last_index + 1)],
+        node.conf,
+        {peer: (p.match, p.next, p.state) for peer, p in node.progress.items()},
     )

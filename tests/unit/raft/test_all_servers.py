@@ -32,8 +32,13 @@ HIGHER_TERM = 7
 def _higher_term_messages() -> list[Any]:
     """(name, message from node 2 at a higher term, leader the receiver should then know)."""
     snapshot_chunk = msg(
-        M.SNAPSHOT, 2, term=HIGHER_TERM, snapshot_meta=SnapshotMeta(index=50, term=6),
-        snapshot_size=10, chunk=b"01234", chunk_offset=0,
+        M.SNAPSHOT,
+        2,
+        term=HIGHER_TERM,
+        snapshot_meta=SnapshotMeta(index=50, term=6),
+        snapshot_size=10,
+        chunk=b"01234",
+        chunk_offset=0,
     )
     cases = [
         ("append", msg(M.APPEND, 2, term=HIGHER_TERM), 2),

@@ -99,8 +99,15 @@ def test_mismatch_at_prev_index_is_rejected_with_a_backtracking_hint(
         joiner.set_hard_state(HardState(term=8))
         node = new_node(storage=joiner)
     node.step(
-        msg(M.APPEND, 2, term=8, index=prev_index, log_term=prev_term,
-            entries=_entries(prev_index + 1, 8), commit=0)
+        msg(
+            M.APPEND,
+            2,
+            term=8,
+            index=prev_index,
+            log_term=prev_term,
+            entries=_entries(prev_index + 1, 8),
+            commit=0,
+        )
     )
     ready = persist(node)
     (response,) = sent(ready, M.APPEND_RESPONSE, target=2)
@@ -114,7 +121,8 @@ def test_leader_uses_the_hint_to_skip_a_whole_term_per_round_trip() -> None:
     """Leader side of fast backtracking: leader log [1,1,1,4,4,5,5,6,6,6], follower
     [1,1,1,4,4,4,4]. One rejection takes the leader straight to index 5."""
     leader = new_node(
-        entries=log_of(1, 1, 4, 4, 5, 5, 6, 6, 6), hard_state=HardState(term=7),
+        entries=log_of(1, 1, 4, 4, 5, 5, 6, 6, 6),
+        hard_state=HardState(term=7),
         pre_vote=False,
     )
     first = make_leader(leader)

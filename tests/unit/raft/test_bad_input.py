@@ -41,7 +41,8 @@ META = SnapshotMeta(index=10, term=2, conf=CONF)
 def _follower() -> RaftNode:
     """Follower of leader 2 in term 2 with log terms [1, 1, 2], commit 1."""
     node = new_node(
-        entries=log_of(1, 2), hard_state=HardState(term=2, commit=1),
+        entries=log_of(1, 2),
+        hard_state=HardState(term=2, commit=1),
         snapshot_bytes_max=1000,
     )
     node.step(msg(M.HEARTBEAT, 2, term=2, commit=1))
@@ -64,7 +65,10 @@ def _append(term: int = 2, index: int = 3, log_term: int = 2, **fields: Any) -> 
 
 def _chunk(**fields: Any) -> Message:
     base: dict[str, Any] = {
-        "term": 2, "snapshot_meta": META, "snapshot_size": 10, "chunk": b"0123456789",
+        "term": 2,
+        "snapshot_meta": META,
+        "snapshot_size": 10,
+        "chunk": b"0123456789",
         "chunk_done": True,
     }
     base.update(fields)
@@ -117,9 +121,17 @@ FOLLOWER_CASES = [
     ("entry-term-beyond-term", _append(entries=(Entry(3, 4),)), "entry_term_out_of_order"),
     ("log-term-beyond-term", _append(log_term=3), "log_term_beyond_term"),
     ("vote-log-term-beyond-term", msg(M.VOTE, 3, term=5, log_term=6), "log_term_beyond_term"),
-    ("pre-vote-log-term-beyond-term", msg(M.PRE_VOTE, 3, term=3, log_term=4), "log_term_beyond_term"),
+    (
+        "pre-vote-log-term-beyond-term",
+        msg(M.PRE_VOTE, 3, term=3, log_term=4),
+        "log_term_beyond_term",
+    ),
     ("snapshot-without-meta", _chunk(snapshot_meta=None), "bad_snapshot_meta"),
-    ("snapshot-at-index-zero", _chunk(snapshot_meta=SnapshotMeta(index=0, term=1)), "bad_snapshot_meta"),
+    (
+        "snapshot-at-index-zero",
+        _chunk(snapshot_meta=SnapshotMeta(index=0, term=1)),
+        "bad_snapshot_meta",
+    ),
     (
         "snapshot-term-beyond-term",
         _chunk(snapshot_meta=SnapshotMeta(index=10, term=3, conf=CONF)),
@@ -154,7 +166,9 @@ FOLLOWER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("message", "reason"), [c[1:] for c in FOLLOWER_CASES], ids=[c[0] for c in FOLLOWER_CASES])
+@pytest.mark.parametrize(
+    ("message", "reason"), [c[1:] for c in FOLLOWER_CASES], ids=[c[0] for c in FOLLOWER_CASES]
+)
 def test_follower_drops_and_counts_impossible_messages(message: Message, reason: str) -> None:
     node = _follower()
     before = observable_state(node)
@@ -169,7 +183,11 @@ LEADER_TERM = FIRST_ELECTION_TERM
 
 LEADER_CASES = [
     ("ack-beyond-log", msg(M.APPEND_RESPONSE, 2, term=LEADER_TERM, index=99), "ack_beyond_log"),
-    ("unknown-node-ack", msg(M.APPEND_RESPONSE, 7, term=LEADER_TERM, index=FIRST_INDEX), "unknown_node"),
+    (
+        "unknown-node-ack",
+        msg(M.APPEND_RESPONSE, 7, term=LEADER_TERM, index=FIRST_INDEX),
+        "unknown_node",
+    ),
     ("unknown-node-read", msg(M.READ_INDEX, 7, term=LEADER_TERM, context=b"r"), "unknown_node"),
     (
         "second-leader",
@@ -181,7 +199,9 @@ LEADER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("message", "reason"), [c[1:] for c in LEADER_CASES], ids=[c[0] for c in LEADER_CASES])
+@pytest.mark.parametrize(
+    ("message", "reason"), [c[1:] for c in LEADER_CASES], ids=[c[0] for c in LEADER_CASES]
+)
 def test_leader_drops_and_counts_impossible_messages(message: Message, reason: str) -> None:
     node = _leader()
     before = observable_state(node)
@@ -218,7 +238,9 @@ def test_ack_beyond_the_snapshot_is_dropped() -> None:
 def test_a_valid_conf_change_entry_still_passes() -> None:
     node = _follower()
     change = Entry(
-        term=2, index=4, kind=EntryKind.CONF_CHANGE,
+        term=2,
+        index=4,
+        kind=EntryKind.CONF_CHANGE,
         data=ConfChange(ConfChangeKind.ADD_LEARNER, 4).encode(),
     )
     node.step(_append(entries=(change,), commit=4))

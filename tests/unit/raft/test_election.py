@@ -277,7 +277,9 @@ def test_candidate_starts_a_new_election_on_timeout() -> None:
     assert node.role == Role.CANDIDATE
     assert node.term == FIRST_ELECTION_TERM + 1
     ready = persist(node)
-    assert ready.hard_state == HardState(term=FIRST_ELECTION_TERM + 1, vote=1, commit=BOOTSTRAP_INDEX)
+    assert ready.hard_state == HardState(
+        term=FIRST_ELECTION_TERM + 1, vote=1, commit=BOOTSTRAP_INDEX
+    )
     assert {m.term for m in sent(ready, M.VOTE)} == {FIRST_ELECTION_TERM + 1}
 
 

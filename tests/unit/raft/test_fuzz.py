@@ -45,14 +45,16 @@ FUZZ_SETTINGS = settings(
 NODE_IDS = (1, 2, 3)
 small = st.integers(min_value=-2, max_value=12)
 
-conf_change_data = st.sampled_from([
-    ConfChange(ConfChangeKind.ADD_LEARNER, 4).encode(),
-    ConfChange(ConfChangeKind.ADD_VOTER, 2).encode(),
-    ConfChange(ConfChangeKind.REMOVE, 3).encode(),
-    ConfChange(ConfChangeKind.REMOVE, 0).encode(),
-    b"\xc1",
-    b"",
-])
+conf_change_data = st.sampled_from(
+    [
+        ConfChange(ConfChangeKind.ADD_LEARNER, 4).encode(),
+        ConfChange(ConfChangeKind.ADD_VOTER, 2).encode(),
+        ConfChange(ConfChangeKind.REMOVE, 3).encode(),
+        ConfChange(ConfChangeKind.REMOVE, 0).encode(),
+        b"\xc1",
+        b"",
+    ]
+)
 entries_data = st.one_of(st.binary(max_size=6), conf_change_data)
 entry_kinds = st.sampled_from(list(EntryKind))
 any_entry = st.builds(Entry, term=small, index=small, kind=entry_kinds, data=entries_data)
@@ -68,7 +70,9 @@ def contiguous_entries(draw: st.DrawFn, index: int, log_term: int, term: int) ->
         entry_term = draw(st.integers(min_value=previous, max_value=max(previous, term)))
         entries.append(
             Entry(
-                term=entry_term, index=index + 1 + offset, kind=draw(entry_kinds),
+                term=entry_term,
+                index=index + 1 + offset,
+                kind=draw(entry_kinds),
                 data=draw(entries_data),
             )
         )
@@ -106,8 +110,14 @@ def messages(draw: st.DrawFn, target: int) -> Message:
             conf=draw(conf_states),
         )
         return Message(
-            type=kind, source=draw(st.sampled_from(NODE_IDS)), target=target, term=term,
-            snapshot_meta=meta, snapshot_size=len(chunk), chunk=chunk, chunk_done=True,
+            type=kind,
+            source=draw(st.sampled_from(NODE_IDS)),
+            target=target,
+            term=term,
+            snapshot_meta=meta,
+            snapshot_size=len(chunk),
+            chunk=chunk,
+            chunk_done=True,
         )
     return Message(
         type=kind,
@@ -132,7 +142,10 @@ def messages(draw: st.DrawFn, target: int) -> Message:
 
 def _live_cluster(seed: int) -> Schedule:
     cluster = Cluster(
-        seed=seed, election_ticks=5, snapshot_chunk_bytes_max=4, snapshot_bytes_max=1000,
+        seed=seed,
+        election_ticks=5,
+        snapshot_chunk_bytes_max=4,
+        snapshot_bytes_max=1000,
     )
     schedule = Schedule(cluster)
     leader = cluster.elect(1 + seed % 3)
@@ -193,8 +206,15 @@ def test_arbitrary_messages_never_raise_and_keep_local_invariants(
 
 # Each mutation turns a message into one no correct peer could send.
 MUTATIONS = (
-    "unknown_source", "negative_term", "negative_index", "negative_commit", "negative_log_term",
-    "commit_beyond", "gap_in_entries", "log_term_beyond_term", "bad_snapshot_meta",
+    "unknown_source",
+    "negative_term",
+    "negative_index",
+    "negative_commit",
+    "negative_log_term",
+    "commit_beyond",
+    "gap_in_entries",
+    "log_term_beyond_term",
+    "bad_snapshot_meta",
 )
 
 

@@ -147,7 +147,9 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
     S1's term-2 no-op, which reaches everyone, comes first."""
     x_index = FIRST_INDEX + 1
     cluster = Cluster(
-        voters=(1, 2, 3, 4, 5), pre_vote=False, check_quorum=False,
+        voters=(1, 2, 3, 4, 5),
+        pre_vote=False,
+        check_quorum=False,
         entries_per_message_bytes_max=1,  # one entry per append, so they can be cut apart
     )
     s1, s5 = cluster.nodes[1], cluster.nodes[5]
@@ -158,8 +160,8 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
     cluster.deliver_all()
     assert (s1.term, s1.log.term(x_index)) == (2, 2)
     # (b) S5 wins term 3 with S3 and S4; its no-op stays on S5 alone.
-    cluster.drop = lambda m: not (
-        {m.source, m.target} <= {3, 4, 5} and m.type in (M.VOTE, M.VOTE_RESPONSE)
+    cluster.drop = lambda m: (
+        not ({m.source, m.target} <= {3, 4, 5} and m.type in (M.VOTE, M.VOTE_RESPONSE))
     )
     cluster.elect(5)
     assert (s5.term, s5.log.term(x_index)) == (3, 3)
@@ -175,7 +177,10 @@ def test_figure_8(current_term_entry_replicated: bool) -> None:
             return False
         carries_no_op = any(e.index == x_index + 1 for e in m.entries)
         return (
-            m.type == M.APPEND and m.target == 3 and carries_no_op and s3_has_x
+            m.type == M.APPEND
+            and m.target == 3
+            and carries_no_op
+            and s3_has_x
             and not current_term_entry_replicated
         )
 
@@ -278,8 +283,15 @@ def test_rejection_in_replicate_state_falls_back_to_probe() -> None:
     node.propose(b"b")
     persist(node)
     node.step(
-        msg(M.APPEND_RESPONSE, 2, term=FIRST_ELECTION_TERM, index=3, reject=True,
-            reject_hint=FIRST_INDEX, hint_term=FIRST_ELECTION_TERM)
+        msg(
+            M.APPEND_RESPONSE,
+            2,
+            term=FIRST_ELECTION_TERM,
+            index=3,
+            reject=True,
+            reject_hint=FIRST_INDEX,
+            hint_term=FIRST_ELECTION_TERM,
+        )
     )
     ready = persist(node)
     assert node.progress[2].state == ProgressState.PROBE
@@ -292,14 +304,23 @@ def test_batches_are_bounded_by_entries_per_message_bytes_max() -> None:
     big = [Entry(term=1, index=i, data=bytes(50)) for i in range(FIRST_INDEX, FIRST_INDEX + 10)]
     limit = 2 * entry_size(big[0]) + 10  # room for two entries, not three
     node = new_node(
-        entries=big, hard_state=HardState(term=1), pre_vote=False,
+        entries=big,
+        hard_state=HardState(term=1),
+        pre_vote=False,
         entries_per_message_bytes_max=limit,
     )
     make_leader(node)  # no-op at 12
     # A follower holding only the bootstrap.
     node.step(
-        msg(M.APPEND_RESPONSE, 2, term=2, index=11, reject=True,
-            reject_hint=BOOTSTRAP_INDEX, hint_term=BOOTSTRAP_TERM)
+        msg(
+            M.APPEND_RESPONSE,
+            2,
+            term=2,
+            index=11,
+            reject=True,
+            reject_hint=BOOTSTRAP_INDEX,
+            hint_term=BOOTSTRAP_TERM,
+        )
     )
     ready = persist(node)
     (probe,) = sent(ready, M.APPEND, target=2)

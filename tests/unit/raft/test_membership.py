@@ -38,7 +38,11 @@ from tests.unit.raft.single import (
     storage_of,
 )
 
-ADD_VOTER, ADD_LEARNER, REMOVE = ConfChangeKind.ADD_VOTER, ConfChangeKind.ADD_LEARNER, ConfChangeKind.REMOVE
+ADD_VOTER, ADD_LEARNER, REMOVE = (
+    ConfChangeKind.ADD_VOTER,
+    ConfChangeKind.ADD_LEARNER,
+    ConfChangeKind.REMOVE,
+)
 
 
 def _settle(cluster: Cluster, ticks: int = 3) -> None:
@@ -160,7 +164,10 @@ def test_node_joining_with_empty_storage_learns_the_membership_from_the_leader()
     full = ConfState(voters=(1, 2, 3), learners=(4,))
     assert joiner.conf == full
     [first_snapshot, *_] = cluster.snapshots[4]
-    assert (first_snapshot.meta.index, first_snapshot.meta.term) == (BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+    assert (first_snapshot.meta.index, first_snapshot.meta.term) == (
+        BOOTSTRAP_INDEX,
+        BOOTSTRAP_TERM,
+    )
     assert first_snapshot.meta.conf == cluster.initial_conf, "the founding membership"
     # Caught up: the whole log, everything applied, the leader sees it as matching.
     assert cluster.applied_data(4) == [b"before", b"after"]
@@ -235,7 +242,9 @@ def test_only_one_membership_change_at_a_time() -> None:
 def test_new_leader_accepts_no_change_until_an_entry_of_its_term_commits() -> None:
     # Everything in the log is already committed when the node wins.
     node = new_node(
-        entries=[], hard_state=HardState(term=1, commit=BOOTSTRAP_INDEX), pre_vote=False,
+        entries=[],
+        hard_state=HardState(term=1, commit=BOOTSTRAP_INDEX),
+        pre_vote=False,
     )
     make_leader(node)
     with pytest.raises(ConfChangeInProgress):
@@ -268,7 +277,14 @@ def test_new_leader_waits_for_earlier_uncommitted_changes() -> None:
         (ConfChange(REMOVE, 1), ConfState(voters=(1,), learners=(2,))),
         (ConfChange(ADD_LEARNER, 1), ConfState(voters=(1,))),
     ],
-    ids=["voter-again", "learner-again", "remove-stranger", "node-zero", "last-voter", "demote-last"],
+    ids=[
+        "voter-again",
+        "learner-again",
+        "remove-stranger",
+        "node-zero",
+        "last-voter",
+        "demote-last",
+    ],
 )
 def test_invalid_changes_are_refused_and_write_nothing(change: ConfChange, conf: ConfState) -> None:
     node = new_node(voters=conf.voters, learners=conf.learners)

@@ -34,8 +34,14 @@ def _run(
 ) -> Schedule:
     voters, learners = CLUSTERS[shape]
     cluster = Cluster(
-        voters=voters, learners=learners, seed=seed, election_ticks=5, heartbeat_ticks=1,
-        snapshot_chunk_bytes_max=8, entries_per_message_bytes_max=64, inflight_messages_max=4,
+        voters=voters,
+        learners=learners,
+        seed=seed,
+        election_ticks=5,
+        heartbeat_ticks=1,
+        snapshot_chunk_bytes_max=8,
+        entries_per_message_bytes_max=64,
+        inflight_messages_max=4,
         **config,
     )
     schedule = Schedule(cluster)
@@ -63,7 +69,9 @@ def test_three_voters_stay_safe_and_recover(
 
 @PROPERTY_SETTINGS
 @given(seed=st.integers(min_value=0, max_value=1000), schedule_steps=SCENARIO)
-def test_five_voters_stay_safe_and_recover(seed: int, schedule_steps: list[tuple[int, int, int]]) -> None:
+def test_five_voters_stay_safe_and_recover(
+    seed: int, schedule_steps: list[tuple[int, int, int]]
+) -> None:
     _run("5 voters", seed, schedule_steps)
 
 

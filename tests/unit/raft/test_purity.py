@@ -11,11 +11,32 @@ import pytest
 
 RAFT_DIR = Path(__file__).resolve().parents[3] / "raft"
 
-FORBIDDEN_MODULES = frozenset({
-    "socket", "selectors", "asyncio", "threading", "time", "os", "duckdb", "pyarrow",
-    "posix_ipc", "subprocess", "multiprocessing", "concurrent", "signal", "select",
-    "shutil", "tempfile", "pathlib", "io", "datetime", "secrets", "uuid", "logging",
-})
+FORBIDDEN_MODULES = frozenset(
+    {
+        "socket",
+        "selectors",
+        "asyncio",
+        "threading",
+        "time",
+        "os",
+        "duckdb",
+        "pyarrow",
+        "posix_ipc",
+        "subprocess",
+        "multiprocessing",
+        "concurrent",
+        "signal",
+        "select",
+        "shutil",
+        "tempfile",
+        "pathlib",
+        "io",
+        "datetime",
+        "secrets",
+        "uuid",
+        "logging",
+    }
+)
 FORBIDDEN_BUILTIN_CALLS = frozenset({"open", "print", "input", "exec", "eval", "__import__"})
 ALLOWED_RANDOM_NAMES = frozenset({"Random"})  # as a type, never called inside raft/
 

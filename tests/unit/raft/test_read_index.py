@@ -54,8 +54,12 @@ def test_heartbeat_answers_without_the_round_context_do_not_confirm_a_read() -> 
     node = _leader_with_commit()
     node.read_index(b"r1")
     persist(node)
-    node.step(msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM))  # answer to an earlier plain heartbeat
-    node.step(msg(M.HEARTBEAT_RESPONSE, 3, term=FIRST_ELECTION_TERM, context=b"\x00" * 8))  # unknown round
+    node.step(
+        msg(M.HEARTBEAT_RESPONSE, 2, term=FIRST_ELECTION_TERM)
+    )  # answer to an earlier plain heartbeat
+    node.step(
+        msg(M.HEARTBEAT_RESPONSE, 3, term=FIRST_ELECTION_TERM, context=b"\x00" * 8)
+    )  # unknown round
     assert persist(node).read_states == ()
 
 
@@ -160,6 +164,4 @@ def test_deposed_leader_never_answers_a_read(check_quorum: bool) -> None:
     assert cluster.read_states[1] == [], "the read must not be answered at the old index"
     cluster.nodes[1].read_index(b"fresh")
     cluster.deliver_all()
-    assert cluster.read_states[1] == [
-        ReadState(index=new.commit_index, request_id=b"fresh")
-    ]
+    assert cluster.read_states[1] == [ReadState(index=new.commit_index, request_id=b"fresh")]

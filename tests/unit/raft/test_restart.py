@@ -77,8 +77,15 @@ def test_snapshot_installed_then_restarted() -> None:
     node = new_node(hard_state=HardState(term=2))
     meta = SnapshotMeta(index=30, term=2, conf=ConfState(voters=(1, 2, 3)))
     node.step(
-        msg(M.SNAPSHOT, 2, term=2, snapshot_meta=meta, snapshot_size=3, chunk=b"abc",
-            chunk_done=True)
+        msg(
+            M.SNAPSHOT,
+            2,
+            term=2,
+            snapshot_meta=meta,
+            snapshot_size=3,
+            chunk=b"abc",
+            chunk_done=True,
+        )
     )
     ready = persist(node)
     assert ready.snapshot == Snapshot(meta=meta, data=b"abc")

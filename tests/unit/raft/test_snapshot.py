@@ -27,8 +27,13 @@ CONF = ConfState(voters=(1, 2, 3))
 def _chunks(meta: SnapshotMeta, data: bytes, size: int, term: int = 5) -> list[Message]:
     return [
         msg(
-            M.SNAPSHOT, 2, term=term, snapshot_meta=meta, snapshot_size=len(data),
-            chunk_offset=offset, chunk=data[offset : offset + size],
+            M.SNAPSHOT,
+            2,
+            term=term,
+            snapshot_meta=meta,
+            snapshot_size=len(data),
+            chunk_offset=offset,
+            chunk=data[offset : offset + size],
             chunk_done=offset + size >= len(data),
         )
         for offset in range(0, len(data), size)
@@ -81,7 +86,16 @@ def test_duplicate_chunks_are_acknowledged_and_ignored() -> None:
     node = _follower()
     meta = SnapshotMeta(index=9, term=4, conf=CONF)
     chunks = _chunks(meta, DATA, 10)
-    sequence = [chunks[0], chunks[0], chunks[1], chunks[0], chunks[1], chunks[2], chunks[3], chunks[4]]
+    sequence = [
+        chunks[0],
+        chunks[0],
+        chunks[1],
+        chunks[0],
+        chunks[1],
+        chunks[2],
+        chunks[3],
+        chunks[4],
+    ]
     snapshots = []
     for chunk in sequence:
         node.step(chunk)
@@ -242,7 +256,9 @@ def test_restored_follower_can_restart_from_its_storage() -> None:
     index = cluster.storages[1].snapshot().meta.index
     restarted = cluster.restart(3)
     assert (restarted.commit_index, restarted.applied_index, restarted.last_index) == (
-        index, index, index,
+        index,
+        index,
+        index,
     )
     assert restarted.conf == CONF
     cluster.nodes[1].propose(b"after")
@@ -259,8 +275,16 @@ def _feed_like_a_leader(
     for _ in range(20):
         chunk = data[offset : offset + 10]
         node.step(
-            msg(M.SNAPSHOT, source, term=term, snapshot_meta=meta, snapshot_size=len(data),
-                chunk_offset=offset, chunk=chunk, chunk_done=offset + len(chunk) >= len(data))
+            msg(
+                M.SNAPSHOT,
+                source,
+                term=term,
+                snapshot_meta=meta,
+                snapshot_size=len(data),
+                chunk_offset=offset,
+                chunk=chunk,
+                chunk_done=offset + len(chunk) >= len(data),
+            )
         )
         ready = persist(node)
         if ready.snapshot is not None:
