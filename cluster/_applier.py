@@ -616,10 +616,10 @@ class Applier:
             held = _Snapshot(snapshot, now, holders=set())
             with self._snapshots_lock:
                 self._snapshots[index] = held
-            self._trim_snapshots()
         assert held.holders is not None
         held.holders.add(reader)
         held.last_used_ns = now
+        self._trim_snapshots()  # after the hold: never the snapshot just opened for it
         done(index, state[1], None)
 
     def _release(self, index: int, reader: int) -> None:

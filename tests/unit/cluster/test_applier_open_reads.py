@@ -20,6 +20,7 @@ import pyarrow as pa
 import pytest
 
 from clock import SystemClock
+from cluster import _applier
 from cluster._applier import Applier, ReadFailure
 from cluster.sql_machine import StagedRows, StoreWork
 from cluster.sql_protocol import SqlResult, StagedBatch
@@ -166,3 +167,16 @@ def test_a_write_elsewhere_moves_the_index_but_not_the_rows(node: Node) -> None:
     after, _, _ = node.open(2)
     assert after == node.index and after != before
     assert node.count(after) == 3
+
+
+def test_a_snapshot_opened_past_the_limit_is_kept_for_its_reader(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshots past SNAPSHOTS_KEPT_MAX are closed oldest first, but never one a read
+    holds, nor the one just opened for a reader (it was, while not yet marked held)."""
+    monkeypatch.setattr(_applier, "SNAPSHOTS_KEPT_MAX", 1)
+    first, _, _ = node.open(1)
+    node.insert(5, state_moves=True)
+    second, _, _ = node.open(2)
+    assert second != first
+    assert node.count(first) == 3 and node.count(second) == 8
