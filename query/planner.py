@@ -22,7 +22,10 @@
   fragment gets its partition's rows, and the table plans as a co-located one), or sent
   whole with every fragment, counting as a reference table — when small enough and never
   on an outer join's preserved side. A moved table's conditions applied by its scan read
-  TRUE in the fragment, and its scan keeps only the columns the fragment names.
+  TRUE in the fragment, and its scan keeps only the columns the fragment names. A
+  repartitioned table whose other columns the grouped query reads only in COUNT, SUM,
+  MIN and MAX is aggregated by its split column where it is scanned (eager aggregation,
+  `_eager_aggregated`): partial aggregates are dealt out, not rows.
 - subqueries in expressions run inside the fragments when each sees only the outer row's
   partition (`_check_subqueries`), and a query reading one derived table that is a plain
   join, or a join grouped by a partition key, is planned over that join's FROM and WHERE
