@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
+import psutil
 import pyarrow as pa
 
 from clock import Clock
@@ -48,6 +49,7 @@ from cluster._applier import Applier, PartitionAnswer, ReadFailure
 from cluster._fragment_watch import fragment_time_limit_ms_from
 from cluster._threads import Mailbox
 from cluster._worker_log import EventLog
+from cluster.config import worker_memory_bytes_from
 from cluster.protocol import CLIENT_ID_MIN, PartitionInfo, raft_id
 from cluster.rundir import RunDir
 from cluster.sql_machine import StoreWork
@@ -72,7 +74,7 @@ from cluster.state import ClusterState
 from ipc.errors import Backpressure, TransportError
 from ipc.transport import BulkReceived, Transport
 from raft.types import ProposalRefused
-from storage.partitions import PartitionStore
+from storage.partitions import PartitionStore, PartitionStoreConfig
 from storage.staging import StagedFile, StagingArea
 
 SCAN_WAIT_MS = 5_000
@@ -213,7 +215,12 @@ class SqlService:
         self._closed = False
         staging_dir = run.staging_dir(node)
         staging_dir.mkdir(parents=True, exist_ok=True)
-        self.store = PartitionStore.open(run.store_file(node))
+        memory = worker_memory_bytes_from(
+            os.environ, psutil.virtual_memory().total, os.cpu_count() or 1
+        )
+        self.store = PartitionStore.open(
+            run.store_file(node), PartitionStoreConfig(memory_limit_bytes=memory)
+        )
         self.staging = StagingArea(staging_dir)
         self.applier = Applier(self.store, self.staging, self, clock, fragment_time_limit_ms)
         self.stats = SqlStats()

@@ -204,12 +204,13 @@ def up(
 
     from cluster import control, topology
     from cluster._fragment_watch import fragment_time_limit_ms_from
-    from cluster.config import snapshot_entries_from
+    from cluster.config import snapshot_entries_from, worker_memory_bytes_from
 
     with _errors():
         # a bad value fails here, not in every worker the supervisor starts
         snapshot_entries_from(os.environ)
         fragment_time_limit_ms_from(os.environ)
+        worker_memory_bytes_from(os.environ, 0, 1)
         try:
             host = topology.detect()
         except topology.TopologyError as error:

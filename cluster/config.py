@@ -83,6 +83,31 @@ def snapshot_entries_from(environ: Mapping[str, str]) -> int:
     return value
 
 
+WORKER_MEMORY_ENV = "DCLUSTER_WORKER_MEMORY_MB"
+WORKER_MEMORY_SHARE = 0.5
+"""Of the host's memory, the part the workers' DuckDB stores may use together by default
+(the coordinators, the OS page cache and the transport's segments need the rest)."""
+WORKER_MEMORY_BYTES_MIN = 512 * 1024 * 1024
+
+
+def worker_memory_bytes_from(environ: Mapping[str, str], host_bytes: int, cores: int) -> int:
+    """DuckDB's memory_limit for one worker's store: `DCLUSTER_WORKER_MEMORY_MB` if set,
+    else WORKER_MEMORY_SHARE of the host's memory over its `cores` (one worker per core),
+    at least WORKER_MEMORY_BYTES_MIN. A fixed 512 MiB made every worker of a large host
+    spill its joins and re-read its blocks long before the host ran short."""
+    text = environ.get(WORKER_MEMORY_ENV)
+    if text is None or text == "":
+        share = int(host_bytes * WORKER_MEMORY_SHARE) // max(1, cores)
+        return max(WORKER_MEMORY_BYTES_MIN, share)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{WORKER_MEMORY_ENV}={text!r} is not a whole number") from None
+    if not 16 <= value <= 1 << 30:
+        raise ValueError(f"{WORKER_MEMORY_ENV}={value} must be between 16 and {1 << 30} (MB)")
+    return value * 1024 * 1024
+
+
 def load(path: Path) -> WorkerConfig:
     return msgspec.json.decode(path.read_bytes(), type=WorkerConfig)
 

@@ -17,6 +17,7 @@ says how long the fragment ran on its holder, and EXPLAIN ANALYZE shows it."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import tempfile
@@ -26,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import psutil
 import pyarrow as pa
 import pytest
 
 from cluster import control
 from cluster._fragment_watch import FRAGMENT_TIME_LIMIT_ENV
+from cluster.config import WORKER_MEMORY_ENV, worker_memory_bytes_from
 from cluster.session import SCAN_TIMEOUT_MS, TransportPort, open_port
 from query.port import Fragment, FragmentFailed, Unavailable
 from tests.real.cluster.conftest import CliCluster
@@ -42,6 +45,8 @@ HEDGED_BOUND_S = SCAN_TIMEOUT_MS / 1000
 """A fragment whose first holder is paused is answered well within one holder's timeout."""
 TIME_LIMIT_MS = 1_000
 """The fragment time limit of the `limited` cluster's workers."""
+WORKER_MEMORY_MB = 300
+"""The `limited` cluster's workers' DuckDB memory_limit."""
 ESTIMATE_WAIT_S = 10.0
 """Row counts are refreshed some time (STATS_REFRESH_MS) after writes; far less than this."""
 
@@ -83,8 +88,9 @@ def port(three: CliCluster) -> Iterator[TransportPort]:
 
 @pytest.fixture
 def limited(cluster: CliCluster, monkeypatch: pytest.MonkeyPatch) -> CliCluster:
-    """Three workers whose fragments may run for TIME_LIMIT_MS."""
+    """Three workers whose fragments may run for TIME_LIMIT_MS, with WORKER_MEMORY_MB."""
     monkeypatch.setenv(FRAGMENT_TIME_LIMIT_ENV, str(TIME_LIMIT_MS))  # `up` passes it on
+    monkeypatch.setenv(WORKER_MEMORY_ENV, str(WORKER_MEMORY_MB))
     cluster.up("--cores", "3", "--oversubscribe")
     return cluster
 
@@ -351,3 +357,32 @@ def test_the_catalog_estimates_the_rows_of_each_table(
     found = three.wait_for(estimates, "the catalog's estimate of main.two", ESTIMATE_WAIT_S)
     # Three workers: every one holds every partition (three replicas), so it is exact.
     assert found == {"main.t": ROWS, "main.two": 700}
+
+
+def _memory_limits(port: TransportPort) -> set[str]:
+    sql = "SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'"
+    fragments = _per_partition(port, lambda _partition: sql)
+    barrier = port.barrier()
+    try:
+        return {
+            str(_values(result.rows)[0][0]) for result in port.fragments(barrier.index, fragments)
+        }
+    finally:
+        port.release(barrier.index)
+
+
+def _as_duckdb_says(limit_bytes: int) -> str:
+    con = duckdb.connect(config={"memory_limit": f"{limit_bytes}B"})
+    try:
+        return str(con.sql("SELECT current_setting('memory_limit')").fetchall()[0][0])
+    finally:
+        con.close()
+
+
+def test_a_workers_memory_is_half_the_hosts_over_its_cores(port: TransportPort) -> None:
+    expected = worker_memory_bytes_from({}, psutil.virtual_memory().total, os.cpu_count() or 1)
+    assert _memory_limits(port) == {_as_duckdb_says(expected)}
+
+
+def test_a_workers_memory_comes_from_the_environment(limited_port: TransportPort) -> None:
+    assert _memory_limits(limited_port) == {_as_duckdb_says(WORKER_MEMORY_MB * 1024 * 1024)}

@@ -155,3 +155,22 @@ def test_chaos_flags_out_of_range_exit_2(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "none")
     assert run("chaos", "pause", "0", "--seconds", "0", "--data-dir", data_dir)[0] == 2
     assert run("chaos", "skew", "0", "--ms", str(10**12), "--data-dir", data_dir)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DCLUSTER_WORKER_MEMORY_MB", "lots"),
+        ("DCLUSTER_FRAGMENT_TIME_LIMIT_MS", "0"),
+        ("DCLUSTER_SNAPSHOT_ENTRIES", "none"),
+    ],
+)
+def test_up_refuses_a_bad_setting_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    data_dir = tmp_path / "cluster"
+    code, output = run("up", "--data-dir", str(data_dir))
+    assert code == 2, output
+    assert variable in output
+    assert not data_dir.exists(), "a refused `up` must not create anything"
