@@ -303,8 +303,10 @@ class Applier:
         reads: tuple[tuple[str, int], ...],
         done: ReadDone,
         inputs: tuple[tuple[str, bytes], ...] = (),
+        explain: bool = False,
     ) -> None:
-        """Run `sql`, which must be exactly one SELECT, in the snapshot at barrier `index`
+        """Run `sql` (with `explain`: DuckDB's `EXPLAIN (FORMAT json)` of it), which must be
+        exactly one SELECT, in the snapshot at barrier `index`
         (0: now) once every (table, partition) of `reads` is found held there; only once
         `done_index >= index`, like scans. `inputs` are (name, Arrow IPC stream) pairs the
         SQL reads as tables by those names. SQL that is not one SELECT, inputs refused by
@@ -313,7 +315,7 @@ class Applier:
         snapshot that is gone fails as retryable."""
 
         def read(snapshot: ReadSnapshot) -> pa.Table:
-            return self._run_fragment(snapshot, sql, reads, inputs)
+            return self._run_fragment(snapshot, sql, reads, inputs, explain)
 
         self._submit_read(index, read, done)
 
@@ -711,6 +713,7 @@ class Applier:
         sql: str,
         reads: tuple[tuple[str, int], ...],
         inputs: tuple[tuple[str, bytes], ...] = (),
+        explain: bool = False,
     ) -> pa.Table:
         if sql not in self._selects:
             if self._parser is None:
@@ -741,7 +744,7 @@ class Applier:
         try:
             if watched.why is Interrupted.CLOSING:
                 raise ScanRefused("this node is stopping")
-            return snapshot.query(sql, tables)
+            return snapshot.query(f"EXPLAIN (FORMAT json) {sql}" if explain else sql, tables)
         except PartitionStoreError as error:
             why = self._fragment_error(sql, watched.why, error)
             if why is None:

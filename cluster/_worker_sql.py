@@ -515,7 +515,9 @@ class SqlService:
                 request.index, request.table, request.partition, request.columns, done
             )
         else:
-            self.applier.fragment(request.index, request.sql, request.reads, done, request.inputs)
+            self.applier.fragment(
+                request.index, request.sql, request.reads, done, request.inputs, request.explain
+            )
 
     def _read_done(
         self,

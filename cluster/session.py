@@ -75,6 +75,7 @@ from query.port import (
     SnapshotMissing,
     Unavailable,
     WriteRefused,
+    estimated_rows,
     write_quorum,
 )
 from storage.catalog import Catalog
@@ -560,6 +561,15 @@ class TransportPort:
         return pa.concat_tables(tables)
 
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
+        return self._run_fragments(index, fragments, False)
+
+    def estimates(self, index: int, fragments: Sequence[Fragment]) -> list[int | None]:
+        explained = self._run_fragments(index, fragments, True)
+        return [estimated_rows(result.rows) for result in explained]
+
+    def _run_fragments(
+        self, index: int, fragments: Sequence[Fragment], explain: bool
+    ) -> list[FragmentResult]:
         reply = self.client._reply_address
         reads = []
         # id(table) -> its IPC stream: an input shared by several fragments (the same keys
@@ -569,7 +579,9 @@ class TransportPort:
         for fragment in fragments:
             assert fragment.holders, f"a fragment without holders: {fragment.sql}"
             inputs = _encoded_inputs(fragment, encoded)
-            request = FragmentRequest(0, index, fragment.sql, tuple(fragment.reads), reply, inputs)
+            request = FragmentRequest(
+                0, index, fragment.sql, tuple(fragment.reads), reply, inputs, explain
+            )
             reads.append(_HedgedRead(tuple(fragment.holders), request))
         _HedgedReads(self, index, reads).run()
         for read in reads:

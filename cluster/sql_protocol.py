@@ -264,6 +264,10 @@ class FragmentRequest(msgspec.Struct, frozen=True):
     """(name, Arrow IPC stream) pairs: tables the SQL may read by those names, registered
     on the snapshot's cursor only while it runs (see `encode_fragment_input`,
     `decode_fragment_inputs`)."""
+    explain: bool = False
+    """Plan the SELECT, do not run it: the answer is DuckDB's `EXPLAIN (FORMAT json)` of
+    it in that snapshot (columns explain_key, explain_value), whose operators carry the
+    optimizer's estimated cardinality from the partitions' own statistics."""
 
 
 class FragmentHeader(msgspec.Struct, frozen=True):

@@ -1139,11 +1139,14 @@ class Coordinator:
         if analyze:
             steps = self._analyzed(statement, consistency)
         elif statement.pivots:
+            view = self._port.catalog()
             steps = self._whole_tables_steps(PIVOTS_GATHER, statement.sql)
+            steps = self._with_estimates(view, statement.sql, None, steps, consistency)
         else:
             view = self._port.catalog()
             plan, _, _ = self._plan(view, statement.sql)
             steps = self._plan_steps(view, statement.sql, plan, False)
+            steps = self._with_estimates(view, statement.sql, plan, steps, consistency)
             if isinstance(plan, Gather):
                 where = "answered first, at the same barrier"
                 for text in self._scalar_candidates(view, statement.sql)[1]:
@@ -1188,6 +1191,72 @@ class Coordinator:
                 holders = ", ".join(str(node) for node in fragment.holders)
                 steps.append((f"partition {partition}", f"one of nodes {holders}", "", None, None))
             steps.append(("merge", "coordinator", plan.merge_sql, None, None))
+        return steps
+
+    def _with_estimates(
+        self,
+        view: CatalogView,
+        sql: str,
+        plan: Distributed | Gather | None,
+        steps: list[Step],
+        consistency: str,
+    ) -> list[Step]:
+        """Plain EXPLAIN's steps with the rows and bytes each would move, estimated: a
+        table read whole by its row count; a scan, a moved table's scan and a fragment by
+        DuckDB's optimizer on their holders, from the partitions' own statistics
+        (`ClusterPort.estimates`: planned at a read point, not run), bytes by column
+        widths. "~" marks an estimate; "at most ~" a scan that also waits for key sets
+        (estimated without them). A fragment that reads moved tables (DuckDB cannot plan
+        it without them), or estimates the cluster does not give, stay blank."""
+        wanted: list[tuple[int, list[Fragment], int, str]] = []
+        """(step position, fragments whose estimates add up, bytes per row, prefix)"""
+        moved = iter(plan.broadcasts if isinstance(plan, Distributed) else ())
+        partitions = iter(plan.fragments if isinstance(plan, Distributed) else ())
+        narrowed = self._scan_plan(view, sql) if isinstance(plan, Gather) else None
+        scans = (
+            {}
+            if isinstance(narrowed, str) or narrowed is None
+            else {scan.key: scan for scan in narrowed.scans}
+        )
+        for position, (name, _, detail, _, _) in enumerate(steps):
+            if name.startswith(("broadcast ", "repartition ")) and isinstance(plan, Distributed):
+                scan = next(moved).scan
+                wanted.append((position, list(scan.fragments()), _width(scan.output_columns), "~"))
+            elif name.startswith("partition ") and isinstance(plan, Distributed):
+                fragment = next(partitions)
+                if not plan.broadcasts:
+                    width = _width([("", kind) for kind in plan.fragment_types])
+                    wanted.append((position, [fragment], width, "~"))
+            elif name.startswith("scan ") and detail == "all rows":
+                key = name.removeprefix("scan ")
+                spec = self._work.specs.get(key)
+                rows = view.table_rows.get(key)
+                if spec is not None and rows is not None:
+                    width = _width(self._work.stored_columns(spec))
+                    steps[position] = (*steps[position][:3], f"~{rows:,}", f"~{rows * width:,}")
+            elif name.startswith("scan ") and name.removeprefix("scan ") in scans:
+                scan = scans[name.removeprefix("scan ")]
+                prefix = "at most ~" if "dcluster_keys_" in detail else "~"
+                wanted.append((position, list(scan.fragments()), _width(scan.columns), prefix))
+        if not wanted:
+            return steps
+        index = self._barrier(view, consistency)
+        if index is None:
+            return steps
+        try:
+            asked = [fragment for _, fragments, _, _ in wanted for fragment in fragments]
+            found = iter(self._port.estimates(index, asked))
+        except PortError:
+            return steps  # EXPLAIN still shows the plan
+        finally:
+            self._port.release(index)
+        for position, fragments, width, prefix in wanted:
+            values = [next(found) for _ in fragments]
+            if any(value is None for value in values):
+                continue
+            rows = sum(value or 0 for value in values)
+            step = steps[position]
+            steps[position] = (*step[:3], f"{prefix}{rows:,}", f"{prefix}{rows * width:,}")
         return steps
 
     def _scan_plan_steps(self, view: CatalogView, sql: str) -> list[Step]:

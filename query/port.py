@@ -33,6 +33,7 @@ Contract of every implementation:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -166,6 +167,27 @@ class Committed:
     versions: Mapping[str, int] = field(default_factory=dict)
 
 
+def estimated_rows(explained: pa.Table) -> int | None:
+    """The estimated cardinality of the result in DuckDB's `EXPLAIN (FORMAT json)` answer
+    (columns explain_key, explain_value): the top operator's, or the first operator below
+    it that names one; None when none does."""
+    if explained.num_rows == 0 or "explain_value" not in explained.column_names:
+        return None
+    try:
+        nodes = json.loads(str(explained.column("explain_value")[0].as_py()))
+    except ValueError:
+        return None
+    while isinstance(nodes, list) and nodes:
+        node = nodes[0]
+        if not isinstance(node, dict):
+            return None
+        text = (node.get("extra_info") or {}).get("Estimated Cardinality")
+        if isinstance(text, str) and text.strip().isdigit():
+            return int(text.strip())
+        nodes = node.get("children")
+    return None
+
+
 class ClusterPort(Protocol):
     def catalog(self, refresh: bool = False) -> CatalogView: ...
 
@@ -188,6 +210,13 @@ class ClusterPort(Protocol):
     ) -> pa.Table: ...
 
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]: ...
+
+    def estimates(self, index: int, fragments: Sequence[Fragment]) -> list[int | None]:
+        """How many rows each fragment would give, as DuckDB's optimizer estimates them on
+        a holder from its partitions' own statistics at `index` (the fragment is planned
+        there, not run; `estimated_rows`); None where the plan names no estimate. Raises
+        as `fragments` does."""
+        ...
 
     def stage(
         self,

@@ -125,8 +125,13 @@ def test_fragments_add_up_at_their_barrier_and_stale_sees_now(
     port.release(barrier.index)
     with connect(three) as con:  # EXPLAIN ANALYZE says how long each fragment ran
         steps = con.execute("EXPLAIN ANALYZE SELECT x % 7, count(*) FROM t GROUP BY 1").fetchall()
+        # and plain EXPLAIN what DuckDB estimates on each holder: a plain scan, its rows
+        estimated = con.execute("EXPLAIN SELECT x FROM t").fetchall()
     ran = [str(step[2]) for step in steps if str(step[0]).startswith("partition ")]
     assert len(ran) == 3 and all(re.fullmatch(r"ran \d+\.\d ms there", r) for r in ran), steps
+    rows = [str(step[3]) for step in estimated if str(step[0]).startswith("partition ")]
+    assert all(re.fullmatch(r"~[\d,]+", r) for r in rows), estimated
+    assert sum(int(r[1:].replace(",", "")) for r in rows) == ROWS + 2
 
     stale = port.fragments(0, fragments)
     assert _totals(stale) == (ROWS + 2, ROWS * (ROWS - 1) // 2 + 11_000)

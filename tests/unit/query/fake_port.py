@@ -65,6 +65,7 @@ from query.port import (
     PortError,
     SnapshotMissing,
     WriteRefused,
+    estimated_rows,
     write_quorum,
 )
 from storage.catalog import (
@@ -281,7 +282,11 @@ class FakePort:
             raise PortError(f"no table {table} at index {index}")
         return data[table], specs[table]
 
-    def _run_fragment(self, index: int, fragment: Fragment) -> pa.Table:
+    def estimates(self, index: int, fragments: Sequence[Fragment]) -> list[int | None]:
+        self._snapshot_at(index)
+        return [estimated_rows(self._run_fragment(index, f, explain=True)) for f in fragments]
+
+    def _run_fragment(self, index: int, fragment: Fragment, explain: bool = False) -> pa.Table:
         assert fragment.holders, f"a fragment without holders: {fragment.sql}"
         if self._scratch is None:  # one connection; each fragment's tables are rolled back
             self._scratch = duckdb.connect(":memory:", config={"arrow_lossless_conversion": True})
@@ -306,7 +311,8 @@ class FakePort:
                 for name, rows in inputs.items():
                     scratch.register(name, rows)
                     registered.append(name)
-                return scratch.sql(fragment.sql).to_arrow_table()
+                sql = f"EXPLAIN (FORMAT json) {fragment.sql}" if explain else fragment.sql
+                return scratch.sql(sql).to_arrow_table()
             except duckdb.Error as error:
                 raise FragmentFailed(str(error), type(error).__name__) from error
         finally:
@@ -523,6 +529,9 @@ class FakeClient:
 
     def fragments(self, index: int, fragments: Sequence[Fragment]) -> list[FragmentResult]:
         return self.port.fragments(index, fragments)
+
+    def estimates(self, index: int, fragments: Sequence[Fragment]) -> list[int | None]:
+        return self.port.estimates(index, fragments)
 
     def stage(
         self,
