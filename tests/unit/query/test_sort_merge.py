@@ -415,11 +415,19 @@ def test_tpch_merge_expressions_are_computed_here(
 ) -> None:
     rows = pa.table(
         {
+            "c0": pa.array(["a", "a"]),
             "c1": pa.array([Decimal("12345.6789"), Decimal("-2.5000")], pa.decimal128(38, 4)),
             "c2": pa.array([Decimal(1_000_000), Decimal(3)], pa.decimal128(38, 0)),
             "c3": pa.array([7, 0], pa.int64()),
         }
     )
+    _computed_here_as_duckdb_does(con, rows, expression)
+
+
+def _computed_here_as_duckdb_does(
+    con: duckdb.DuckDBPyConnection, rows: pa.Table, expression: tuple
+) -> None:
+    """`expression` over `rows` without groups: merged in pyarrow, as DuckDB's merge SQL."""
     con.register("dcluster_fragments", rows)
     try:
         theirs = con.sql(f"SELECT {_expression_sql(expression)} AS x FROM dcluster_fragments")
@@ -427,9 +435,7 @@ def test_tpch_merge_expressions_are_computed_here(
     finally:
         con.unregister("dcluster_fragments")
     merge = AggregateMerge(0, (("expression", 0),), None, (expression,))
-    ours = aggregate_merged(
-        rows.add_column(0, "c0", pa.array(["a", "a"])), merge, their_rows.schema
-    )
+    ours = aggregate_merged(rows, merge, their_rows.schema)
     assert ours is not None and _tuples(ours) == _tuples(their_rows)
 
 
@@ -447,12 +453,4 @@ def test_q14_sized_decimals_past_2_to_the_53_are_computed_here(
             "c3": pa.array([7, 0], pa.int64()),
         }
     )
-    con.register("dcluster_fragments", rows)
-    try:
-        theirs = con.sql(f"SELECT {_expression_sql(expression)} AS x FROM dcluster_fragments")
-        their_rows = theirs.to_arrow_table()
-    finally:
-        con.unregister("dcluster_fragments")
-    merge = AggregateMerge(0, (("expression", 0),), None, (expression,))
-    ours = aggregate_merged(rows, merge, their_rows.schema)
-    assert ours is not None and _tuples(ours) == _tuples(their_rows)
+    _computed_here_as_duckdb_does(con, rows, expression)
