@@ -6,7 +6,8 @@
 - **pushdown**: the query is correct run per partition and concatenated — its base tables
   are one group of co-located partitioned tables (same partitioning, same holders, joined
   by equality on their partition keys) plus reference tables, with no aggregation across
-  partitions (none, or grouped by the partition key). DISTINCT runs on the partitions and
+  partitions (none, or grouped by the partition key), and window functions only when each
+  one's PARTITION BY names a partition key (`_check_windows`). DISTINCT runs on the partitions and
   again on the merge; ORDER BY … LIMIT k runs as a top-k on each partition (LIMIT k +
   OFFSET) and once more on the merge.
 - **two-phase aggregation**: the same FROM/WHERE, aggregated on each partition into
@@ -326,9 +327,8 @@ class _Planner:
             raise _NotDistributable("a WITH clause")
         if ddl.volatile_functions(sql, self.con):
             raise _NotDistributable("a volatile function must be evaluated once")
-        for key in ("qualify", "sample"):
-            if node.get(key) is not None:
-                raise _NotDistributable(f"{key.upper()}")
+        if node.get("sample") is not None:
+            raise _NotDistributable("SAMPLE")
         if any(
             n.get("type") == "DISTINCT_MODIFIER" and n.get("distinct_on_targets")
             for n in node["modifiers"]
@@ -338,8 +338,10 @@ class _Planner:
             if item.get("class") == "PARAMETER":
                 raise _NotDistributable("a prepared parameter")
         core = self._core(node)
-        self._check_expressions(node)
-        self._check_expressions(core)
+        if node.get("qualify") is not None and core is not node:
+            raise _NotDistributable("QUALIFY over a derived table")
+        self._check_expressions(node, windows_ok=core is node)
+        self._check_expressions(core, windows_ok=core is node)
         self._choose_moves(core)
         leaves = self._leaves(core["from_table"])
         partitioned = [leaf for leaf in leaves if not leaf.replicated]
@@ -350,6 +352,7 @@ class _Planner:
         if not partitioned:
             return self._on_one_node(node, leaves)
         self._check_co_located(core, partitioned)
+        self._check_windows(node, partitioned)
         if core is not node and (self._aggregates(core) or core.get("group_expressions")):
             if not self._grouped_by_key(core, partitioned):
                 raise _NotDistributable("a SUBQUERY in FROM aggregated across partitions")
@@ -747,10 +750,13 @@ class _Planner:
 
     # ---- expressions ----
 
-    def _check_expressions(self, node: Node) -> None:
+    def _check_expressions(self, node: Node, windows_ok: bool = False) -> None:
+        """Refuse what no tier plans; window functions only where `windows_ok` (the query's
+        own SELECT: `_check_windows` then asks more of them)."""
+        own = {id(window) for window in self._windows(node)} if windows_ok else set()
         for item in _ast.walk({k: v for k, v in node.items() if k != "from_table"}):
             cls = item.get("class")
-            if cls == "WINDOW":
+            if cls == "WINDOW" and id(item) not in own:
                 raise _NotDistributable("a window function")
             if cls == "STAR" or cls == "COLUMNS":
                 if item.get("columns") or item.get("expr") is not None:
@@ -760,6 +766,25 @@ class _Planner:
                 for item in _ast.walk(join.get("condition")):
                     if item.get("class") in ("SUBQUERY", "WINDOW"):
                         raise _NotDistributable("a subquery in a join condition")
+
+    def _windows(self, node: Node) -> list[Node]:
+        """The window functions of `node`'s own SELECT (not of its subqueries)."""
+        parts = [node["select_list"], node.get("qualify"), node["modifiers"]]
+        return [item for item in _own_items(parts) if item.get("class") == "WINDOW"]
+
+    def _check_windows(self, node: Node, partitioned: list[_Leaf]) -> None:
+        """Window functions run on the partitions when each one's PARTITION BY names the
+        partition key of a table no outer join NULL-extends: every window partition then
+        lies in one data partition, so each fragment computes its rows' windows whole
+        (QUALIFY with them too). Else the query is gathered."""
+        extended = _null_extended(node["from_table"])
+        for window in self._windows(node):
+            keyed = [self._key_leaf(expr, partitioned) for expr in window.get("partitions", [])]
+            if not any(leaf is not None and id(leaf.node) not in extended for leaf in keyed):
+                raise _NotDistributable(
+                    f"a window function ({window['function_name']}) not partitioned by a "
+                    "partition key"
+                )
 
     # ---- subqueries ----
 

@@ -135,6 +135,28 @@ SHAPES = [
         "SELECT n.name, count(o.ok) FROM n LEFT JOIN o ON o.ck = n.nk GROUP BY 1 ORDER BY 1",
     ),
     ("gather", "SELECT ok, rank() OVER (ORDER BY total DESC) FROM o ORDER BY 2, 1 LIMIT 5"),
+    # windows partitioned by a partition key: every window partition in one data partition
+    ("pushdown", "SELECT ok, ck, rank() OVER (PARTITION BY ok ORDER BY total) FROM o"),
+    (
+        "pushdown",
+        "SELECT o.ok, l.qty, sum(l.price) OVER (PARTITION BY l.lk ORDER BY l.qty, l.price "
+        "ROWS 2 PRECEDING) AS s FROM o JOIN l ON o.ok = l.lk ORDER BY s DESC, 1, 2 LIMIT 7",
+    ),
+    (
+        "pushdown",
+        "SELECT lk, qty, price FROM l QUALIFY row_number() OVER (PARTITION BY lk, flag "
+        "ORDER BY price DESC, qty) = 1",
+    ),
+    (
+        "pushdown (grouped by the key)",
+        "SELECT ok, sum(total), count(*) OVER (PARTITION BY ok) FROM o GROUP BY ok",
+    ),
+    ("gather", "SELECT ok, count(*) OVER (PARTITION BY ck) FROM o"),
+    ("gather", "SELECT ok, count(*) OVER (PARTITION BY ok % 2) FROM o"),
+    # o.ok of an order with no lines is NULL on the right side: those rows share one window
+    ("gather", "SELECT l.lk, count(*) OVER (PARTITION BY l.lk) FROM o LEFT JOIN l ON o.ok = l.lk"),
+    ("gather", "SELECT ck, sum(total), rank() OVER (ORDER BY sum(total)) FROM o GROUP BY ck"),
+    ("gather", "SELECT ok FROM o WHERE ck = (SELECT max(ck) OVER (PARTITION BY ok) FROM o LIMIT 1)"),
     ("gather", "SELECT ok FROM o WHERE total > (SELECT avg(total) FROM o) ORDER BY 1 LIMIT 3"),
     ("gather", "WITH t AS (SELECT ck, sum(total) s FROM o GROUP BY ck) SELECT max(s) FROM t"),
     ("gather", "SELECT ok FROM o UNION SELECT lk FROM l ORDER BY 1 LIMIT 3"),
