@@ -27,6 +27,8 @@
   repartitioned table whose other columns the grouped query reads only in COUNT, SUM,
   MIN and MAX is aggregated by its split column where it is scanned (eager aggregation,
   `_eager_aggregated`): partial aggregates are dealt out, not rows.
+- **UNION [ALL]** of SELECTs that each push down as they are: every side's fragments, cast
+  to the union's types, and one merge (`_union`).
 - subqueries in expressions run inside the fragments when each sees only the outer row's
   partition (`_check_subqueries`), and a query reading one derived table that is a plain
   join, or a join grouped by a partition key, is planned over that join's FROM and WHERE
@@ -321,12 +323,17 @@ class _Planner:
 
     def plan(self, sql: str) -> Distributed | Gather:
         node = _ast.parse(self.con, sql)
-        if node.get("type") != "SELECT_NODE":
-            raise _NotDistributable("a set operation (UNION/INTERSECT/EXCEPT) at the top")
         if node.get("cte_map", {}).get("map"):
             raise _NotDistributable("a WITH clause")
         if ddl.volatile_functions(sql, self.con):
             raise _NotDistributable("a volatile function must be evaluated once")
+        if node.get("type") == "SET_OPERATION_NODE":
+            return self._union(node)
+        if node.get("type") != "SELECT_NODE":
+            raise _NotDistributable(f"a {node.get('type')} at the top")
+        return self._select(node)
+
+    def _select(self, node: Node) -> Distributed:
         if node.get("sample") is not None:
             raise _NotDistributable("SAMPLE")
         if any(
@@ -362,6 +369,84 @@ class _Planner:
                 return self._pushdown(node, leaves, partitioned, partitions, "grouped by the key")
             return self._two_phase(node, leaves, partitioned, partitions)
         return self._pushdown(node, leaves, partitioned, partitions, "")
+
+    def _union(self, node: Node) -> Distributed:
+        """UNION [ALL] of SELECTs that each run on the partitions as they are (pushdown,
+        no aggregation, no ORDER BY, LIMIT or DISTINCT of their own, no moved tables):
+        every side's fragments, their columns cast to the union's types, and one merge
+        that concatenates them (UNION: distinct, each fragment distinct already), then
+        orders and cuts. Exact whatever the sides' partitionings: each row of each side
+        comes from exactly one of its fragments. INTERSECT and EXCEPT, whose rows pair up
+        across sides, are gathered."""
+        if node.get("setop_type") != "UNION":
+            raise _NotDistributable(f"{node.get('setop_type')} (rows pair up across sides)")
+        distinct = not node.get("setop_all")
+        types = self._types(node)
+        fragments: list[Fragment] = []
+        partitions: list[int] = []
+        texts: list[str] = []
+        tables: set[str] = set()
+        total = 0
+        for side in node.get("children") or [node.get("left"), node.get("right")]:
+            if side is None or side.get("type") != "SELECT_NODE" or side.get("modifiers"):
+                raise _NotDistributable("a UNION side that is not a plain SELECT")
+            if side.get("cte_map", {}).get("map"):
+                raise _NotDistributable("a WITH clause in a UNION side")
+            if self._aggregates(side) or side.get("group_expressions"):
+                raise _NotDistributable("an aggregate in a UNION side")
+            plan = self._select(side)
+            if not plan.tier.startswith("pushdown") or plan.broadcasts or "one node" in plan.tier:
+                raise _NotDistributable(f"a UNION side planned as {plan.tier}")
+            for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
+                sql = _cast_to(fragment.sql, types, distinct)
+                fragments.append(dataclasses.replace(fragment, sql=sql))
+                partitions.append(partition)
+            texts.append(plan.fragment_sql)
+            tables |= set(plan.tables)
+            total = max(total, plan.partitions_total)
+        merge, sort = self._union_merge(node, distinct, len(types))
+        return Distributed(
+            tier="pushdown (UNION)" if distinct else "pushdown (UNION ALL)",
+            fragments=tuple(fragments),
+            fragment_sql=(" UNION " if distinct else " UNION ALL ").join(
+                f"({text})" for text in texts
+            ),
+            merge_sql=merge,
+            fragment_types=types,
+            partitions=tuple(partitions),
+            partitions_total=total,
+            tables=tuple(sorted(tables)),
+            sort_merge=sort,
+        )
+
+    def _union_merge(
+        self, node: Node, distinct: bool, outputs: int
+    ) -> tuple[str, SortMerge | None]:
+        """The UNION's merge SQL over the fragments' rows (DISTINCT, ORDER BY by result
+        position or name, LIMIT/OFFSET), and the same as a sort when it is one."""
+        orders: list[str] = []
+        keys: list[tuple[int, bool, bool]] = []
+        limit_sql, count, offset = "", None, 0
+        for modifier in node["modifiers"]:
+            if modifier["type"] == "ORDER_MODIFIER":
+                for order in modifier["orders"]:
+                    position = self._output_position({"select_list": []}, order["expression"])
+                    if position is None:
+                        raise _NotDistributable("a UNION ordered by an expression")
+                    orders.append(_order_sql(f"c{position}", order))
+                    keys.append(_sort_key(position, order))
+            elif modifier["type"] == "LIMIT_MODIFIER":
+                limit_sql, _, count, offset = self._limit(modifier, bool(orders))
+            else:
+                raise _NotDistributable(f"a {modifier['type']} on a UNION")
+        columns = ", ".join(f"c{i}" for i in range(outputs))
+        merge = f"SELECT {'DISTINCT ' if distinct else ''}{columns} FROM {FRAGMENTS_RELATION}"
+        if orders:
+            merge += " ORDER BY " + ", ".join(orders)
+        merge += limit_sql
+        if distinct or not keys:
+            return merge, None
+        return merge, SortMerge(outputs, tuple(keys), count, offset)
 
     # ---- FROM ----
 
@@ -1776,6 +1861,15 @@ class _Planner:
 
         result: Node = _ast.replaced(node, swap)
         return result
+
+
+def _cast_to(sql: str, types: Sequence[str], distinct: bool) -> str:
+    """A UNION side's fragment with its columns cast to the union's `types`, named c0, …
+    (DISTINCT: its rows made distinct where they are)."""
+    names = [f"c{i}" for i in range(len(types))]
+    casts = ", ".join(f"CAST(c{i} AS {kind}) AS c{i}" for i, kind in enumerate(types))
+    keyword = "DISTINCT " if distinct else ""
+    return f"SELECT {keyword}{casts} FROM ({sql}) AS dcluster_side({', '.join(names)})"
 
 
 def _where_and_on_terms(node: Node) -> list[Node]:

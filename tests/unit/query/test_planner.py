@@ -156,10 +156,37 @@ SHAPES = [
     # o.ok of an order with no lines is NULL on the right side: those rows share one window
     ("gather", "SELECT l.lk, count(*) OVER (PARTITION BY l.lk) FROM o LEFT JOIN l ON o.ok = l.lk"),
     ("gather", "SELECT ck, sum(total), rank() OVER (ORDER BY sum(total)) FROM o GROUP BY ck"),
-    ("gather", "SELECT ok FROM o WHERE ck = (SELECT max(ck) OVER (PARTITION BY ok) FROM o LIMIT 1)"),
+    (
+        "gather",
+        "SELECT ok FROM o WHERE ck = (SELECT max(ck) OVER (PARTITION BY ok) FROM o LIMIT 1)",
+    ),
     ("gather", "SELECT ok FROM o WHERE total > (SELECT avg(total) FROM o) ORDER BY 1 LIMIT 3"),
     ("gather", "WITH t AS (SELECT ck, sum(total) s FROM o GROUP BY ck) SELECT max(s) FROM t"),
-    ("gather", "SELECT ok FROM o UNION SELECT lk FROM l ORDER BY 1 LIMIT 3"),
+    # UNION [ALL]: each side's fragments, cast to the union's types, one merge
+    ("pushdown (UNION)", "SELECT ok FROM o UNION SELECT lk FROM l ORDER BY 1 LIMIT 3"),
+    (
+        "pushdown (UNION ALL)",
+        "SELECT ok, note FROM o WHERE ck = 3 UNION ALL SELECT lk, flag FROM l WHERE qty = 7",
+    ),
+    ("pushdown (UNION)", "SELECT ck FROM o UNION SELECT ck FROM c ORDER BY 1 DESC"),
+    (
+        "pushdown (UNION ALL)",
+        "SELECT ck, total FROM o UNION ALL SELECT lk, price * 2 FROM l "
+        "UNION ALL SELECT ek, v FROM e ORDER BY 2 DESC NULLS LAST, 1 LIMIT 9 OFFSET 2",
+    ),
+    (
+        "pushdown (UNION ALL)",
+        "SELECT ok AS k FROM o WHERE ok = 5 UNION ALL SELECT lk FROM l WHERE lk = 5",
+    ),
+    ("gather", "SELECT ck FROM o INTERSECT SELECT ck FROM c ORDER BY 1"),
+    ("gather", "SELECT ck FROM c EXCEPT ALL SELECT ck FROM o ORDER BY 1"),
+    (
+        "gather",
+        "SELECT ck, count(*) FROM o GROUP BY ck UNION ALL SELECT ck, 1 FROM c ORDER BY 1, 2",
+    ),
+    ("gather", "SELECT nk FROM n UNION ALL SELECT ck FROM c ORDER BY 1"),
+    ("gather", "(SELECT ok FROM o ORDER BY ok LIMIT 3) UNION ALL SELECT lk FROM l ORDER BY 1"),
+    ("gather", "SELECT ok, ck FROM o UNION ALL BY NAME SELECT qty AS ck, lk AS ok FROM l ORDER BY 1, 2"),
     ("gather", "SELECT ok, random() < 2 FROM o ORDER BY 1 LIMIT 2"),
     ("two_phase", "SELECT count(DISTINCT ck), sum(DISTINCT ck), max(ck) FROM o"),
     ("gather", "SELECT count(DISTINCT ck), count(DISTINCT note) FROM o"),
