@@ -28,7 +28,9 @@
   MIN and MAX is aggregated by its split column where it is scanned (eager aggregation,
   `_eager_aggregated`): partial aggregates are dealt out, not rows.
 - **UNION [ALL]** of SELECTs that each push down as they are: every side's fragments, cast
-  to the union's types, and one merge (`_union`).
+  to the union's types, and one merge (`_union`); **INTERSECT/EXCEPT [ALL]** of two such
+  SELECTs over one partitioning, each selecting its key at the same position: per
+  partition, both sides in one fragment (`_paired`).
 - subqueries in expressions run inside the fragments when each sees only the outer row's
   partition (`_check_subqueries`), and a query reading one derived table that is a plain
   join, or a join grouped by a partition key, is planned over that join's FROM and WHERE
@@ -378,8 +380,10 @@ class _Planner:
         orders and cuts. Exact whatever the sides' partitionings: each row of each side
         comes from exactly one of its fragments. INTERSECT and EXCEPT, whose rows pair up
         across sides, are gathered."""
+        if node.get("setop_type") in ("INTERSECT", "EXCEPT"):
+            return self._paired(node)
         if node.get("setop_type") != "UNION":
-            raise _NotDistributable(f"{node.get('setop_type')} (rows pair up across sides)")
+            raise _NotDistributable(f"{node.get('setop_type')}")
         distinct = not node.get("setop_all")
         types = self._types(node)
         fragments: list[Fragment] = []
@@ -387,16 +391,8 @@ class _Planner:
         texts: list[str] = []
         tables: set[str] = set()
         total = 0
-        for side in node.get("children") or [node.get("left"), node.get("right")]:
-            if side is None or side.get("type") != "SELECT_NODE" or side.get("modifiers"):
-                raise _NotDistributable("a UNION side that is not a plain SELECT")
-            if side.get("cte_map", {}).get("map"):
-                raise _NotDistributable("a WITH clause in a UNION side")
-            if self._aggregates(side) or side.get("group_expressions"):
-                raise _NotDistributable("an aggregate in a UNION side")
-            plan = self._select(side)
-            if not plan.tier.startswith("pushdown") or plan.broadcasts or "one node" in plan.tier:
-                raise _NotDistributable(f"a UNION side planned as {plan.tier}")
+        for side in _sides(node):
+            plan = self._side(side)
             for fragment, partition in zip(plan.fragments, plan.partitions, strict=True):
                 sql = _cast_to(fragment.sql, types, distinct)
                 fragments.append(dataclasses.replace(fragment, sql=sql))
@@ -418,6 +414,83 @@ class _Planner:
             tables=tuple(sorted(tables)),
             sort_merge=sort,
         )
+
+    def _side(self, side: Node) -> Distributed:
+        """A set operation's side planned alone: a plain SELECT that pushes down as it is
+        (no aggregation, ORDER BY, LIMIT or DISTINCT of its own, no moved tables, not on
+        one node), or _NotDistributable."""
+        if side.get("type") != "SELECT_NODE" or side.get("modifiers"):
+            raise _NotDistributable("a set operation's side that is not a plain SELECT")
+        if side.get("cte_map", {}).get("map"):
+            raise _NotDistributable("a WITH clause in a set operation's side")
+        if self._aggregates(side) or side.get("group_expressions"):
+            raise _NotDistributable("an aggregate in a set operation's side")
+        plan = self._select(side)
+        if not plan.tier.startswith("pushdown") or plan.broadcasts or "one node" in plan.tier:
+            raise _NotDistributable(f"a set operation's side planned as {plan.tier}")
+        return plan
+
+    def _paired(self, node: Node) -> Distributed:
+        """INTERSECT or EXCEPT [ALL] of two SELECTs that push down as they are, over tables
+        of one partitioning and the same holders, each selecting its partition key at the
+        same position: rows equal across the sides have equal keys, so they lie in the
+        same partition, and the operation runs per partition in one fragment (both sides'
+        partitions p on one node) — exact, multiplicities too; the partitions' results
+        are disjoint, so the merge concatenates (then orders and cuts)."""
+        sides = _sides(node)
+        if len(sides) != 2:
+            raise _NotDistributable(f"{node['setop_type']} of {len(sides)} sides")
+        types = self._types(node)
+        plans, keys = [], []
+        for side in sides:
+            plans.append(self._side(side))
+            keys.append(self._selected_keys(side))  # with this side's planning state
+        left, right = plans
+        common = set(keys[0]) & set(keys[1])
+        paired = [
+            position
+            for position in sorted(common)
+            if _same_distribution(keys[0][position].spec, keys[1][position].spec)
+            and self.view.placements.get(keys[0][position].placement)
+            == self.view.placements.get(keys[1][position].placement)
+        ]
+        if not paired or left.partitions != right.partitions:
+            raise _NotDistributable(
+                f"{node['setop_type']} whose sides do not select one partition key alike"
+            )
+        keyword = f" {node['setop_type']}{'' if not node.get('setop_all') else ' ALL'} "
+        fragments = []
+        for one, other in zip(left.fragments, right.fragments, strict=True):
+            holders = tuple(n for n in one.holders if n in other.holders)
+            if not holders:
+                raise _NotDistributable("no node holds both sides of a partition")
+            sql = _cast_to(one.sql, types, False) + keyword + _cast_to(other.sql, types, False)
+            reads = tuple(dict.fromkeys(one.reads + other.reads))
+            fragments.append(Fragment(sql, reads, holders))
+        merge, sort = self._union_merge(node, False, len(types))
+        return Distributed(
+            tier=f"pushdown ({keyword.strip()}, paired by the key)",
+            fragments=tuple(fragments),
+            fragment_sql=f"({left.fragment_sql}){keyword}({right.fragment_sql})",
+            merge_sql=merge,
+            fragment_types=types,
+            partitions=left.partitions,
+            partitions_total=left.partitions_total,
+            tables=tuple(sorted(set(left.tables) | set(right.tables))),
+            sort_merge=sort,
+        )
+
+    def _selected_keys(self, side: Node) -> dict[int, _Leaf]:
+        """Output position -> the table whose partition key the side selects there as a
+        plain column (of a table no outer join NULL-extends)."""
+        leaves = [leaf for leaf in self._leaves(side["from_table"]) if not leaf.replicated]
+        extended = _null_extended(side["from_table"])
+        found = {}
+        for position, item in enumerate(side["select_list"]):
+            leaf = self._key_leaf(item, leaves)
+            if leaf is not None and id(leaf.node) not in extended:
+                found[position] = leaf
+        return found
 
     def _union_merge(
         self, node: Node, distinct: bool, outputs: int
@@ -1861,6 +1934,14 @@ class _Planner:
 
         result: Node = _ast.replaced(node, swap)
         return result
+
+
+def _sides(node: Node) -> list[Node]:
+    """A set operation's sides, left to right."""
+    children = node.get("children") or [node.get("left"), node.get("right")]
+    if any(child is None for child in children):
+        raise _NotDistributable("a set operation without both sides")
+    return list(children)
 
 
 def _cast_to(sql: str, types: Sequence[str], distinct: bool) -> str:

@@ -180,13 +180,33 @@ SHAPES = [
     ),
     ("gather", "SELECT ck FROM o INTERSECT SELECT ck FROM c ORDER BY 1"),
     ("gather", "SELECT ck FROM c EXCEPT ALL SELECT ck FROM o ORDER BY 1"),
+    # INTERSECT/EXCEPT: both sides select one partitioning's key at the same position
+    ("pushdown (INTERSECT, paired by the key)", "SELECT ok FROM o INTERSECT SELECT lk FROM l"),
+    (
+        "pushdown (EXCEPT ALL, paired by the key)",
+        "SELECT ok, ck FROM o EXCEPT ALL SELECT lk, qty FROM l ORDER BY 1, 2 LIMIT 30",
+    ),
+    (
+        "pushdown (INTERSECT ALL, paired by the key)",
+        "SELECT lk, flag FROM l INTERSECT ALL SELECT lk, flag FROM l WHERE qty > 20 "
+        "ORDER BY 1, 2 NULLS FIRST",
+    ),
+    (
+        "pushdown (EXCEPT, paired by the key)",
+        "SELECT ek FROM e EXCEPT SELECT ok FROM o WHERE ck > 3",
+    ),
+    ("gather", "SELECT ok FROM o EXCEPT SELECT ck FROM c ORDER BY 1"),
+    ("gather", "SELECT ok, ck FROM o INTERSECT SELECT qty, lk FROM l ORDER BY 1, 2"),
     (
         "gather",
         "SELECT ck, count(*) FROM o GROUP BY ck UNION ALL SELECT ck, 1 FROM c ORDER BY 1, 2",
     ),
     ("gather", "SELECT nk FROM n UNION ALL SELECT ck FROM c ORDER BY 1"),
     ("gather", "(SELECT ok FROM o ORDER BY ok LIMIT 3) UNION ALL SELECT lk FROM l ORDER BY 1"),
-    ("gather", "SELECT ok, ck FROM o UNION ALL BY NAME SELECT qty AS ck, lk AS ok FROM l ORDER BY 1, 2"),
+    (
+        "gather",
+        "SELECT ok, ck FROM o UNION ALL BY NAME SELECT qty AS ck, lk AS ok FROM l ORDER BY 1, 2",
+    ),
     ("gather", "SELECT ok, random() < 2 FROM o ORDER BY 1 LIMIT 2"),
     ("two_phase", "SELECT count(DISTINCT ck), sum(DISTINCT ck), max(ck) FROM o"),
     ("gather", "SELECT count(DISTINCT ck), count(DISTINCT note) FROM o"),
