@@ -27,6 +27,8 @@
   repartitioned table whose other columns the grouped query reads only in COUNT, SUM,
   MIN and MAX is aggregated by its split column where it is scanned (eager aggregation,
   `_eager_aggregated`): partial aggregates are dealt out, not rows.
+- **WITH** queries are put in place of their references, as DuckDB inlines them
+  (`_inlined_ctes`; not recursive ones), and the statement is planned so.
 - **UNION [ALL]** of SELECTs that each push down as they are: every side's fragments, cast
   to the union's types, and one merge (`_union`); **INTERSECT/EXCEPT [ALL]** of two such
   SELECTs over one partitioning, each selecting its key at the same position: per
@@ -325,10 +327,16 @@ class _Planner:
 
     def plan(self, sql: str) -> Distributed | Gather:
         node = _ast.parse(self.con, sql)
-        if node.get("cte_map", {}).get("map"):
-            raise _NotDistributable("a WITH clause")
         if ddl.volatile_functions(sql, self.con):
             raise _NotDistributable("a volatile function must be evaluated once")
+        if node.get("cte_map", {}).get("map"):
+            inlined = _inlined_ctes(node)
+            if inlined is None or inlined.get("type") != "SELECT_NODE":
+                raise _NotDistributable("a WITH clause")
+            try:  # as DuckDB inlines them: the same rows, without volatile functions
+                return self._select(inlined)
+            except _NotDistributable as why:
+                raise _NotDistributable(f"a WITH clause ({why}, its queries inlined)") from why
         if node.get("type") == "SET_OPERATION_NODE":
             return self._union(node)
         if node.get("type") != "SELECT_NODE":
@@ -1934,6 +1942,65 @@ class _Planner:
 
         result: Node = _ast.replaced(node, swap)
         return result
+
+
+def _inlined_ctes(node: Node) -> Node | None:
+    """`node` with its WITH queries put in place of every reference to them (a derived
+    table of the same alias and column names), or None when that may not mean the same:
+    a recursive or USING KEY WITH query, a WITH clause nested anywhere else, a reference
+    with a TABLESAMPLE or schema."""
+    queries: dict[str, tuple[Node, list[str]]] = {}
+    for entry in node["cte_map"]["map"]:
+        value = entry["value"]
+        query = value.get("query_node") or (value.get("query") or {}).get("node")
+        if not isinstance(query, dict) or query.get("type") not in (
+            "SELECT_NODE",
+            "SET_OPERATION_NODE",
+        ):
+            return None  # RECURSIVE_CTE_NODE and anything unknown
+        if value.get("key_targets"):
+            return None
+        inlined = _with_references(query, queries)
+        if inlined is None:
+            return None
+        queries[str(entry["key"]).lower()] = (inlined, list(value.get("aliases") or []))
+    body = {key: child for key, child in node.items() if key != "cte_map"}
+    result = _with_references(body, queries)
+    if result is None:
+        return None
+    result["cte_map"] = {"map": []}
+    return result
+
+
+def _with_references(value: Node, queries: Mapping[str, tuple[Node, list[str]]]) -> Node | None:
+    """`value` with each reference to one of `queries` replaced by it as a derived
+    table; None when a WITH clause nests inside or a reference is not plain."""
+    unsure = False
+
+    def swap(item: Node) -> Node | None:
+        nonlocal unsure
+        if item.get("cte_map", {}).get("map"):
+            unsure = True
+        if item.get("type") != "BASE_TABLE":
+            return None
+        name = str(item.get("table_name", "")).lower()
+        if name not in queries or item.get("schema_name") or item.get("catalog_name"):
+            return None
+        if item.get("sample") is not None or item.get("at_clause") is not None:
+            unsure = True
+            return None
+        query, aliases = queries[name]
+        return {
+            "type": "SUBQUERY",
+            "alias": item.get("alias") or item["table_name"],
+            "sample": None,
+            "query_location": item.get("query_location", 0),
+            "subquery": {"node": query, "named_param_map": []},
+            "column_name_alias": list(item.get("column_name_alias") or aliases),
+        }
+
+    result: Node = _ast.replaced(value, swap)
+    return None if unsure else result
 
 
 def _sides(node: Node) -> list[Node]:

@@ -1,4 +1,6 @@
-"""WITH queries over partitioned tables answered first (query.ctes): each runs as a query of
+"""WITH clauses. A statement whose WITH queries, put in place of their references (as
+DuckDB inlines them), plan on the partitions runs so (`_inlined_ctes`). Otherwise WITH
+queries over partitioned tables are answered first (query.ctes): each runs as a query of
 its own at the statement's barrier — on the partitions when it plans so — and the
 statement then runs over narrowed scans with the WITH query reading that answer — in the
 same round as the statement's first scans when the WITH queries plan as fragments that
@@ -55,11 +57,6 @@ ANSWERED_FIRST = [
         "WITH a AS (SELECT sk, avg(price) AS m FROM li GROUP BY sk), "
         "b AS (SELECT sk FROM a WHERE m > 49) SELECT count(*), sum(sk) FROM b",
         ["a"],
-    ),
-    (  # rows of its own, not an aggregate; strings with NULLs and unicode
-        "WITH x AS (SELECT ok, note FROM li WHERE ok % 97 = 3) "
-        "SELECT note, count(*) FROM x GROUP BY note ORDER BY note NULLS LAST",
-        ["x"],
     ),
     (  # read in a subquery only, and empty
         "WITH e AS (SELECT ok FROM li WHERE ok < 0) "
@@ -145,3 +142,57 @@ def test_a_with_query_that_moves_tables_is_answered_first_in_a_round_of_its_own(
     calls = len(pair.port.fragment_calls)
     pair.run(sql, ordered=True)
     assert len(pair.port.fragment_calls[calls:]) >= 2
+
+
+INLINED = [
+    (  # rows of its own, not an aggregate; strings with NULLs and unicode
+        "two_phase",
+        "WITH x AS (SELECT ok, note FROM li WHERE ok % 97 = 3) "
+        "SELECT note, count(*) FROM x GROUP BY note ORDER BY note NULLS LAST",
+    ),
+    (  # a join with a reference table, grouped: two-phase over the join
+        "two_phase",
+        "WITH a(k, p, who) AS (SELECT li.ok, li.price, sup.name FROM li JOIN sup "
+        "ON li.sk = sup.sk WHERE li.price > 50) "
+        "SELECT who, count(*), sum(p) FROM a GROUP BY who ORDER BY who",
+    ),
+    (  # grouped by the key inside: each group in one partition
+        "pushdown",
+        "WITH g AS (SELECT ok, count(*) AS n, max(note) AS m FROM li GROUP BY ok) "
+        "SELECT ok, n, m FROM g WHERE n > 0 ORDER BY ok DESC LIMIT 5",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tier", "sql"), INLINED, ids=[sql[:50] for _, sql in INLINED])
+def test_with_queries_put_in_place_plan_on_the_partitions(pair: Pair, tier: str, sql: str) -> None:
+    rows = pair.coordinator.execute("EXPLAIN " + sql).fetchall()
+    assert (str(rows[0][0]), str(rows[0][2])) == ("plan", tier), rows
+    pair.run(sql, ordered="ORDER BY" in sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) "
+        "SELECT n, count(*) FROM r JOIN li ON li.sk = r.n GROUP BY n ORDER BY n",
+        "WITH x AS MATERIALIZED (SELECT ok FROM li WHERE ok < 10) "
+        "SELECT * FROM (WITH x AS (SELECT 1 AS ok) SELECT * FROM x) AS y ORDER BY ok",
+    ],
+)
+def test_with_clauses_not_surely_the_same_inlined_are_not(pair: Pair, sql: str) -> None:
+    """A recursive WITH query, or one a nested WITH clause may shadow, stays as written."""
+    rows = pair.coordinator.execute("EXPLAIN " + sql).fetchall()
+    assert str(rows[0][0]) == "gather" and "a WITH clause" in str(rows[0][2]), rows
+    pair.run(sql, ordered=True)
+
+
+def test_inlined_but_not_planned_is_answered_first_as_before(pair: Pair) -> None:
+    """A WITH query read in a join and in a subquery: put in place, the statement does not
+    plan (derived tables there are gathered), so the WITH query is answered first."""
+    sql = (
+        "WITH y AS (SELECT ok, d FROM li WHERE d < DATE '2020-02-01') "
+        "SELECT count(*), min(d) FROM y WHERE ok IN (SELECT ok FROM y WHERE ok % 2 = 0)"
+    )
+    assert [step for step, _ in steps(pair, sql) if step.startswith("WITH ")] == ["WITH y"]
+    pair.run(sql)
