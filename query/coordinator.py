@@ -1233,7 +1233,7 @@ class Coordinator:
                 rows = view.table_rows.get(key)
                 if spec is not None and rows is not None:
                     width = _width(self._work.stored_columns(spec))
-                    steps[position] = (*steps[position][:3], f"~{rows:,}", f"~{rows * width:,}")
+                    steps[position] = _estimated(steps[position], rows, width, "~")
             elif name.startswith("scan ") and name.removeprefix("scan ") in scans:
                 scan = scans[name.removeprefix("scan ")]
                 prefix = "at most ~" if "dcluster_keys_" in detail else "~"
@@ -1255,8 +1255,7 @@ class Coordinator:
             if any(value is None for value in values):
                 continue
             rows = sum(value or 0 for value in values)
-            step = steps[position]
-            steps[position] = (*step[:3], f"{prefix}{rows:,}", f"{prefix}{rows * width:,}")
+            steps[position] = _estimated(steps[position], rows, width, prefix)
         return steps
 
     def _scan_plan_steps(self, view: CatalogView, sql: str) -> list[Step]:
@@ -1294,13 +1293,12 @@ class Coordinator:
         started = self._clock.monotonic_ns()
         steps: list[Step] = []
         answered = None
-        if statement.pivots:
-            steps.append(("gather", "coordinator", f"whole tables: {PIVOTS_GATHER}", None, None))
-        else:
+        why = f"whole tables: {PIVOTS_GATHER}"
+        if not statement.pivots:
             answered = self._planned_read(statement.sql, None, consistency, steps)
+            why = "whole tables"
         if answered is None:
-            if not statement.pivots:
-                steps.append(("gather", "coordinator", "whole tables", None, None))
+            steps.append(("gather", "coordinator", why, None, None))
             result = self._gathered_read(statement, tokens(statement.sql), None, consistency)
             rows = len(result)
         else:
@@ -1557,6 +1555,11 @@ def _whole_broadcast_bytes(scan: TableScan, moved: set[str], view: CatalogView) 
     ):
         return (view.table_rows.get(scan.key) or 0) * _width(scan.columns)
     return 0
+
+
+def _estimated(step: Step, rows: int, width: int, prefix: str) -> Step:
+    """`step` with `rows` estimated rows and their bytes at `width` bytes a row."""
+    return (*step[:3], f"{prefix}{rows:,}", f"{prefix}{rows * width:,}")
 
 
 def _width(columns: Sequence[tuple[str, str]]) -> int:

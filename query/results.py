@@ -220,12 +220,11 @@ def _split_to_double(values: Values, largest: Decimal) -> Values | None:
     kind = values.type
     if not pt.is_decimal(kind) or not 1 <= kind.scale <= 15 or largest >= 2**63:
         return None
+    if largest // 10**kind.scale >= 2**53 or largest == 2**53:
+        return None
     numbers = pc.cast(_unscaled(values), pa.int64())
     power = pa.scalar(10**kind.scale, pa.int64())
     whole = pc.divide(numbers, power)  # Arrow's integer division truncates, as C++'s
-    largest_whole = pc.max(pc.abs(whole)) if not isinstance(whole, pa.Scalar) else pc.abs(whole)
-    if (largest_whole.as_py() or 0) >= 2**53 or Decimal(2**53) == largest:
-        return None
     if not isinstance(numbers, pa.Scalar) and pc.any(pc.equal(pc.abs(numbers), 2**53)).as_py():
         return None
     divisor = float(10**kind.scale)

@@ -209,15 +209,12 @@ def placements(client: Client) -> dict[str, tuple[tuple[int, ...], ...]]:
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     last: object = "no leader"
     while time.monotonic() < deadline:
-        leader = client.leader()
-        if leader is None:
-            last = "no leader"
-        else:
-            request = CatalogRequest(next(client._request_ids), client._reply_address)
-            answer = client._exchange(leader, request, CatalogResponse, 5_000)
-            if isinstance(answer, CatalogResponse) and answer.ok:
-                return {key: tuple(map(tuple, holders)) for key, holders in answer.placements}
-            last = answer if answer is not None else f"node {leader} did not answer"
+        leader = current_leader(client)
+        request = CatalogRequest(next(client._request_ids), client._reply_address)
+        answer = client._exchange(leader, request, CatalogResponse, 5_000)
+        if isinstance(answer, CatalogResponse) and answer.ok:
+            return {key: tuple(map(tuple, holders)) for key, holders in answer.placements}
+        last = answer if answer is not None else f"node {leader} did not answer"
         time.sleep(0.1)
     raise AssertionError(f"no catalog from a leader in {SETTLE_TIMEOUT_S:g} s: {last}")
 
